@@ -1,0 +1,190 @@
+"""The ``zaphub-db`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import TextIO
+
+from alembic.util import CommandError
+from sqlalchemy import Connection
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from zaphub_db import embedded, migrations
+from zaphub_db.config import configured_url
+from zaphub_db.errors import ZaphubDBError
+
+
+def _say(line: str, stream: TextIO = sys.stdout) -> None:
+    print(line, file=stream, flush=True)
+
+
+def _one_line(exc: BaseException) -> str:
+    """A driver error spread over several lines, folded into one."""
+    orig = getattr(exc, "orig", None) or exc
+    return " ".join(part.strip() for part in str(orig).splitlines() if part.strip())
+
+
+def _connect(args: argparse.Namespace, work: Callable[[Connection], int]) -> int:
+    engine = migrations.create_migration_engine(args.url)
+    try:
+        with engine.connect() as connection:
+            return work(connection)
+    finally:
+        engine.dispose()
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    def work(connection: Connection) -> int:
+        before = migrations.status(connection).current
+        # End the read transaction so that each revision runs in its own one;
+        # a run on an open transaction would leave the commit to the caller.
+        connection.commit()
+        lines: list[str] = []
+
+        def progress(line: str) -> None:
+            lines.append(line)
+            _say(line)
+
+        started = time.perf_counter()
+        migrations.upgrade(connection, args.to, progress=progress)
+        total_ms = round((time.perf_counter() - started) * 1000)
+        after = migrations.status(connection).current
+        at = ", ".join(after) or "base"
+        if lines:
+            _say(f"database at {at}: {len(lines)} revision(s) applied in {total_ms} ms")
+        else:
+            _say(f"nothing to apply: database already at {', '.join(before) or 'base'}")
+        return 0
+
+    return _connect(args, work)
+
+
+def cmd_downgrade(args: argparse.Namespace) -> int:
+    def work(connection: Connection) -> int:
+        count = 0
+        connection.commit()  # no open transaction: each revision commits on its own
+
+        def progress(line: str) -> None:
+            nonlocal count
+            count += 1
+            _say(line)
+
+        migrations.downgrade(connection, args.revision, progress=progress)
+        at = ", ".join(migrations.status(connection).current) or "base"
+        _say(f"database at {at}: {count} revision(s) reverted")
+        return 0
+
+    return _connect(args, work)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    def work(connection: Connection) -> int:
+        state = migrations.status(connection)
+        url = connection.engine.url.render_as_string(hide_password=True)
+        _say(f"database:         {url}")
+        if configured_url(args.url) is None:
+            _say(f"embedded data:    {embedded.data_dir()}")
+        current = ", ".join(state.current) or "none (empty database)"
+        at_head = set(state.current) == set(state.head)
+        _say(f"current revision: {current}{' (head)' if at_head else ''}")
+        _say(f"pending:          {', '.join(state.pending) or 'none'}")
+        _say("history:")
+        if not state.history:
+            _say("  (no migration_history table yet)")
+        for row in state.history:
+            elapsed = f"{row.execution_time_ms} ms" if row.execution_time_ms is not None else "-"
+            applied = row.applied_at.strftime("%Y-%m-%d %H:%M:%S%z")
+            checksum = (row.recorded or "-")[:12]
+            _say(
+                f"  {row.migration_name:<42} {applied}  {elapsed:>7}  "
+                f"{checksum}  {row.state}"
+            )
+        return 0
+
+    return _connect(args, work)
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    def work(connection: Connection) -> int:
+        state = migrations.status(connection)
+        problems = [
+            f"checksum: {row.migration_name} is {row.state}"
+            for row in state.history
+            if row.state == "modified"
+        ]
+        problems += [f"drift: {diff}" for diff in migrations.model_drift(connection)]
+        if state.pending:
+            problems.append(f"pending revisions: {', '.join(state.pending)}")
+        for problem in problems:
+            _say(problem)
+        if problems:
+            _say(f"verify failed: {len(problems)} problem(s)")
+            return 1
+        _say(f"ok: {len(state.history)} revision(s) match their checksums; models match")
+        return 0
+
+    return _connect(args, work)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``zaphub-db``."""
+    url_parent = argparse.ArgumentParser(add_help=False)
+    url_parent.add_argument(
+        "--url",
+        help="database URL (default: ZAPHUB_DATABASE_URL, DATABASE_URL, else embedded)",
+    )
+    parser = argparse.ArgumentParser(
+        prog="zaphub-db", description="Schema and data tools for the ZapHub database."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    migrate = commands.add_parser("migrate", parents=[url_parent], help="apply pending revisions")
+    migrate.add_argument("--to", default="head", help="target revision (default: head)")
+    migrate.set_defaults(handler=cmd_migrate)
+
+    down = commands.add_parser("downgrade", parents=[url_parent], help="revert to a revision")
+    down.add_argument("revision", help="target revision, e.g. 0003, -1 or base")
+    down.set_defaults(handler=cmd_downgrade)
+
+    commands.add_parser(
+        "status", parents=[url_parent], help="current revision, pending ones, history"
+    ).set_defaults(handler=cmd_status)
+    commands.add_parser(
+        "verify", parents=[url_parent], help="exit 1 on checksum mismatch or model drift"
+    ).set_defaults(handler=cmd_verify)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``zaphub-db`` console script."""
+    args = build_parser().parse_args(argv)
+    # Progress of slow steps (starting the embedded server, creating its
+    # database, batches) goes to stderr; results go to stdout.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    package_logger = logging.getLogger("zaphub_db")
+    package_logger.addHandler(handler)
+    package_logger.setLevel(logging.INFO)
+    try:
+        code: int = args.handler(args)
+    except ZaphubDBError as exc:
+        _say(f"error: {exc}", sys.stderr)
+        return 1
+    except CommandError as exc:
+        _say(f"error: {exc}", sys.stderr)
+        return 1
+    except OperationalError as exc:
+        _say(f"error: cannot reach the database: {_one_line(exc)}", sys.stderr)
+        return 1
+    except DBAPIError as exc:
+        _say(f"error: the database refused the operation: {_one_line(exc)}", sys.stderr)
+        return 1
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

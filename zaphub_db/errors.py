@@ -1,0 +1,93 @@
+"""The exception hierarchy, and the one place that maps database errors onto it."""
+
+from __future__ import annotations
+
+import uuid
+
+from sqlalchemy.exc import DBAPIError
+
+
+class ZaphubDBError(Exception):
+    """Base of every error raised by zaphub_db."""
+
+
+class ValidationError(ZaphubDBError, ValueError):
+    """Bad input, found before the round trip or by the database."""
+
+
+class NotFoundError(ZaphubDBError, LookupError):
+    """A referenced row does not exist."""
+
+
+class IdempotencyConflictError(ZaphubDBError):
+    """An idempotency key was reused with different content.
+
+    ``existing_id`` is the id of the row that already holds the key.
+    """
+
+    def __init__(self, message: str, *, existing_id: uuid.UUID) -> None:
+        super().__init__(message)
+        self.existing_id = existing_id
+
+
+class MigrationError(ZaphubDBError):
+    """A migration could not be run."""
+
+
+class ChecksumMismatchError(MigrationError):
+    """An applied revision's file changed after it was applied."""
+
+    def __init__(self, migration_name: str, recorded: str, actual: str) -> None:
+        super().__init__(
+            f"revision file {migration_name} was changed after it was applied "
+            f"(recorded checksum {recorded}, file now {actual}); restore the file "
+            "or write a new revision instead of editing an applied one"
+        )
+        self.migration_name = migration_name
+        self.recorded = recorded
+        self.actual = actual
+
+
+class DatabaseUnavailableError(ZaphubDBError):
+    """The database server could not be reached or the URL is unusable."""
+
+
+# SQLSTATE classes, see https://www.postgresql.org/docs/current/errcodes-appendix.html
+_UNIQUE_VIOLATION = "23505"
+_FOREIGN_KEY_VIOLATION = "23503"
+_CHECK_VIOLATION = "23514"
+_NOT_NULL_VIOLATION = "23502"
+_VALIDATION_SQLSTATES = {
+    "22001": "value too long for its column",
+    "22003": "number out of range",
+    "22007": "invalid date or time",
+    "22008": "date or time out of range",
+    "22021": "invalid byte sequence for the encoding",
+    "22P02": "invalid text representation",
+    "22P05": "character that cannot be stored (NUL)",
+    "22023": "invalid parameter value",
+}
+
+
+def translate_db_error(exc: DBAPIError) -> ZaphubDBError | None:
+    """Map a database error to the zaphub_db hierarchy by SQLSTATE and constraint.
+
+    Returns ``None`` for errors that are not the caller's doing (lost
+    connections, serialization failures, ...), which callers re-raise as they are.
+    """
+    orig = exc.orig
+    sqlstate: str | None = getattr(orig, "sqlstate", None)
+    diag = getattr(orig, "diag", None)
+    constraint: str | None = getattr(diag, "constraint_name", None)
+    detail: str | None = getattr(diag, "message_primary", None) or str(orig)
+    if sqlstate == _FOREIGN_KEY_VIOLATION:
+        return NotFoundError(f"referenced row does not exist ({constraint}): {detail}")
+    if sqlstate == _CHECK_VIOLATION:
+        return ValidationError(f"value not allowed by {constraint}: {detail}")
+    if sqlstate == _NOT_NULL_VIOLATION:
+        return ValidationError(f"missing required value: {detail}")
+    if sqlstate == _UNIQUE_VIOLATION:
+        return ValidationError(f"duplicate value for {constraint}: {detail}")
+    if sqlstate in _VALIDATION_SQLSTATES:
+        return ValidationError(f"{_VALIDATION_SQLSTATES[sqlstate]}: {detail}")
+    return None

@@ -1,0 +1,385 @@
+"""Running Alembic: the history table, checksums, the advisory lock and status.
+
+``alembic/env.py`` calls :func:`run_env`, so ``alembic upgrade head`` and
+``zaphub-db migrate`` run exactly the same code: take a session-level
+advisory lock (concurrent runs serialise, and the later ones find nothing to
+do), re-hash every applied revision file and refuse to run if one changed,
+then apply each revision in its own transaction and record it in
+``migration_history`` within that same transaction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from alembic.config import Config
+from alembic.migration import MigrationContext
+from alembic.script import Script, ScriptDirectory
+from sqlalchemy import Connection, Engine, bindparam, create_engine, text
+from sqlalchemy.dialects.postgresql import ARRAY, INTEGER, VARCHAR
+from sqlalchemy.engine import URL
+from sqlalchemy.pool import NullPool
+
+import zaphub_db
+from zaphub_db.errors import ChecksumMismatchError
+from zaphub_db.models import Base
+
+# Any fixed 64-bit number works; this one spells "zaphub" in ASCII.
+ADVISORY_LOCK_KEY = 0x7A6170687562
+
+# Shared by env.py and verify(), so `alembic check` and `zaphub-db verify`
+# compare the same things. CHECK constraints are only compared by name, and
+# only with the plugin below (Alembic 1.19.2+ leaves it off by default).
+AUTOGENERATE_OPTIONS: dict[str, Any] = {
+    "compare_type": True,
+    "compare_server_default": True,
+    "autogenerate_plugins": ["alembic.autogenerate.*", "alembic.ext.checkconstraint_byname"],
+}
+
+Progress = Callable[[str], None]
+
+
+def script_location() -> Path:
+    """The folder holding ``env.py`` and ``versions/``.
+
+    A wheel carries it as ``zaphub_db/_alembic``; a checkout (or an editable
+    install) has it at the repository root as ``alembic/``.
+    """
+    package = Path(zaphub_db.__file__).resolve().parent
+    for candidate in (package / "_alembic", package.parent / "alembic"):
+        if (candidate / "env.py").is_file():
+            return candidate
+    raise FileNotFoundError(f"no Alembic revisions found beside {package}")
+
+
+def alembic_config(
+    *, connection: Connection | None = None, progress: Progress | None = None
+) -> Config:
+    """An Alembic ``Config`` for the bundled revisions, without an ini file.
+
+    With ``connection`` the migrations run on it (CONTRACT §2's first source
+    of the database); ``progress`` receives one line per applied revision.
+    """
+    config = Config()
+    config.set_main_option("script_location", str(script_location()))
+    config.set_main_option("path_separator", "os")
+    if connection is not None:
+        config.attributes["connection"] = connection
+    if progress is not None:
+        config.attributes["progress"] = progress
+    return config
+
+
+def file_checksum(path: str | Path) -> str:
+    """SHA-256 (hex) of a file's bytes."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def revision_file_name(script: Script) -> str:
+    """The name ``migration_history`` records for a revision: its file's name."""
+    return Path(script.path).name
+
+
+@dataclass(frozen=True)
+class ChecksumState:
+    """One ``migration_history`` row compared with the file on disk."""
+
+    migration_name: str
+    recorded: str | None
+    actual: str | None
+    applied_at: Any
+    execution_time_ms: int | None
+
+    @property
+    def state(self) -> str:
+        """``ok``, ``modified``, ``file missing`` or ``not recorded``."""
+        if self.actual is None:
+            return "file missing"
+        if self.recorded is None:
+            return "not recorded"
+        return "ok" if self.recorded == self.actual else "modified"
+
+
+def history_table_exists(connection: Connection) -> bool:
+    """Whether ``migration_history`` exists in the connection's search path."""
+    found = connection.execute(text("SELECT to_regclass('migration_history')")).scalar()
+    return found is not None
+
+
+def checksum_states(connection: Connection, script: ScriptDirectory) -> list[ChecksumState]:
+    """Every recorded revision with its recorded and current checksum, oldest first."""
+    if not history_table_exists(connection):
+        return []
+    files = {revision_file_name(s): s.path for s in script.walk_revisions()}
+    rows = connection.execute(
+        text(
+            "SELECT migration_name, checksum, applied_at, execution_time_ms "
+            "FROM migration_history ORDER BY applied_at, id"
+        )
+    ).all()
+    return [
+        ChecksumState(
+            migration_name=name,
+            recorded=recorded,
+            actual=file_checksum(files[name]) if name in files else None,
+            applied_at=applied_at,
+            execution_time_ms=elapsed,
+        )
+        for name, recorded, applied_at, elapsed in rows
+    ]
+
+
+def verify_checksums(connection: Connection, script: ScriptDirectory) -> None:
+    """Raise :class:`ChecksumMismatchError` if an applied revision file was edited."""
+    for row in checksum_states(connection, script):
+        if row.state == "modified":
+            assert row.recorded is not None and row.actual is not None
+            raise ChecksumMismatchError(row.migration_name, row.recorded, row.actual)
+
+
+def applied_revisions(script: ScriptDirectory, heads: tuple[str, ...]) -> list[Script]:
+    """The revisions applied when the database is at ``heads``, base first."""
+    if not heads:
+        return []
+    return list(reversed(list(script.iterate_revisions(heads, "base"))))
+
+
+_DELETE_UNAPPLIED = text(
+    "DELETE FROM migration_history "
+    "WHERE migration_name = ANY(:known) AND migration_name <> ALL(:applied)"
+).bindparams(
+    bindparam("known", type_=ARRAY(VARCHAR)), bindparam("applied", type_=ARRAY(VARCHAR))
+)
+_INSERT_MISSING = text(
+    "INSERT INTO migration_history (migration_name, checksum, execution_time_ms) "
+    "SELECT * FROM unnest(:names, :checksums, :times) "
+    "ON CONFLICT (migration_name) DO NOTHING"
+).bindparams(
+    bindparam("names", type_=ARRAY(VARCHAR)),
+    bindparam("checksums", type_=ARRAY(VARCHAR)),
+    bindparam("times", type_=ARRAY(INTEGER)),
+)
+
+
+class HistoryRecorder:
+    """Alembic ``on_version_apply`` callback keeping ``migration_history`` in step.
+
+    Runs inside each revision's transaction, right after Alembic updated
+    ``alembic_version``, so a revision and its history row commit together.
+    After every step the table holds exactly one row per applied revision:
+    revisions applied before the table existed are recorded once ``0004``
+    creates it (with their measured time when this run applied them), and a
+    downgraded revision loses its row.
+    """
+
+    def __init__(self, script: ScriptDirectory, progress: Progress | None = None) -> None:
+        self.script = script
+        self.progress = progress
+        self.measured_ms: dict[str, int] = {}
+        self._mark = time.perf_counter()
+
+    def start(self) -> None:
+        """Start timing the first revision."""
+        self._mark = time.perf_counter()
+
+    def __call__(self, *, ctx: MigrationContext, step: Any, heads: set[str], **_: Any) -> None:
+        elapsed_ms = round((time.perf_counter() - self._mark) * 1000)
+        revision = self.script.get_revision(step.up_revision_id)
+        assert revision is not None
+        name = revision_file_name(revision)
+        if step.is_upgrade and not step.is_stamp:
+            self.measured_ms[name] = elapsed_ms
+        assert ctx.connection is not None
+        self._sync(ctx.connection, tuple(heads))
+        if self.progress is not None:
+            if step.is_stamp:
+                verb = "stamped"
+            else:
+                verb = "applied" if step.is_upgrade else "reverted"
+            self.progress(f"{verb} {name} in {elapsed_ms} ms")
+        self._mark = time.perf_counter()
+
+    def _sync(self, connection: Connection, heads: tuple[str, ...]) -> None:
+        if not history_table_exists(connection):
+            return
+        applied = applied_revisions(self.script, heads)
+        names = [revision_file_name(s) for s in applied]
+        known = [revision_file_name(s) for s in self.script.walk_revisions()]
+        connection.execute(_DELETE_UNAPPLIED, {"known": known, "applied": names})
+        if names:
+            connection.execute(
+                _INSERT_MISSING,
+                {
+                    "names": names,
+                    "checksums": [file_checksum(s.path) for s in applied],
+                    "times": [self.measured_ms.get(n) for n in names],
+                },
+            )
+
+
+@contextmanager
+def migration_lock(connection: Connection) -> Iterator[None]:
+    """Serialise migration runs on one database.
+
+    On a connection with no transaction open, a session-level advisory lock
+    held across the per-revision transactions; on a caller's open transaction,
+    a transaction-level one released when the caller commits.
+    """
+    if connection.in_transaction():
+        connection.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": ADVISORY_LOCK_KEY})
+        yield
+        return
+    connection.execute(text("SELECT pg_advisory_lock(:k)"), {"k": ADVISORY_LOCK_KEY})
+    connection.commit()
+    try:
+        yield
+    finally:
+        # A failed revision leaves its transaction aborted; end it first so
+        # that the unlock can run. A dead connection drops the lock by itself.
+        if not connection.invalidated and not connection.closed:
+            connection.rollback()
+            connection.execute(
+                text("SELECT pg_advisory_unlock(:k)"), {"k": ADVISORY_LOCK_KEY}
+            )
+            connection.commit()
+
+
+def run_env() -> None:
+    """The body of ``alembic/env.py``."""
+    from alembic import context
+
+    from zaphub_db.config import normalize_url, resolve_url
+
+    config = context.config
+    x_url = context.get_x_argument(as_dictionary=True).get("url")
+    if context.is_offline_mode():
+        # `alembic upgrade --sql`: emit the DDL only; the history needs a database.
+        url = normalize_url(x_url) if x_url else resolve_url(None)
+        context.configure(
+            url=url, target_metadata=Base.metadata, literal_binds=True,
+            transaction_per_migration=True,
+        )
+        with context.begin_transaction():
+            context.run_migrations()
+        return
+
+    connection = config.attributes.get("connection")
+    if connection is not None:
+        _run_online(context, config, connection)
+        return
+    engine = create_engine(resolve_url(x_url), poolclass=NullPool)
+    try:
+        with engine.connect() as own_connection:
+            _run_online(context, config, own_connection)
+    finally:
+        engine.dispose()
+
+
+def _run_online(context: Any, config: Config, connection: Connection) -> None:
+    script = ScriptDirectory.from_config(config)
+    recorder = HistoryRecorder(script, config.attributes.get("progress"))
+    external_transaction = connection.in_transaction()
+    with migration_lock(connection):
+        # Checked after taking the lock: a run that waited sees what the
+        # previous one applied and recorded.
+        verify_checksums(connection, script)
+        if not external_transaction:
+            connection.commit()
+        context.configure(
+            connection=connection,
+            target_metadata=Base.metadata,
+            transaction_per_migration=True,
+            on_version_apply=recorder,
+            **AUTOGENERATE_OPTIONS,
+        )
+        recorder.start()
+        with context.begin_transaction():
+            context.run_migrations()
+        if not external_transaction:
+            connection.commit()
+
+
+def create_migration_engine(url: str | URL | None = None) -> Engine:
+    """An engine for one command-line run: NullPool, so nothing stays connected."""
+    from zaphub_db.config import resolve_url
+
+    return create_engine(resolve_url(url), poolclass=NullPool)
+
+
+def upgrade(connection: Connection, revision: str = "head", progress: Progress | None = None) -> None:
+    """Apply revisions up to ``revision`` on ``connection`` (what ``alembic upgrade`` does).
+
+    On a connection without an open transaction each revision commits on its
+    own; on one with an open transaction the run joins it and the caller commits.
+    """
+    from alembic import command
+
+    command.upgrade(alembic_config(connection=connection, progress=progress), revision)
+
+
+def downgrade(connection: Connection, revision: str, progress: Progress | None = None) -> None:
+    """Revert revisions down to ``revision`` on ``connection``."""
+    from alembic import command
+
+    command.downgrade(alembic_config(connection=connection, progress=progress), revision)
+
+
+@dataclass(frozen=True)
+class MigrationStatus:
+    """Where a database stands: current revision, what is pending, the recorded history."""
+
+    current: tuple[str, ...]
+    head: tuple[str, ...]
+    pending: list[str]
+    history: list[ChecksumState]
+
+
+def status(connection: Connection) -> MigrationStatus:
+    """Read the current revision, the pending revisions and the checksum state of each row."""
+    script = ScriptDirectory.from_config(alembic_config())
+    current = MigrationContext.configure(connection).get_current_heads()
+    applied = {s.revision for s in applied_revisions(script, current)}
+    pending = [
+        revision_file_name(s)
+        for s in reversed(list(script.walk_revisions()))
+        if s.revision not in applied
+    ]
+    return MigrationStatus(
+        current=tuple(current),
+        head=tuple(script.get_heads()),
+        pending=pending,
+        history=checksum_states(connection, script),
+    )
+
+
+def model_drift(connection: Connection) -> list[str]:
+    """Differences between the models and the database, as ``alembic check`` sees them."""
+    from alembic.autogenerate import compare_metadata
+
+    context = MigrationContext.configure(
+        connection, opts={"target_metadata": Base.metadata, **AUTOGENERATE_OPTIONS}
+    )
+    return [_describe(diff) for diff in compare_metadata(context, Base.metadata)]
+
+
+def _describe(diff: Any) -> str:
+    """One short line for an autogenerate difference, e.g. ``add_index idx_x``."""
+    if isinstance(diff, list):  # column modifications come grouped
+        return "; ".join(_describe(item) for item in diff)
+    operation, *rest = diff
+    names = []
+    for item in rest:
+        name = getattr(item, "name", None)
+        if isinstance(item, str) or name is None:
+            continue
+        table = getattr(item, "table", None)
+        names.append(f"{table.name}.{name}" if getattr(table, "name", None) else str(name))
+    if operation.startswith("modify_") and len(rest) >= 3:
+        names = [f"{rest[1]}.{rest[2]}"]
+    return f"{operation} {', '.join(names)}".strip()

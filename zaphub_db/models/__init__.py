@@ -1,0 +1,29 @@
+"""SQLAlchemy models of the zaphub_db schema."""
+
+from zaphub_db.models.base import Base
+from zaphub_db.models.choices import (
+    EventCategory,
+    EventSeverity,
+    MessageDirection,
+    MessageStatus,
+    MessageType,
+    SessionStatus,
+)
+from zaphub_db.models.event import Event
+from zaphub_db.models.message import Message
+from zaphub_db.models.migration_history import MigrationHistory
+from zaphub_db.models.session import WhatsAppSession
+
+__all__ = [
+    "Base",
+    "Event",
+    "EventCategory",
+    "EventSeverity",
+    "Message",
+    "MessageDirection",
+    "MessageStatus",
+    "MessageType",
+    "MigrationHistory",
+    "SessionStatus",
+    "WhatsAppSession",
+]

@@ -1,0 +1,63 @@
+"""The ``events`` table: the audit log."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import CheckConstraint, ForeignKey, Index, String, func, text
+from sqlalchemy.orm import Mapped, mapped_column
+
+from zaphub_db.models.base import Base
+from zaphub_db.models.choices import EventCategory, EventSeverity, check_in
+
+
+class Event(Base):
+    """One entry of the audit log, about a session or global (no session)."""
+
+    __tablename__ = "events"
+    __table_args__ = (
+        CheckConstraint(check_in("severity", EventSeverity), name="severity"),
+        CheckConstraint(check_in("event_category", EventCategory), name="category"),
+        Index("idx_events_session_id", "session_id"),
+        Index("idx_events_type", "event_type"),
+        Index("idx_events_category", "event_category"),
+        Index("idx_events_severity", "severity"),
+        Index("idx_events_created_at", text("created_at DESC")),
+        Index("idx_events_session_created", "session_id", text("created_at DESC")),
+        Index("idx_events_category_severity", "event_category", "severity"),
+        {"comment": "Audit log of gateway events"},
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(
+        primary_key=True,
+        server_default=func.gen_random_uuid(),
+        comment="Event identifier",
+    )
+    session_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("sessions.id", ondelete="CASCADE"),
+        comment="Session the event is about; NULL for global events",
+    )
+    event_type: Mapped[str] = mapped_column(
+        String(100), comment="Specific event, e.g. connection.open"
+    )
+    event_category: Mapped[str] = mapped_column(
+        String(50),
+        server_default=text("'general'::character varying"),
+        comment="connection, message, qr, auth, error, webhook, session or general",
+    )
+    payload: Mapped[dict[str, Any]] = mapped_column(
+        server_default=text("'{}'::jsonb"), comment="Event details"
+    )
+    severity: Mapped[str] = mapped_column(
+        String(20),
+        server_default=text("'info'::character varying"),
+        comment="debug, info, warn, error or critical",
+    )
+    created_at: Mapped[datetime] = mapped_column(
+        server_default=func.now(), comment="When the event was recorded"
+    )
+
+    def __repr__(self) -> str:
+        return f"<Event {self.id} {self.event_type} {self.severity}>"
