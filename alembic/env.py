@@ -3,10 +3,10 @@
 from logging.config import fileConfig
 
 from alembic import context
-
 from zaphub_db.migrations import run_env
 
-if context.config.config_file_name is not None:
+# An ini file without logging sections (a minimal one) is fine too.
+if context.config.config_file_name and context.config.file_config.has_section("formatters"):
     fileConfig(context.config.config_file_name, disable_existing_loggers=False)
 
 run_env()

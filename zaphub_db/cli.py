@@ -99,10 +99,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             elapsed = f"{row.execution_time_ms} ms" if row.execution_time_ms is not None else "-"
             applied = row.applied_at.strftime("%Y-%m-%d %H:%M:%S%z")
             checksum = (row.recorded or "-")[:12]
-            _say(
-                f"  {row.migration_name:<42} {applied}  {elapsed:>7}  "
-                f"{checksum}  {row.state}"
-            )
+            _say(f"  {row.migration_name:<42} {applied}  {elapsed:>7}  {checksum}  {row.state}")
         return 0
 
     return _connect(args, work)

@@ -25,9 +25,7 @@ def normalize_url(url: str | URL) -> URL:
     if parsed.drivername in ("postgresql", "postgres"):
         parsed = parsed.set(drivername="postgresql+psycopg")
     if not parsed.drivername.startswith("postgresql"):
-        raise DatabaseUnavailableError(
-            f"zaphub_db needs PostgreSQL, got a {parsed.drivername} URL"
-        )
+        raise DatabaseUnavailableError(f"zaphub_db needs PostgreSQL, got a {parsed.drivername} URL")
     return parsed
 
 

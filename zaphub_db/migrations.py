@@ -59,15 +59,19 @@ def script_location() -> Path:
 
 
 def alembic_config(
-    *, connection: Connection | None = None, progress: Progress | None = None
+    *,
+    connection: Connection | None = None,
+    progress: Progress | None = None,
+    location: Path | None = None,
 ) -> Config:
     """An Alembic ``Config`` for the bundled revisions, without an ini file.
 
     With ``connection`` the migrations run on it (CONTRACT §2's first source
-    of the database); ``progress`` receives one line per applied revision.
+    of the database); ``progress`` receives one line per applied revision;
+    ``location`` replaces the bundled revisions folder.
     """
     config = Config()
-    config.set_main_option("script_location", str(script_location()))
+    config.set_main_option("script_location", str(location or script_location()))
     config.set_main_option("path_separator", "os")
     if connection is not None:
         config.attributes["connection"] = connection
@@ -139,7 +143,8 @@ def verify_checksums(connection: Connection, script: ScriptDirectory) -> None:
     """Raise :class:`ChecksumMismatchError` if an applied revision file was edited."""
     for row in checksum_states(connection, script):
         if row.state == "modified":
-            assert row.recorded is not None and row.actual is not None
+            assert row.recorded is not None
+            assert row.actual is not None
             raise ChecksumMismatchError(row.migration_name, row.recorded, row.actual)
 
 
@@ -153,9 +158,7 @@ def applied_revisions(script: ScriptDirectory, heads: tuple[str, ...]) -> list[S
 _DELETE_UNAPPLIED = text(
     "DELETE FROM migration_history "
     "WHERE migration_name = ANY(:known) AND migration_name <> ALL(:applied)"
-).bindparams(
-    bindparam("known", type_=ARRAY(VARCHAR)), bindparam("applied", type_=ARRAY(VARCHAR))
-)
+).bindparams(bindparam("known", type_=ARRAY(VARCHAR)), bindparam("applied", type_=ARRAY(VARCHAR)))
 _INSERT_MISSING = text(
     "INSERT INTO migration_history (migration_name, checksum, execution_time_ms) "
     "SELECT * FROM unnest(:names, :checksums, :times) "
@@ -198,10 +201,7 @@ class HistoryRecorder:
         assert ctx.connection is not None
         self._sync(ctx.connection, tuple(heads))
         if self.progress is not None:
-            if step.is_stamp:
-                verb = "stamped"
-            else:
-                verb = "applied" if step.is_upgrade else "reverted"
+            verb = "stamped" if step.is_stamp else "applied" if step.is_upgrade else "reverted"
             self.progress(f"{verb} {name} in {elapsed_ms} ms")
         self._mark = time.perf_counter()
 
@@ -244,16 +244,13 @@ def migration_lock(connection: Connection) -> Iterator[None]:
         # that the unlock can run. A dead connection drops the lock by itself.
         if not connection.invalidated and not connection.closed:
             connection.rollback()
-            connection.execute(
-                text("SELECT pg_advisory_unlock(:k)"), {"k": ADVISORY_LOCK_KEY}
-            )
+            connection.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": ADVISORY_LOCK_KEY})
             connection.commit()
 
 
 def run_env() -> None:
     """The body of ``alembic/env.py``."""
     from alembic import context
-
     from zaphub_db.config import normalize_url, resolve_url
 
     config = context.config
@@ -262,7 +259,9 @@ def run_env() -> None:
         # `alembic upgrade --sql`: emit the DDL only; the history needs a database.
         url = normalize_url(x_url) if x_url else resolve_url(None)
         context.configure(
-            url=url, target_metadata=Base.metadata, literal_binds=True,
+            url=url,
+            target_metadata=Base.metadata,
+            literal_binds=True,
             transaction_per_migration=True,
         )
         with context.begin_transaction():
@@ -312,7 +311,9 @@ def create_migration_engine(url: str | URL | None = None) -> Engine:
     return create_engine(resolve_url(url), poolclass=NullPool)
 
 
-def upgrade(connection: Connection, revision: str = "head", progress: Progress | None = None) -> None:
+def upgrade(
+    connection: Connection, revision: str = "head", progress: Progress | None = None
+) -> None:
     """Apply revisions up to ``revision`` on ``connection`` (what ``alembic upgrade`` does).
 
     On a connection without an open transaction each revision commits on its
@@ -378,8 +379,8 @@ def _describe(diff: Any) -> str:
         name = getattr(item, "name", None)
         if isinstance(item, str) or name is None:
             continue
-        table = getattr(item, "table", None)
-        names.append(f"{table.name}.{name}" if getattr(table, "name", None) else str(name))
+        table_name = getattr(getattr(item, "table", None), "name", None)
+        names.append(f"{table_name}.{name}" if table_name else str(name))
     if operation.startswith("modify_") and len(rest) >= 3:
         names = [f"{rest[1]}.{rest[2]}"]
     return f"{operation} {', '.join(names)}".strip()

@@ -1,7 +1,5 @@
 """The ``events`` table: the audit log."""
 
-from __future__ import annotations
-
 import uuid
 from datetime import datetime
 from typing import Any

@@ -1,7 +1,5 @@
 """The ``messages`` table: the outbound queue and the message history."""
 
-from __future__ import annotations
-
 import uuid
 from datetime import datetime
 from typing import Any

@@ -1,7 +1,5 @@
 """The ``migration_history`` table: each applied revision, its checksum and time."""
 
-from __future__ import annotations
-
 from datetime import datetime
 
 from sqlalchemy import Index, String, func, text

@@ -1,7 +1,5 @@
 """The ``sessions`` table: one WhatsApp connection."""
 
-from __future__ import annotations
-
 import uuid
 from datetime import datetime
 from typing import Any

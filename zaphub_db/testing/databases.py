@@ -1,0 +1,83 @@
+"""Throwaway databases on a test server, built by the real migrations."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import psycopg
+from psycopg import sql
+from sqlalchemy import Engine, create_engine
+from sqlalchemy.engine import URL
+
+from zaphub_db import migrations
+from zaphub_db.config import normalize_url
+
+logger = logging.getLogger(__name__)
+
+TEST_URL_VARIABLE = "ZAPHUB_TEST_DATABASE_URL"
+
+
+def test_server_url() -> URL:
+    """The server that hosts throwaway databases.
+
+    ``ZAPHUB_TEST_DATABASE_URL`` names it (its database part is only used to
+    connect for CREATE/DROP DATABASE); else the embedded PostgreSQL.
+    """
+    configured = os.environ.get(TEST_URL_VARIABLE)
+    if configured:
+        return normalize_url(configured)
+    from zaphub_db import embedded
+
+    return embedded.server_url("postgres")
+
+
+def _admin_dsn(server: URL) -> str:
+    return server.set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+@contextmanager
+def throwaway_database(server: URL | None = None, prefix: str = "zaphub_test") -> Iterator[URL]:
+    """Create an empty database on ``server``, yield its URL, then drop it.
+
+    Only the database created here is touched; ``DROP ... WITH (FORCE)``
+    ends connections a failed test left open.
+    """
+    server = server if server is not None else test_server_url()
+    name = f"{prefix}_{secrets.token_hex(6)}"
+    with psycopg.connect(_admin_dsn(server), autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    logger.info("created throwaway database %s", name)
+    try:
+        yield server.set(database=name)
+    finally:
+        with psycopg.connect(_admin_dsn(server), autocommit=True) as admin:
+            admin.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+        logger.info("dropped throwaway database %s", name)
+
+
+def migrate(url: URL) -> None:
+    """Run every revision on ``url`` (the same code path as ``zaphub-db migrate``)."""
+    engine = create_engine(url)
+    try:
+        with engine.connect() as connection:
+            migrations.upgrade(connection, "head")
+    finally:
+        engine.dispose()
+
+
+@contextmanager
+def migrated_database(server: URL | None = None) -> Iterator[Engine]:
+    """A throwaway database at head, as an engine; dropped afterwards."""
+    with throwaway_database(server) as url:
+        migrate(url)
+        engine = create_engine(url)
+        try:
+            yield engine
+        finally:
+            engine.dispose()
