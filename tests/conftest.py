@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,3 +36,16 @@ def empty_engine(empty_database: URL) -> Iterator[Engine]:
     engine = create_engine(empty_database)
     yield engine
     engine.dispose()
+
+
+def pytest_report_header() -> str:
+    """Say which server and SQLAlchemy the run uses: the nox matrix relies on it."""
+    import psycopg
+    import sqlalchemy
+
+    server = test_server_url()
+    dsn = server.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(dsn) as connection:
+        version = connection.execute("SHOW server_version").fetchone()
+    where = "embedded" if not os.environ.get("ZAPHUB_TEST_DATABASE_URL") else server.host
+    return f"PostgreSQL {version[0] if version else '?'} ({where}), SQLAlchemy {sqlalchemy.__version__}"
