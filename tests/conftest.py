@@ -12,7 +12,7 @@ from sqlalchemy.engine import URL
 
 from zaphub_db.testing.databases import test_server_url, throwaway_database
 
-pytest_plugins = ["zaphub_db.testing.pytest_plugin"]
+pytest_plugins = ["zaphub_db.testing.pytest_plugin", "pytester"]
 
 ROOT = Path(__file__).resolve().parent.parent
 

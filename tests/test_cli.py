@@ -12,7 +12,9 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import URL
 
 from tests.processes import ROOT, run_cli, url_arg
+from zaphub_db.migrations import script_location
 
+REVISION_FILES = sorted(p.name for p in (script_location() / "versions").glob("0*.py"))
 APPLIED_LINE = re.compile(r"^applied (0\d{3}_\w+\.py) in \d+ ms$")
 
 
@@ -23,9 +25,7 @@ def test_migrate_prints_one_line_per_revision_then_status_and_verify(empty_datab
     lines = first.stdout.splitlines()
     applied = [APPLIED_LINE.match(line) for line in lines[:-1]]
     assert all(applied), lines
-    assert [m.group(1)[:4] for m in applied if m] == ["0001", "0002", "0003", "0004"][
-        : len(applied)
-    ]
+    assert [m.group(1) for m in applied if m] == REVISION_FILES
     assert re.match(r"^database at \d{4}: \d+ revision\(s\) applied in \d+ ms$", lines[-1])
 
     again = run_cli("migrate", "--url", url)
@@ -172,3 +172,53 @@ def test_wheel_carries_the_revisions(tmp_path: Path, empty_database: URL) -> Non
     result = run_cli("migrate", "--url", url_arg(empty_database), cwd=outside, env=env)
     assert result.returncode == 0, result.stderr
     assert "applied 0004_create_migration_history_table.py" in result.stdout
+
+
+def test_seed_command_reports_inserted_then_existing(empty_database: URL) -> None:
+    url = url_arg(empty_database)
+    assert run_cli("migrate", "--url", url).returncode == 0
+    first = run_cli("seed", "--url", url)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.splitlines() == [
+        "sessions: 3 inserted, 0 already there",
+        "messages: 3 inserted, 0 already there",
+        "events: 4 inserted, 0 already there",
+    ]
+    second = run_cli("seed", "--url", url)
+    assert "sessions: 0 inserted, 3 already there" in second.stdout
+
+
+def test_cleanup_events_deletes_in_batches(empty_database: URL) -> None:
+    url = url_arg(empty_database)
+    assert run_cli("migrate", "--url", url).returncode == 0
+    engine = create_engine(empty_database)
+    with engine.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO events (event_type, created_at) "
+                "SELECT 'old', now() - make_interval(days => 31 + g) FROM generate_series(1, 25) g"
+            )
+        )
+        connection.execute(
+            text("INSERT INTO events (event_type) SELECT 'new' FROM generate_series(1, 5)")
+        )
+    result = run_cli("cleanup-events", "--days", "30", "--batch-size", "10", "--url", url)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "batch 1: deleted 10 events (10 so far)",
+        "batch 2: deleted 10 events (20 so far)",
+        "batch 3: deleted 5 events (25 so far)",
+        "deleted 25 events older than 30 days in 3 batch(es)",
+    ]
+    with engine.connect() as connection:
+        left = connection.execute(text("SELECT event_type, count(*) FROM events GROUP BY 1")).all()
+    engine.dispose()
+    assert [tuple(r) for r in left] == [("new", 5)]
+
+
+def test_cleanup_events_rejects_a_zero_batch(empty_database: URL) -> None:
+    url = url_arg(empty_database)
+    assert run_cli("migrate", "--url", url).returncode == 0
+    result = run_cli("cleanup-events", "--days", "30", "--batch-size", "0", "--url", url)
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: batch_size")

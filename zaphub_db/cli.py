@@ -127,6 +127,54 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return _connect(args, work)
 
 
+def cmd_seed(args: argparse.Namespace) -> int:
+    from sqlalchemy.orm import Session
+
+    from zaphub_db.seed import seed
+
+    def work(connection: Connection) -> int:
+        with Session(bind=connection) as db:
+            counts = seed(db)
+            db.commit()
+        for row in counts:
+            _say(f"{row.table}: {row.inserted} inserted, {row.existing} already there")
+        return 0
+
+    return _connect(args, work)
+
+
+def cmd_cleanup_events(args: argparse.Namespace) -> int:
+    from sqlalchemy.orm import Session
+
+    from zaphub_db.repositories.events import delete_old_events
+
+    def work(connection: Connection) -> int:
+        total = batches = 0
+        with Session(bind=connection) as db:
+            while True:
+                # Each batch commits on its own: short transactions, short locks.
+                deleted = delete_old_events(db, args.days, batch_size=args.batch_size)
+                db.commit()
+                if deleted == 0:
+                    break
+                batches += 1
+                total += deleted
+                _say(f"batch {batches}: deleted {deleted} events ({total} so far)")
+                if deleted < args.batch_size:
+                    break
+        _say(f"deleted {total} events older than {args.days} days in {batches} batch(es)")
+        return 0
+
+    return _connect(args, work)
+
+
+def _positive(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {value}")
+    return number
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``zaphub-db``."""
     url_parent = argparse.ArgumentParser(add_help=False)
@@ -153,6 +201,17 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "verify", parents=[url_parent], help="exit 1 on checksum mismatch or model drift"
     ).set_defaults(handler=cmd_verify)
+    commands.add_parser(
+        "seed", parents=[url_parent], help="insert the example sessions, messages and events"
+    ).set_defaults(handler=cmd_seed)
+    cleanup = commands.add_parser(
+        "cleanup-events", parents=[url_parent], help="delete old events in batches"
+    )
+    cleanup.add_argument("--days", type=_positive, required=True, help="keep this many days")
+    cleanup.add_argument(
+        "--batch-size", type=_positive, default=1000, help="events per transaction (1000)"
+    )
+    cleanup.set_defaults(handler=cmd_cleanup_events)
     return parser
 
 
@@ -166,6 +225,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     package_logger = logging.getLogger("zaphub_db")
     package_logger.addHandler(handler)
     package_logger.setLevel(logging.INFO)
+    # Their per-call records repeat what the commands print themselves.
+    for quiet in ("zaphub_db.repositories", "zaphub_db.seed"):
+        logging.getLogger(quiet).setLevel(logging.WARNING)
     try:
         code: int = args.handler(args)
     except ZaphubDBError as exc:

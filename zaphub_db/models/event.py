@@ -4,7 +4,16 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import CheckConstraint, ForeignKey, Index, String, func, text
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    ForeignKey,
+    Identity,
+    Index,
+    String,
+    func,
+    text,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from zaphub_db.models.base import Base
@@ -25,8 +34,16 @@ class Event(Base):
         Index("idx_events_created_at", text("created_at DESC")),
         Index("idx_events_session_created", "session_id", text("created_at DESC")),
         Index("idx_events_category_severity", "event_category", "severity"),
+        Index(
+            "idx_events_session_created_seq",
+            "session_id",
+            text("created_at DESC"),
+            text("seq DESC"),
+        ),
         {"comment": "Audit log of gateway events"},
     )
+    # Fetch server-generated columns with the ORM's INSERT ... RETURNING.
+    __mapper_args__ = {"eager_defaults": True}
 
     id: Mapped[uuid.UUID] = mapped_column(
         primary_key=True,
@@ -55,6 +72,11 @@ class Event(Base):
     )
     created_at: Mapped[datetime] = mapped_column(
         server_default=func.now(), comment="When the event was recorded"
+    )
+    seq: Mapped[int] = mapped_column(
+        BigInteger,
+        Identity(always=False),
+        comment="Creation order: breaks ties between rows with the same created_at",
     )
 
     def __repr__(self) -> str:

@@ -8,12 +8,14 @@ from sqlalchemy import (
     BigInteger,
     CheckConstraint,
     ForeignKey,
+    Identity,
     Index,
     String,
     Text,
     func,
     text,
 )
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
 from zaphub_db.models.base import Base
@@ -40,8 +42,16 @@ class Message(Base):
             postgresql_where=text("wa_message_id IS NOT NULL"),
         ),
         Index("idx_messages_session_status", "session_id", "status"),
+        Index(
+            "idx_messages_session_created_seq",
+            "session_id",
+            text("created_at DESC"),
+            text("seq DESC"),
+        ),
         {"comment": "Outbound queue and history of WhatsApp messages"},
     )
+    # Fetch server-generated columns with the ORM's INSERT ... RETURNING.
+    __mapper_args__ = {"eager_defaults": True}
 
     id: Mapped[uuid.UUID] = mapped_column(
         primary_key=True,
@@ -98,8 +108,14 @@ class Message(Base):
     wa_timestamp: Mapped[int | None] = mapped_column(
         BigInteger, comment="Timestamp returned by WhatsApp"
     )
+    # none_as_null: Python None means SQL NULL here, not the JSON value null.
     wa_response: Mapped[dict[str, Any] | None] = mapped_column(
-        comment="Full response returned by WhatsApp"
+        JSONB(none_as_null=True), comment="Full response returned by WhatsApp"
+    )
+    seq: Mapped[int] = mapped_column(
+        BigInteger,
+        Identity(always=False),
+        comment="Creation order: breaks ties between rows with the same created_at",
     )
 
     def __repr__(self) -> str:

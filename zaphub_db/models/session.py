@@ -4,7 +4,17 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import CheckConstraint, FetchedValue, Index, String, Text, func, text
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    FetchedValue,
+    Identity,
+    Index,
+    String,
+    Text,
+    func,
+    text,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from zaphub_db.models.base import Base
@@ -24,6 +34,7 @@ class WhatsAppSession(Base):
         Index("idx_sessions_status", "status"),
         Index("idx_sessions_created_at", text("created_at DESC")),
         Index("idx_sessions_label", "label"),
+        Index("idx_sessions_created_seq", text("created_at DESC"), text("seq DESC")),
         {"comment": "WhatsApp connections (sessions) managed by the gateway"},
     )
     # updated_at is maintained by the sessions_updated_at trigger: fetch it
@@ -70,6 +81,11 @@ class WhatsAppSession(Base):
     error_message: Mapped[str | None] = mapped_column(Text, comment="Last error")
     retry_count: Mapped[int] = mapped_column(
         server_default=text("0"), comment="Reconnection attempts"
+    )
+    seq: Mapped[int] = mapped_column(
+        BigInteger,
+        Identity(always=False),
+        comment="Creation order: breaks ties between rows with the same created_at",
     )
 
     def __repr__(self) -> str:

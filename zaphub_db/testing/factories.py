@@ -1,13 +1,92 @@
-"""factory_boy factories for the zaphub_db models (filled in with the repositories)."""
+"""factory_boy factories for the zaphub_db models.
 
-from __future__ import annotations
+They write through the Session bound with :func:`bind_session`; the pytest
+plugin binds them to ``zaphub_session`` for each test. Rows are valid: real
+JID shapes, allowed statuses, unique idempotency keys.
 
+    message = MessageFactory()                   # with a new session
+    message = MessageFactory(session=existing)   # in a given session
+"""
+
+import itertools
+from typing import Any
+
+from factory.alchemy import SQLAlchemyModelFactory
+from factory.declarations import LazyAttribute, LazyFunction, SelfAttribute, Sequence, SubFactory
 from sqlalchemy.orm import Session
 
+from zaphub_db.models import Event, Message, WhatsAppSession
+
 _current: Session | None = None
+_phone_numbers = itertools.count(5534900000001)
 
 
 def bind_session(session: Session | None) -> None:
     """Make the factories write through ``session`` (``None`` unbinds them)."""
     global _current
     _current = session
+
+
+def _bound_session() -> Session:
+    if _current is None:
+        raise RuntimeError(
+            "zaphub_db factories are not bound to a Session: use the zaphub_session "
+            "fixture, or call zaphub_db.testing.factories.bind_session(session)"
+        )
+    return _current
+
+
+class _Base(SQLAlchemyModelFactory):
+    class Meta:
+        abstract = True
+        sqlalchemy_session_factory = _bound_session
+        sqlalchemy_session_persistence = "flush"
+
+
+class SessionFactory(_Base):
+    """A WhatsApp session (``sessions`` row)."""
+
+    class Meta:
+        model = WhatsAppSession
+
+    label = Sequence(lambda n: f"Test session {n}")
+    status = "initializing"
+    webhook_url = Sequence(lambda n: f"https://app.example.com/webhooks/{n}")
+    config = LazyFunction(lambda: {"autoReply": False})
+
+
+def _jid(_: Any) -> str:
+    return f"{next(_phone_numbers)}@s.whatsapp.net"
+
+
+class MessageFactory(_Base):
+    """An outbound text message, queued, in a new session unless ``session`` is given."""
+
+    class Meta:
+        model = Message
+        exclude = ("session",)
+
+    session = SubFactory(SessionFactory)
+    session_id = SelfAttribute("session.id")
+    message_id = Sequence(lambda n: f"client-msg-{n:06d}")
+    direction = "outbound"
+    jid = LazyAttribute(_jid)
+    type = "text"
+    payload = Sequence(lambda n: {"text": f"Hello #{n}"})
+    status = "queued"
+
+
+class EventFactory(_Base):
+    """An info ``connection.open`` event, in a new session unless ``session`` is given."""
+
+    class Meta:
+        model = Event
+        exclude = ("session",)
+
+    session = SubFactory(SessionFactory)
+    # EventFactory(session=None) makes a global event.
+    session_id = LazyAttribute(lambda o: None if o.session is None else o.session.id)
+    event_type = "connection.open"
+    event_category = "connection"
+    payload = LazyFunction(dict)
+    severity = "info"

@@ -1,0 +1,103 @@
+"""Every kind of bad input of CONTRACT §4 raises our error and loses nothing.
+
+Each case first flushes a session in the caller's transaction, then makes the
+bad call, then commits: the earlier work must still be there.
+"""
+
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from sqlalchemy.orm import Session
+
+from zaphub_db.errors import ValidationError, ZaphubDBError
+from zaphub_db.models import WhatsAppSession
+from zaphub_db.repositories import events, messages, sessions
+
+JID = "5534999999999@s.whatsapp.net"
+
+
+def message_call(**overrides: Any) -> Callable[[Session, uuid.UUID], Any]:
+    def call(db: Session, session_id: uuid.UUID) -> Any:
+        fields: dict[str, Any] = {
+            "session_id": session_id,
+            "message_id": "bad-1",
+            "jid": JID,
+            "type": "text",
+            "payload": {"text": "hi"},
+            **overrides,
+        }
+        return messages.create_message(db, **fields)
+
+    return call
+
+
+CASES: dict[str, Callable[[Session, uuid.UUID], Any]] = {
+    "message type outside the CHECK list": message_call(type="gif"),
+    "message status outside the CHECK list": message_call(status="pending"),
+    "message direction outside the CHECK list": message_call(direction="sideways"),
+    "session status outside the CHECK list": lambda db, _: sessions.create_session(
+        db, label="x", status="online"
+    ),
+    "event severity outside the CHECK list": lambda db, _: events.create_event(
+        db, event_type="x", severity="fatal"
+    ),
+    "event category outside the CHECK list": lambda db, _: events.create_event(
+        db, event_type="x", event_category="misc"
+    ),
+    "status update outside the CHECK list": lambda db, _: messages.update_message_status(
+        db, uuid.uuid4(), "bounced"
+    ),
+    "unknown field": lambda db, sid: sessions.update_session(db, sid, colour="blue"),
+    "malformed UUID": lambda db, _: sessions.get_session_by_id(db, "not-a-uuid"),
+    "malformed session UUID for a message": message_call(session_id="1234"),
+    "negative limit": lambda db, _: sessions.get_all_sessions(db, limit=-1),
+    "negative offset": lambda db, sid: messages.get_messages_by_session(db, sid, offset=-5),
+    "negative queue limit": lambda db, _: messages.get_queued_messages(db, -1),
+    "payload that is not JSON": message_call(payload={"when": object()}),
+    "payload that is not an object": message_call(payload=["a", "b"]),
+    "payload with NaN": message_call(payload={"x": float("nan")}),
+    "payload holding a NUL character": message_call(payload={"text": "a\x00b"}),
+    "config holding a NUL character": lambda db, _: sessions.create_session(
+        db, label="x", config={"k\x00": 1}
+    ),
+    "label with a NUL character": lambda db, _: sessions.create_session(db, label="a\x00b"),
+    "label longer than its column": lambda db, _: sessions.create_session(db, label="x" * 256),
+    "idempotency key longer than its column": message_call(message_id="k" * 256),
+    "jid longer than its column": message_call(jid="5" * 256),
+    "event type longer than its column": lambda db, _: events.create_event(
+        db, event_type="e" * 101
+    ),
+    "max_attempts beyond integer range": message_call(max_attempts=2**31),
+    "retry_count beyond integer range": lambda db, sid: sessions.update_session(
+        db, sid, retry_count=2**40
+    ),
+    "wa_timestamp not an integer": lambda db, _: messages.update_message_status(
+        db,
+        uuid.uuid4(),
+        "sent",
+        wa_timestamp="soon",  # type: ignore[arg-type]
+    ),
+    "naive datetime": lambda db, _: messages.update_message_status(
+        db, uuid.uuid4(), "sent", at=__import__("datetime").datetime(2026, 1, 1)
+    ),
+    "zero cleanup batch": lambda db, _: events.delete_old_events(db, 30, batch_size=0),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_raises_validation_error_and_keeps_earlier_work(
+    zaphub_session: Session, case: str
+) -> None:
+    db = zaphub_session
+    earlier_id = sessions.create_session(db, label="earlier work").id
+    with pytest.raises(ValidationError) as caught:
+        CASES[case](db, earlier_id)
+    assert isinstance(caught.value, ZaphubDBError)
+    assert isinstance(caught.value, ValueError)
+    db.commit()
+    db.expunge_all()
+    assert db.get(WhatsAppSession, earlier_id) is not None
+    # and the transaction still takes new work
+    assert sessions.create_session(db, label="later work").label == "later work"

@@ -1,0 +1,73 @@
+"""Statements per call, counted at the cursor (CONTRACT §3 "Round trips")."""
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import Engine, event
+from sqlalchemy.orm import Session
+
+from zaphub_db.models import Message, WhatsAppSession
+from zaphub_db.repositories import events, messages, sessions
+from zaphub_db.testing.factories import MessageFactory, SessionFactory
+
+JID = "5534999999999@s.whatsapp.net"
+
+
+@contextmanager
+def counting(engine: Engine) -> Iterator[list[str]]:
+    statements: list[str] = []
+
+    def record(*args: Any) -> None:
+        statements.append(args[2])
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        yield statements
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+
+
+def statements_of(engine: Engine, call: Callable[[], Any]) -> list[str]:
+    with counting(engine) as statements:
+        call()
+    return statements
+
+
+def test_round_trip_budgets(zaphub_engine: Engine, zaphub_session: Session) -> None:
+    db = zaphub_session
+    session: WhatsAppSession = SessionFactory.create()
+    message: Message = MessageFactory.create(session=session)
+    new: dict[str, Any] = {"session_id": session.id, "jid": JID, "type": "text", "payload": {}}
+
+    budgets: dict[str, tuple[int, Callable[[], Any]]] = {
+        "create_message (new key)": (
+            1,
+            lambda: messages.create_message(db, message_id="n1", **new),
+        ),
+        "create_message (duplicate)": (
+            2,
+            lambda: messages.create_message(db, message_id="n1", **new),
+        ),
+        "get_message_by_id": (1, lambda: messages.get_message_by_id(db, message.id)),
+        "update_message_status": (
+            1,
+            lambda: messages.update_message_status(db, message.id, "sent"),
+        ),
+        "increment_message_attempts": (
+            1,
+            lambda: messages.increment_message_attempts(db, message.id),
+        ),
+        "get_queued_messages": (1, lambda: messages.get_queued_messages(db)),
+        "get_messages_by_session": (
+            1,
+            lambda: messages.get_messages_by_session(db, session.id, status="sent", limit=5),
+        ),
+        "create_event": (1, lambda: events.create_event(db, event_type="t", session_id=session.id)),
+        "create_session": (1, lambda: sessions.create_session(db, label="x")),
+        "update_session": (1, lambda: sessions.update_session(db, session.id, status="connected")),
+    }
+    for name, (budget, call) in budgets.items():
+        sent = statements_of(zaphub_engine, call)
+        assert len(sent) <= budget, (name, sent)
+        assert sent, name  # it did reach the database

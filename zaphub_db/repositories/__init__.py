@@ -1,0 +1,53 @@
+"""Repository functions: all of zaphub_db's SQL lives in this package.
+
+Each function takes a SQLAlchemy ``Session`` first, flushes but never
+commits, and raises the errors of :mod:`zaphub_db.errors`.
+"""
+
+from zaphub_db.repositories.events import (
+    create_event,
+    delete_old_events,
+    get_events_by_session,
+    get_recent_events,
+)
+from zaphub_db.repositories.messages import (
+    create_message,
+    get_message_by_id,
+    get_message_by_idempotency_key,
+    get_message_by_wa_id,
+    get_messages_by_session,
+    get_or_create_message,
+    get_queued_messages,
+    increment_message_attempts,
+    update_message_status,
+    update_message_status_by_wa_id,
+)
+from zaphub_db.repositories.sessions import (
+    create_session,
+    delete_session,
+    get_all_sessions,
+    get_session_by_id,
+    update_session,
+)
+
+__all__ = [
+    "create_event",
+    "create_message",
+    "create_session",
+    "delete_old_events",
+    "delete_session",
+    "get_all_sessions",
+    "get_events_by_session",
+    "get_message_by_id",
+    "get_message_by_idempotency_key",
+    "get_message_by_wa_id",
+    "get_messages_by_session",
+    "get_or_create_message",
+    "get_queued_messages",
+    "get_recent_events",
+    "get_session_by_id",
+    "increment_message_attempts",
+    "update_message_status",
+    "update_message_status_by_wa_id",
+    "update_session",
+]

@@ -1,0 +1,189 @@
+"""Events: the audit log.
+
+Every function takes a SQLAlchemy ``Session`` first, flushes but never
+commits (the caller owns the transaction).
+"""
+
+import logging
+import uuid
+from typing import Any, cast
+
+from sqlalchemy import (
+    String,
+    Table,
+    bindparam,
+    delete,
+    exists,
+    func,
+    literal_column,
+    or_,
+    select,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.orm import Session
+
+from zaphub_db.errors import NotFoundError
+from zaphub_db.models import Event, EventCategory, EventSeverity, WhatsAppSession
+from zaphub_db.repositories import validation
+from zaphub_db.repositories.execution import all_of, execute, first, loading
+
+logger = logging.getLogger(__name__)
+
+_table = cast(Table, Event.__table__)
+_c = _table.c
+_sessions = cast(Table, WhatsAppSession.__table__)
+
+
+def _insert_statement() -> Any:
+    session_id = bindparam("session_id", type_=_c.session_id.type)
+    columns = {
+        "session_id": session_id,
+        "event_type": bindparam("event_type", type_=String),
+        "event_category": bindparam("event_category", type_=String),
+        "payload": bindparam("payload", type_=JSONB),
+        "severity": bindparam("severity", type_=String),
+    }
+    # As for messages: a missing session inserts nothing rather than raise a
+    # foreign key violation that would abort the caller's transaction.
+    session_ok = or_(
+        session_id.is_(None),
+        exists(
+            select(literal_column("1"))
+            .select_from(_sessions)
+            .where(_sessions.c.id == session_id)
+            .with_for_update(read=True, key_share=True)
+        ),
+    )
+    statement = (
+        pg_insert(_table)
+        .from_select(list(columns), select(*columns.values()).where(session_ok))
+        .returning(*_c)
+    )
+    return loading(Event, statement)
+
+
+_INSERT = _insert_statement()
+# Oldest first, so that a batched cleanup deletes in time order.
+_OLD_IDS = (
+    select(_c.id)
+    .where(_c.created_at < func.now() - func.make_interval(0, 0, 0, bindparam("days")))
+    .order_by(_c.created_at)
+)
+_DELETE_OLD = delete(_table).where(
+    _c.created_at < func.now() - func.make_interval(0, 0, 0, bindparam("days"))
+)
+_DELETE_OLD_BATCH = delete(_table).where(
+    _c.id.in_(_OLD_IDS.limit(bindparam("batch_size")).scalar_subquery())
+)
+
+
+def create_event(
+    db: Session,
+    *,
+    event_type: str,
+    event_category: str = "general",
+    session_id: uuid.UUID | str | None = None,
+    payload: dict[str, Any] | None = None,
+    severity: str = "info",
+) -> Event:
+    """Record an event about a session, or a global one (``session_id=None``).
+
+    Raises:
+        NotFoundError: ``session_id`` names a session that does not exist.
+    """
+    params = {
+        "session_id": None if session_id is None else validation.as_uuid(session_id, "session_id"),
+        "event_type": validation.text_value(event_type, "event_type", 100),
+        "event_category": validation.choice(event_category, EventCategory, "event_category"),
+        "payload": validation.json_object({} if payload is None else payload, "payload"),
+        "severity": validation.choice(severity, EventSeverity, "severity"),
+    }
+    event: Event | None = first(db, _INSERT, params)
+    if event is None:
+        raise NotFoundError(f"session {params['session_id']} does not exist")
+    return event
+
+
+def _listing(
+    conditions: list[Any],
+    params: dict[str, Any],
+    category: str | None,
+    event_type: str | None,
+    severity: str | None,
+    limit: int | None,
+    offset: int,
+) -> Any:
+    checked_limit, params["offset"] = validation.limit_offset(limit, offset)
+    if category is not None:
+        params["category"] = validation.choice(category, EventCategory, "category")
+        conditions.append(_c.event_category == bindparam("category"))
+    if event_type is not None:
+        params["event_type"] = validation.text_value(event_type, "event_type", 100)
+        conditions.append(_c.event_type == bindparam("event_type"))
+    if severity is not None:
+        params["severity"] = validation.choice(severity, EventSeverity, "severity")
+        conditions.append(_c.severity == bindparam("severity"))
+    statement = select(_table).where(*conditions).order_by(_c.created_at.desc(), _c.seq.desc())
+    if checked_limit is not None:
+        params["limit"] = checked_limit
+        statement = statement.limit(bindparam("limit"))
+    return loading(Event, statement.offset(bindparam("offset")))
+
+
+def get_events_by_session(
+    db: Session,
+    session_id: uuid.UUID | str,
+    *,
+    category: str | None = None,
+    event_type: str | None = None,
+    severity: str | None = None,
+    limit: int | None = None,
+    offset: int = 0,
+) -> list[Event]:
+    """A session's events, newest first, optionally filtered."""
+    params: dict[str, Any] = {"session_id": validation.as_uuid(session_id, "session_id")}
+    statement = _listing(
+        [_c.session_id == bindparam("session_id")],
+        params,
+        category,
+        event_type,
+        severity,
+        limit,
+        offset,
+    )
+    return all_of(db, statement, params)
+
+
+def get_recent_events(
+    db: Session,
+    limit: int = 100,
+    *,
+    category: str | None = None,
+    severity: str | None = None,
+) -> list[Event]:
+    """The newest events of every session and the global ones."""
+    params: dict[str, Any] = {}
+    statement = _listing([], params, category, None, severity, limit, 0)
+    return all_of(db, statement, params)
+
+
+def delete_old_events(db: Session, days_to_keep: int = 30, *, batch_size: int | None = None) -> int:
+    """Delete events older than ``days_to_keep`` days; the number deleted.
+
+    With ``batch_size``, deletes at most that many (the oldest), so that a
+    caller can clean up a large table in short transactions.
+    """
+    params: dict[str, Any] = {"days": validation.integer(days_to_keep, "days_to_keep")}
+    statement = _DELETE_OLD
+    if batch_size is not None:
+        params["batch_size"] = validation.integer(batch_size, "batch_size", minimum=1)
+        statement = _DELETE_OLD_BATCH
+    deleted: int = execute(db, statement, params).rowcount  # type: ignore[attr-defined]
+    logger.info(
+        "old events deleted count=%d days_to_keep=%d",
+        deleted,
+        days_to_keep,
+        extra={"count": deleted, "days_to_keep": days_to_keep},
+    )
+    return deleted

@@ -1,0 +1,464 @@
+"""Messages: idempotent creation, lookups, the status lifecycle.
+
+Every function takes a SQLAlchemy ``Session`` first, flushes but never
+commits (the caller owns the transaction). Hot statements are built once,
+at import, with bound parameters; each call sends one statement, and a
+duplicate ``create_message`` two.
+"""
+
+import logging
+import uuid
+from datetime import datetime
+from typing import Any, cast
+
+from sqlalchemy import (
+    ColumnElement,
+    Executable,
+    Integer,
+    String,
+    Table,
+    Text,
+    bindparam,
+    case,
+    exists,
+    func,
+    literal_column,
+    select,
+    update,
+)
+from sqlalchemy.dialects.postgresql import JSONB, TIMESTAMP
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.orm import Session
+
+from zaphub_db.errors import IdempotencyConflictError, NotFoundError
+from zaphub_db.models import (
+    Message,
+    MessageDirection,
+    MessageStatus,
+    MessageType,
+    WhatsAppSession,
+)
+from zaphub_db.repositories import validation
+from zaphub_db.repositories.execution import all_of, first, loading
+
+logger = logging.getLogger(__name__)
+
+_table = cast(Table, Message.__table__)
+_c = _table.c
+_sessions = cast(Table, WhatsAppSession.__table__)
+
+# The column stamped when a message reaches each status.
+STATUS_TIMESTAMP = {
+    MessageStatus.QUEUED: "queued_at",
+    MessageStatus.PROCESSING: "processing_at",
+    MessageStatus.SENT: "sent_at",
+    MessageStatus.DELIVERED: "delivered_at",
+    MessageStatus.READ: "read_at",
+    MessageStatus.FAILED: "failed_at",
+    MessageStatus.DLQ: "failed_at",
+}
+_PROGRESSION = (
+    MessageStatus.QUEUED,
+    MessageStatus.PROCESSING,
+    MessageStatus.SENT,
+    MessageStatus.DELIVERED,
+    MessageStatus.READ,
+)
+_ACKS = (MessageStatus.SENT, MessageStatus.DELIVERED, MessageStatus.READ)
+_UNSENT = (MessageStatus.QUEUED, MessageStatus.PROCESSING)
+_DEAD = (MessageStatus.FAILED, MessageStatus.DLQ)
+
+
+def allowed_sources(target: MessageStatus) -> tuple[MessageStatus, ...]:
+    """The statuses from which ``update_message_status`` may move to ``target``.
+
+    Along queued → processing → sent → delivered → read a message only moves
+    forwards (WhatsApp acks arrive out of order). ``failed`` and ``dlq`` apply
+    to messages not yet sent. A delivery ack also applies to a failed or
+    dead-lettered message: it proves the message went out.
+    """
+    if target in _PROGRESSION:
+        earlier = _PROGRESSION[: _PROGRESSION.index(target)]
+        return earlier + (_DEAD if target in _ACKS else ())
+    return _UNSENT + tuple(s for s in _DEAD if s != target)
+
+
+def _create_statement() -> Executable:
+    status = bindparam("status", type_=String)
+    session_id = bindparam("session_id", type_=_c.session_id.type)
+    stamps = {
+        column: case((status == value.value, func.now()))
+        for value, column in STATUS_TIMESTAMP.items()
+        if value != MessageStatus.DLQ  # failed_at is stamped for "failed" already
+    }
+    stamps["failed_at"] = case(
+        (status.in_([MessageStatus.FAILED.value, MessageStatus.DLQ.value]), func.now())
+    )
+    columns = {
+        "session_id": session_id,
+        "message_id": bindparam("message_id", type_=String),
+        "direction": bindparam("direction", type_=String),
+        "jid": bindparam("jid", type_=String),
+        "type": bindparam("type", type_=String),
+        "payload": bindparam("payload", type_=JSONB),
+        "status": status,
+        "max_attempts": bindparam("max_attempts", type_=Integer),
+        **stamps,
+    }
+    # FOR KEY SHARE holds the session against a concurrent delete, as the
+    # foreign key check would; a missing session inserts nothing instead of
+    # raising a foreign key violation that would abort the caller's transaction.
+    session_exists = exists(
+        select(literal_column("1"))
+        .select_from(_sessions)
+        .where(_sessions.c.id == session_id)
+        .with_for_update(read=True, key_share=True)
+    )
+    source = select(*columns.values()).where(session_exists)
+    statement = (
+        pg_insert(_table)
+        .from_select(list(columns), source)
+        .on_conflict_do_nothing(index_elements=[_c.session_id, _c.message_id])
+        .returning(*_c)
+    )
+    return loading(Message, statement)
+
+
+_CREATE = _create_statement()
+_BY_ID = loading(Message, select(_table).where(_c.id == bindparam("id")))
+_BY_KEY = loading(
+    Message,
+    select(_table).where(
+        _c.session_id == bindparam("session_id"), _c.message_id == bindparam("message_id")
+    ),
+)
+_BY_WA_ID = loading(
+    Message,
+    select(_table)
+    .where(
+        _c.session_id == bindparam("session_id"),
+        _c.wa_message_id == bindparam("wa_message_id"),
+    )
+    .order_by(_c.created_at, _c.seq)
+    .limit(1),
+)
+_INCREMENT = loading(
+    Message,
+    update(_table)
+    .where(_c.id == bindparam("locate_id"))
+    .values(attempts=_c.attempts + 1)
+    .returning(*_c),
+)
+_QUEUED = loading(
+    Message,
+    select(_table)
+    .where(_c.status == MessageStatus.QUEUED.value, _c.attempts < _c.max_attempts)
+    .order_by(_c.created_at, _c.seq)
+    .limit(bindparam("limit")),
+)
+
+
+def _status_update(target: MessageStatus, locate: ColumnElement[bool]) -> Executable:
+    """One UPDATE that applies the lifecycle rules in SQL and returns the row.
+
+    A refused move rewrites the row with its own values, so the statement
+    always returns the current row: one round trip whatever the outcome.
+    """
+    applies = _c.status.in_([s.value for s in allowed_sources(target)])
+    same = _c.status == target.value
+    stamp = STATUS_TIMESTAMP[target]
+
+    def given(column: str, type_: Any) -> ColumnElement[Any]:
+        # Bound names must differ from column names in an UPDATE.
+        value = func.coalesce(bindparam(f"new_{column}", type_=type_), _c[column])
+        return case((applies | same, value), else_=_c[column])
+
+    statement = (
+        update(_table)
+        .where(locate)
+        .values(
+            {
+                "status": case((applies, target.value), else_=_c.status),
+                stamp: case(
+                    (
+                        applies,
+                        func.coalesce(bindparam("at", type_=TIMESTAMP(timezone=True)), func.now()),
+                    ),
+                    else_=_c[stamp],
+                ),
+                "error_message": given("error_message", Text),
+                "wa_message_id": given("wa_message_id", String),
+                "wa_timestamp": given("wa_timestamp", _c.wa_timestamp.type),
+                "wa_response": given("wa_response", JSONB(none_as_null=True)),
+            }
+        )
+        .returning(*_c)
+    )
+    return loading(Message, statement)
+
+
+_BY_ID_LOCATOR = _c.id == bindparam("locate_id")
+_BY_WA_LOCATOR = (_c.session_id == bindparam("locate_session_id")) & (
+    _c.wa_message_id == bindparam("locate_wa_message_id")
+)
+_STATUS_BY_ID = {s: _status_update(s, _BY_ID_LOCATOR) for s in MessageStatus}
+_STATUS_BY_WA_ID = {s: _status_update(s, _BY_WA_LOCATOR) for s in MessageStatus}
+
+
+def _creation_params(
+    session_id: uuid.UUID | str,
+    message_id: str,
+    jid: str,
+    type: str,
+    payload: dict[str, Any],
+    direction: str,
+    status: str,
+    max_attempts: int,
+) -> dict[str, Any]:
+    return {
+        "session_id": validation.as_uuid(session_id, "session_id"),
+        "message_id": validation.text_value(message_id, "message_id", 255),
+        "direction": validation.choice(direction, MessageDirection, "direction"),
+        "jid": validation.text_value(jid, "jid", 255),
+        "type": validation.choice(type, MessageType, "type"),
+        "payload": validation.json_object(payload, "payload"),
+        "status": validation.choice(status, MessageStatus, "status"),
+        "max_attempts": validation.integer(max_attempts, "max_attempts"),
+    }
+
+
+def get_or_create_message(
+    db: Session,
+    *,
+    session_id: uuid.UUID | str,
+    message_id: str,
+    jid: str,
+    type: str,
+    payload: dict[str, Any],
+    direction: str = "outbound",
+    status: str = "queued",
+    max_attempts: int = 5,
+) -> tuple[Message, bool]:
+    """Create a message, or return the one that already holds its idempotency key.
+
+    Returns ``(message, created)``. Safe when many connections race with the
+    same key: exactly one row is made and every caller gets it.
+
+    Raises:
+        NotFoundError: the session does not exist.
+        IdempotencyConflictError: the key is taken by a message with another
+            ``direction``, ``jid``, ``type`` or ``payload``.
+    """
+    params = _creation_params(
+        session_id, message_id, jid, type, payload, direction, status, max_attempts
+    )
+    created: Message | None = first(db, _CREATE, params)
+    if created is not None:
+        logger.info(
+            "message created session_id=%s message_id=%r id=%s",
+            params["session_id"],
+            message_id,
+            created.id,
+            extra={"session_id": str(params["session_id"]), "message_key": message_id},
+        )
+        return created, True
+    # ON CONFLICT DO NOTHING waited for any concurrent insert of this key to
+    # commit, so (under READ COMMITTED) this new snapshot sees the winner.
+    existing: Message | None = first(
+        db, _BY_KEY, {"session_id": params["session_id"], "message_id": message_id}
+    )
+    if existing is None:
+        raise NotFoundError(f"session {params['session_id']} does not exist")
+    differing = [
+        field
+        for field, theirs in (
+            ("direction", existing.direction),
+            ("jid", existing.jid),
+            ("type", existing.type),
+        )
+        if theirs != params[field]
+    ]
+    if existing.payload != validation.normalized_json(params["payload"]):
+        differing.append("payload")
+    if differing:
+        raise IdempotencyConflictError(
+            f"idempotency key {message_id!r} of session {params['session_id']} is already "
+            f"used by message {existing.id} with a different {', '.join(differing)}",
+            existing_id=existing.id,
+        )
+    logger.info(
+        "duplicate message detected session_id=%s message_id=%r id=%s",
+        params["session_id"],
+        message_id,
+        existing.id,
+        extra={"session_id": str(params["session_id"]), "message_key": message_id},
+    )
+    return existing, False
+
+
+def create_message(
+    db: Session,
+    *,
+    session_id: uuid.UUID | str,
+    message_id: str,
+    jid: str,
+    type: str,
+    payload: dict[str, Any],
+    direction: str = "outbound",
+    status: str = "queued",
+    max_attempts: int = 5,
+) -> Message:
+    """Create a message idempotently; see :func:`get_or_create_message`."""
+    message, _created = get_or_create_message(
+        db,
+        session_id=session_id,
+        message_id=message_id,
+        jid=jid,
+        type=type,
+        payload=payload,
+        direction=direction,
+        status=status,
+        max_attempts=max_attempts,
+    )
+    return message
+
+
+def get_message_by_id(db: Session, id: uuid.UUID | str) -> Message | None:
+    """The message with this internal id, or ``None``."""
+    found: Message | None = first(db, _BY_ID, {"id": validation.as_uuid(id)})
+    return found
+
+
+def get_message_by_idempotency_key(
+    db: Session, session_id: uuid.UUID | str, message_id: str
+) -> Message | None:
+    """The message holding this idempotency key in this session, or ``None``."""
+    params = {
+        "session_id": validation.as_uuid(session_id, "session_id"),
+        "message_id": validation.text_value(message_id, "message_id", 255),
+    }
+    found: Message | None = first(db, _BY_KEY, params)
+    return found
+
+
+def get_message_by_wa_id(
+    db: Session, session_id: uuid.UUID | str, wa_message_id: str
+) -> Message | None:
+    """The message WhatsApp knows by ``wa_message_id`` in this session, or ``None``."""
+    params = {
+        "session_id": validation.as_uuid(session_id, "session_id"),
+        "wa_message_id": validation.text_value(wa_message_id, "wa_message_id", 255),
+    }
+    found: Message | None = first(db, _BY_WA_ID, params)
+    return found
+
+
+def get_messages_by_session(
+    db: Session,
+    session_id: uuid.UUID | str,
+    *,
+    status: str | None = None,
+    direction: str | None = None,
+    limit: int | None = None,
+    offset: int = 0,
+) -> list[Message]:
+    """A session's messages, newest first (creation order), optionally filtered."""
+    checked_limit, checked_offset = validation.limit_offset(limit, offset)
+    params: dict[str, Any] = {
+        "session_id": validation.as_uuid(session_id, "session_id"),
+        "offset": checked_offset,
+    }
+    statement = select(_table).where(_c.session_id == bindparam("session_id"))
+    if status is not None:
+        params["status"] = validation.choice(status, MessageStatus, "status")
+        statement = statement.where(_c.status == bindparam("status"))
+    if direction is not None:
+        params["direction"] = validation.choice(direction, MessageDirection, "direction")
+        statement = statement.where(_c.direction == bindparam("direction"))
+    statement = statement.order_by(_c.created_at.desc(), _c.seq.desc())
+    if checked_limit is not None:
+        params["limit"] = checked_limit
+        statement = statement.limit(bindparam("limit"))
+    statement = statement.offset(bindparam("offset"))
+    return all_of(db, loading(Message, statement), params)
+
+
+def _status_params(
+    status: str,
+    error_message: str | None,
+    wa_message_id: str | None,
+    wa_timestamp: int | None,
+    wa_response: dict[str, Any] | None,
+    at: datetime | None,
+) -> tuple[MessageStatus, dict[str, Any]]:
+    target = MessageStatus(validation.choice(status, MessageStatus, "status"))
+    return target, {
+        "new_error_message": validation.optional_text(error_message, "error_message"),
+        "new_wa_message_id": validation.optional_text(wa_message_id, "wa_message_id", 255),
+        "new_wa_timestamp": None
+        if wa_timestamp is None
+        else validation.integer(
+            wa_timestamp, "wa_timestamp", -validation.INT8_MAX, validation.INT8_MAX
+        ),
+        "new_wa_response": None
+        if wa_response is None
+        else validation.json_object(wa_response, "wa_response"),
+        "at": validation.timestamp(at, "at"),
+    }
+
+
+def update_message_status(
+    db: Session,
+    id: uuid.UUID | str,
+    status: str,
+    *,
+    error_message: str | None = None,
+    wa_message_id: str | None = None,
+    wa_timestamp: int | None = None,
+    wa_response: dict[str, Any] | None = None,
+    at: datetime | None = None,
+) -> Message | None:
+    """Move a message to ``status``; the row afterwards, or ``None`` if there is none.
+
+    Stamps the new status's timestamp column (``at`` overrides now). Moves
+    that :func:`allowed_sources` refuses change nothing and return the row
+    as it is (a late "delivered" after "read"); the same status again only
+    updates the other fields given.
+    """
+    target, params = _status_params(
+        status, error_message, wa_message_id, wa_timestamp, wa_response, at
+    )
+    params["locate_id"] = validation.as_uuid(id)
+    message: Message | None = first(db, _STATUS_BY_ID[target], params)
+    return message
+
+
+def update_message_status_by_wa_id(
+    db: Session,
+    session_id: uuid.UUID | str,
+    wa_message_id: str,
+    status: str,
+    *,
+    error_message: str | None = None,
+    wa_timestamp: int | None = None,
+    wa_response: dict[str, Any] | None = None,
+    at: datetime | None = None,
+) -> Message | None:
+    """:func:`update_message_status` for the message WhatsApp knows as ``wa_message_id``."""
+    target, params = _status_params(status, error_message, None, wa_timestamp, wa_response, at)
+    params["locate_session_id"] = validation.as_uuid(session_id, "session_id")
+    params["locate_wa_message_id"] = validation.text_value(wa_message_id, "wa_message_id", 255)
+    message: Message | None = first(db, _STATUS_BY_WA_ID[target], params)
+    return message
+
+
+def increment_message_attempts(db: Session, id: uuid.UUID | str) -> Message | None:
+    """Add one to ``attempts`` atomically, in SQL; the row, or ``None`` if there is none."""
+    message: Message | None = first(db, _INCREMENT, {"locate_id": validation.as_uuid(id)})
+    return message
+
+
+def get_queued_messages(db: Session, limit: int = 100) -> list[Message]:
+    """Queued messages with attempts left, oldest first, without claiming them."""
+    checked = validation.integer(limit, "limit", maximum=validation.INT8_MAX)
+    return all_of(db, _QUEUED, {"limit": checked})

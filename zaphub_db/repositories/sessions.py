@@ -1,0 +1,195 @@
+"""Sessions: one WhatsApp connection each.
+
+Every function takes a SQLAlchemy ``Session`` first, flushes but never
+commits (the caller owns the transaction), and sends one statement.
+"""
+
+import logging
+import uuid
+from collections.abc import Callable
+from typing import Any, cast
+
+from sqlalchemy import (
+    ColumnElement,
+    Table,
+    bindparam,
+    case,
+    delete,
+    func,
+    insert,
+    null,
+    select,
+    update,
+)
+from sqlalchemy.orm import Session
+
+from zaphub_db.errors import ValidationError
+from zaphub_db.models import Event, Message, SessionStatus, WhatsAppSession
+from zaphub_db.repositories import validation
+from zaphub_db.repositories.execution import execute, first, loading
+
+logger = logging.getLogger(__name__)
+
+_table = cast(Table, WhatsAppSession.__table__)
+_c = _table.c
+
+_INSERT = loading(
+    WhatsAppSession,
+    insert(_table)
+    .values(
+        label=bindparam("label"),
+        status=bindparam("status"),
+        webhook_url=bindparam("webhook_url"),
+        config=bindparam("config", type_=_c.config.type),
+    )
+    .returning(*_table.c),
+)
+_BY_ID = loading(WhatsAppSession, select(_table).where(_c.id == bindparam("id")))
+
+# Column -> check for update_session(). id, created_at, updated_at and seq are
+# owned by the database and cannot be changed.
+_UPDATABLE: dict[str, Callable[[Any, str], Any]] = {
+    "label": lambda v, f: validation.text_value(v, f, 255),
+    "status": lambda v, f: validation.choice(v, SessionStatus, f),
+    "webhook_url": validation.optional_text,
+    "config": validation.json_object,
+    "qr_code": validation.optional_text,
+    "last_qr_at": validation.timestamp,
+    "last_seen": validation.timestamp,
+    "connected_at": validation.timestamp,
+    "disconnected_at": validation.timestamp,
+    "error_message": validation.optional_text,
+    "retry_count": validation.integer,
+}
+_STATUS_TIMESTAMPS = {
+    SessionStatus.CONNECTED: "connected_at",
+    SessionStatus.DISCONNECTED: "disconnected_at",
+    SessionStatus.LOGGED_OUT: "disconnected_at",
+}
+
+
+def create_session(
+    db: Session,
+    *,
+    label: str,
+    status: str = "initializing",
+    webhook_url: str | None = None,
+    config: dict[str, Any] | None = None,
+) -> WhatsAppSession:
+    """Insert a session and return it with its generated id and timestamps."""
+    params = {
+        "label": validation.text_value(label, "label", 255),
+        "status": validation.choice(status, SessionStatus, "status"),
+        "webhook_url": validation.optional_text(webhook_url, "webhook_url"),
+        "config": validation.json_object({} if config is None else config, "config"),
+    }
+    created: WhatsAppSession = first(db, _INSERT, params)
+    logger.info(
+        "session created id=%s label=%r",
+        created.id,
+        created.label,
+        extra={"session_id": str(created.id), "label": created.label},
+    )
+    return created
+
+
+def get_session_by_id(db: Session, session_id: uuid.UUID | str) -> WhatsAppSession | None:
+    """The session with this id, or ``None``."""
+    found: WhatsAppSession | None = first(
+        db, _BY_ID, {"id": validation.as_uuid(session_id, "session_id")}
+    )
+    return found
+
+
+def get_all_sessions(
+    db: Session,
+    *,
+    status: str | None = None,
+    limit: int | None = None,
+    offset: int = 0,
+) -> list[WhatsAppSession]:
+    """Sessions, newest first (creation order), optionally of one status."""
+    checked_limit, checked_offset = validation.limit_offset(limit, offset)
+    statement = select(_table).order_by(_c.created_at.desc(), _c.seq.desc())
+    params: dict[str, Any] = {"offset": checked_offset}
+    if status is not None:
+        statement = statement.where(_c.status == bindparam("status"))
+        params["status"] = validation.choice(status, SessionStatus, "status")
+    if checked_limit is not None:
+        statement = statement.limit(bindparam("limit"))
+        params["limit"] = checked_limit
+    statement = statement.offset(bindparam("offset"))
+    return list(execute(db, loading(WhatsAppSession, statement), params).scalars().all())
+
+
+def update_session(
+    db: Session, session_id: uuid.UUID | str, **changes: Any
+) -> WhatsAppSession | None:
+    """Change columns of a session; the updated session, or ``None`` if there is none.
+
+    Keys are column names. Besides them: setting ``qr_code`` also sets
+    ``last_qr_at``; moving ``status`` away from ``qr_pending`` clears
+    ``qr_code`` (a stale QR code would let someone link a device); a change
+    of status to ``connected`` sets ``connected_at`` and to ``disconnected``
+    or ``logged_out`` sets ``disconnected_at``. Values given explicitly win.
+    """
+    key = validation.as_uuid(session_id, "session_id")
+    unknown = sorted(set(changes) - set(_UPDATABLE))
+    if unknown:
+        raise ValidationError(f"cannot update {', '.join(unknown)} of a session")
+    values: dict[str, Any] = {}
+    # Bound names must differ from column names in an UPDATE.
+    params: dict[str, Any] = {"locate_id": key}
+    for column, value in changes.items():
+        if value is None and not _c[column].nullable:
+            raise ValidationError(f"{column} cannot be NULL")
+        params[f"new_{column}"] = _UPDATABLE[column](value, column)
+        values[column] = bindparam(f"new_{column}", type_=_c[column].type)
+    values.update(_side_effects(changes))
+    if not values:
+        return get_session_by_id(db, key)
+    statement = update(_table).where(_c.id == bindparam("locate_id")).values(values).returning(*_c)
+    updated: WhatsAppSession | None = first(db, loading(WhatsAppSession, statement), params)
+    if updated is not None:
+        logger.info(
+            "session updated id=%s fields=%s",
+            key,
+            ",".join(sorted(changes)),
+            extra={"session_id": str(key), "fields": sorted(changes)},
+        )
+    return updated
+
+
+def _side_effects(changes: dict[str, Any]) -> dict[str, ColumnElement[Any]]:
+    """Columns that follow from ``changes``, as SQL on the row's old values."""
+    effects: dict[str, ColumnElement[Any]] = {}
+    if changes.get("qr_code") is not None and "last_qr_at" not in changes:
+        effects["last_qr_at"] = func.now()
+    if "status" in changes:
+        new_status = changes["status"]
+        if new_status != SessionStatus.QR_PENDING and "qr_code" not in changes:
+            effects["qr_code"] = case(
+                (_c.status == SessionStatus.QR_PENDING.value, null()), else_=_c.qr_code
+            )
+        stamp = _STATUS_TIMESTAMPS.get(new_status)
+        if stamp is not None and stamp not in changes:
+            # Only a change of status counts: "connected" again keeps the
+            # time the connection was made.
+            effects[stamp] = case((_c.status != new_status, func.now()), else_=_c[stamp])
+    return effects
+
+
+def delete_session(db: Session, session_id: uuid.UUID | str) -> bool:
+    """Delete a session with its messages and events; ``False`` if there was none."""
+    key = validation.as_uuid(session_id, "session_id")
+    result = execute(db, delete(_table).where(_c.id == bindparam("id")), {"id": key})
+    deleted = bool(result.rowcount)  # type: ignore[attr-defined]
+    if deleted:
+        # The database cascaded; drop what the Session still holds of it.
+        for instance in list(db.identity_map.values()):
+            if (isinstance(instance, WhatsAppSession) and instance.id == key) or (
+                isinstance(instance, Message | Event) and instance.session_id == key
+            ):
+                db.expunge(instance)
+        logger.info("session deleted id=%s", key, extra={"session_id": str(key)})
+    return deleted

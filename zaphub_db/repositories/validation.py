@@ -1,0 +1,107 @@
+"""Input checks that run before any round trip.
+
+Whatever can be judged here is judged here, so that bad input never reaches
+the database and never aborts the caller's transaction (PostgreSQL discards
+everything a transaction did once one of its statements fails).
+"""
+
+import json
+import uuid
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from zaphub_db.errors import ValidationError
+
+INT4_MAX = 2**31 - 1
+INT8_MAX = 2**63 - 1
+
+
+def as_uuid(value: Any, field: str = "id") -> uuid.UUID:
+    """A ``uuid.UUID`` from a UUID or its string form."""
+    if isinstance(value, uuid.UUID):
+        return value
+    if isinstance(value, str):
+        try:
+            return uuid.UUID(value)
+        except ValueError:
+            pass
+    raise ValidationError(f"{field} must be a UUID, got {value!r}")
+
+
+def choice(value: Any, allowed: type[StrEnum], field: str) -> str:
+    """``value`` if it is one of ``allowed``'s values."""
+    if isinstance(value, str) and value in allowed._value2member_map_:
+        return str(value)
+    listed = ", ".join(member.value for member in allowed)
+    raise ValidationError(f"{field} must be one of {listed}; got {value!r}")
+
+
+def text_value(value: Any, field: str, max_length: int | None = None) -> str:
+    """A string PostgreSQL can store: no NUL character, within the column's length."""
+    if not isinstance(value, str):
+        raise ValidationError(f"{field} must be a string, got {type(value).__name__}")
+    if "\x00" in value:
+        raise ValidationError(f"{field} contains a NUL character, which PostgreSQL cannot store")
+    if max_length is not None and len(value) > max_length:
+        raise ValidationError(
+            f"{field} is {len(value)} characters long; the column holds at most {max_length}"
+        )
+    return value
+
+
+def optional_text(value: Any, field: str, max_length: int | None = None) -> str | None:
+    """Like :func:`text_value`, but ``None`` passes."""
+    return None if value is None else text_value(value, field, max_length)
+
+
+def json_object(value: Any, field: str) -> dict[str, Any]:
+    """A dict that serialises to JSON PostgreSQL's ``jsonb`` accepts.
+
+    Rejects what ``jsonb`` would refuse at the database: values JSON cannot
+    represent, NaN and infinities, and the NUL character (``\\u0000``).
+    """
+    if not isinstance(value, dict):
+        raise ValidationError(f"{field} must be a JSON object (dict), got {type(value).__name__}")
+    try:
+        encoded = json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValidationError(f"{field} is not valid JSON: {exc}") from exc
+    if "\\u0000" in encoded:
+        raise ValidationError(f"{field} contains a NUL character, which jsonb cannot store")
+    return value
+
+
+def normalized_json(value: dict[str, Any]) -> Any:
+    """``value`` as it comes back from ``jsonb`` (tuples become lists, and so on)."""
+    return json.loads(json.dumps(value))
+
+
+def integer(value: Any, field: str, minimum: int = 0, maximum: int = INT4_MAX) -> int:
+    """An int (not a bool) within the column's range."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValidationError(f"{field} must be an integer, got {value!r}")
+    if not minimum <= value <= maximum:
+        raise ValidationError(f"{field} must be between {minimum} and {maximum}, got {value}")
+    return value
+
+
+def timestamp(value: Any, field: str) -> datetime | None:
+    """A timezone-aware datetime, or ``None``.
+
+    Naive datetimes are refused: PostgreSQL would read them in the
+    connection's time zone, which is rarely what the caller meant.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, datetime):
+        raise ValidationError(f"{field} must be a datetime, got {type(value).__name__}")
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValidationError(f"{field} must be timezone-aware (e.g. datetime.now(UTC))")
+    return value
+
+
+def limit_offset(limit: Any, offset: Any) -> tuple[int | None, int]:
+    """A non-negative ``limit`` (or ``None`` for no limit) and ``offset``."""
+    checked_limit = None if limit is None else integer(limit, "limit", maximum=INT8_MAX)
+    return checked_limit, integer(offset, "offset", maximum=INT8_MAX)
