@@ -43,6 +43,17 @@ class Message(Base):
         ),
         Index("idx_messages_session_status", "session_id", "status"),
         Index(
+            "idx_messages_claimable",
+            "created_at",
+            "seq",
+            postgresql_where=text("status = 'queued'"),
+        ),
+        Index(
+            "idx_messages_processing",
+            "processing_at",
+            postgresql_where=text("status = 'processing'"),
+        ),
+        Index(
             "idx_messages_session_created_seq",
             "session_id",
             text("created_at DESC"),
@@ -111,6 +122,9 @@ class Message(Base):
     # none_as_null: Python None means SQL NULL here, not the JSON value null.
     wa_response: Mapped[dict[str, Any] | None] = mapped_column(
         JSONB(none_as_null=True), comment="Full response returned by WhatsApp"
+    )
+    available_at: Mapped[datetime | None] = mapped_column(
+        comment="When a failed message may be claimed again; NULL means now"
     )
     seq: Mapped[int] = mapped_column(
         BigInteger,

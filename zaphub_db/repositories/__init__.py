@@ -11,6 +11,7 @@ from zaphub_db.repositories.events import (
     get_recent_events,
 )
 from zaphub_db.repositories.messages import (
+    claim_queued_messages,
     create_message,
     get_message_by_id,
     get_message_by_idempotency_key,
@@ -19,6 +20,9 @@ from zaphub_db.repositories.messages import (
     get_or_create_message,
     get_queued_messages,
     increment_message_attempts,
+    mark_message_failed,
+    recover_stalled_messages,
+    requeue_message,
     update_message_status,
     update_message_status_by_wa_id,
 )
@@ -31,6 +35,7 @@ from zaphub_db.repositories.sessions import (
 )
 
 __all__ = [
+    "claim_queued_messages",
     "create_event",
     "create_message",
     "create_session",
@@ -47,6 +52,9 @@ __all__ = [
     "get_recent_events",
     "get_session_by_id",
     "increment_message_attempts",
+    "mark_message_failed",
+    "recover_stalled_messages",
+    "requeue_message",
     "update_message_status",
     "update_message_status_by_wa_id",
     "update_session",

@@ -8,13 +8,15 @@ duplicate ``create_message`` two.
 
 import logging
 import uuid
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, cast
 
 from sqlalchemy import (
+    Boolean,
     ColumnElement,
     Executable,
     Integer,
+    Interval,
     String,
     Table,
     Text,
@@ -30,7 +32,7 @@ from sqlalchemy.dialects.postgresql import JSONB, TIMESTAMP
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
-from zaphub_db.errors import IdempotencyConflictError, NotFoundError
+from zaphub_db.errors import IdempotencyConflictError, NotFoundError, ValidationError
 from zaphub_db.models import (
     Message,
     MessageDirection,
@@ -39,7 +41,7 @@ from zaphub_db.models import (
     WhatsAppSession,
 )
 from zaphub_db.repositories import validation
-from zaphub_db.repositories.execution import all_of, first, loading
+from zaphub_db.repositories.execution import all_of, execute, first, loading
 
 logger = logging.getLogger(__name__)
 
@@ -149,12 +151,15 @@ _INCREMENT = loading(
     .values(attempts=_c.attempts + 1)
     .returning(*_c),
 )
+# What a worker may take now: queued, attempts left, retry time reached.
+_CLAIMABLE = (
+    (_c.status == MessageStatus.QUEUED.value)
+    & (_c.attempts < _c.max_attempts)
+    & (_c.available_at.is_(None) | (_c.available_at <= func.now()))
+)
 _QUEUED = loading(
     Message,
-    select(_table)
-    .where(_c.status == MessageStatus.QUEUED.value, _c.attempts < _c.max_attempts)
-    .order_by(_c.created_at, _c.seq)
-    .limit(bindparam("limit")),
+    select(_table).where(_CLAIMABLE).order_by(_c.created_at, _c.seq).limit(bindparam("limit")),
 )
 
 
@@ -462,3 +467,219 @@ def get_queued_messages(db: Session, limit: int = 100) -> list[Message]:
     """Queued messages with attempts left, oldest first, without claiming them."""
     checked = validation.integer(limit, "limit", maximum=validation.INT8_MAX)
     return all_of(db, _QUEUED, {"limit": checked})
+
+
+# --- The outbound queue -------------------------------------------------------
+
+# Default retry delay after the n-th failed attempt: BACKOFF_BASE * 2**(n-1),
+# at most BACKOFF_CAP, then "equal jitter" (a random 50-100% of it) so that
+# messages that failed together do not come back together.
+BACKOFF_BASE = timedelta(seconds=5)
+BACKOFF_CAP = timedelta(minutes=15)
+
+
+def _claim_statement(one_session: bool) -> Executable:
+    picked = select(_c.id).where(_CLAIMABLE)
+    if one_session:
+        picked = picked.where(_c.session_id == bindparam("claim_session_id"))
+    # MATERIALIZED: the CTE runs once, so LIMIT caps the batch (a plain
+    # "id IN (subquery LIMIT n)" may be re-evaluated and update more than n
+    # rows). SKIP LOCKED: concurrent workers pass over each other's rows.
+    batch = (
+        picked.order_by(_c.created_at, _c.seq)
+        .limit(bindparam("limit"))
+        .with_for_update(skip_locked=True)
+        .cte("batch")
+        .prefix_with("MATERIALIZED")
+    )
+    statement = (
+        update(_table)
+        .where(_c.id == batch.c.id)
+        .values(
+            status=MessageStatus.PROCESSING.value,
+            processing_at=func.now(),
+            attempts=_c.attempts + 1,
+        )
+        .returning(*_c)
+    )
+    return loading(Message, statement)
+
+
+_CLAIM = _claim_statement(one_session=False)
+_CLAIM_FOR_SESSION = _claim_statement(one_session=True)
+
+_UNSENT_NOW = _c.status.in_([s.value for s in _UNSENT])
+_ATTEMPTS_LEFT = _c.attempts < _c.max_attempts
+_RETRY = bindparam("retryable", type_=Boolean) & _ATTEMPTS_LEFT
+_BACKOFF_SECONDS = func.least(
+    BACKOFF_CAP.total_seconds(),
+    BACKOFF_BASE.total_seconds() * func.power(2, func.greatest(_c.attempts - 1, 0)),
+) * (0.5 + func.random() * 0.5)
+_MARK_FAILED = loading(
+    Message,
+    update(_table)
+    .where(_c.id == bindparam("locate_id"))
+    .values(
+        # Only messages not yet sent can fail; for others the row is returned
+        # unchanged (a late failure report must not undo a delivery ack).
+        status=case(
+            (~_UNSENT_NOW, _c.status),
+            (_RETRY, MessageStatus.QUEUED.value),
+            (bindparam("retryable", type_=Boolean), MessageStatus.DLQ.value),
+            else_=MessageStatus.FAILED.value,
+        ),
+        available_at=case(
+            (
+                _UNSENT_NOW & _RETRY,
+                func.now()
+                + func.coalesce(
+                    bindparam("retry_in", type_=Interval),
+                    func.make_interval(0, 0, 0, 0, 0, 0, _BACKOFF_SECONDS),
+                ),
+            ),
+            else_=_c.available_at,
+        ),
+        failed_at=case((_UNSENT_NOW, func.now()), else_=_c.failed_at),
+        error_message=case(
+            (_UNSENT_NOW, bindparam("new_error_message", type_=Text)), else_=_c.error_message
+        ),
+    )
+    .returning(*_c),
+)
+_REQUEUE = loading(
+    Message,
+    update(_table)
+    .where(_c.id == bindparam("locate_id"))
+    .values(
+        {
+            column: case((_c.status.in_([s.value for s in _DEAD]), value), else_=_c[column])
+            for column, value in {
+                "status": MessageStatus.QUEUED.value,
+                "attempts": 0,
+                "available_at": None,
+                "queued_at": func.now(),
+            }.items()
+        }
+    )
+    .returning(*_c),
+)
+
+
+def _recover_statement() -> Executable:
+    stalled = (
+        select(_c.id)
+        .where(
+            _c.status == MessageStatus.PROCESSING.value,
+            _c.processing_at < func.now() - bindparam("older_than", type_=Interval),
+        )
+        # A worker that is still busy with a row holds its lock: leave it be.
+        .with_for_update(skip_locked=True)
+        .cte("stalled")
+        .prefix_with("MATERIALIZED")
+    )
+    return (
+        update(_table)
+        .where(_c.id == stalled.c.id)
+        .values(
+            status=case(
+                (_ATTEMPTS_LEFT, MessageStatus.QUEUED.value), else_=MessageStatus.DLQ.value
+            ),
+            failed_at=case((_ATTEMPTS_LEFT, _c.failed_at), else_=func.now()),
+            error_message=case(
+                (_ATTEMPTS_LEFT, _c.error_message),
+                else_=func.coalesce(_c.error_message, "stalled in processing"),
+            ),
+            available_at=None,
+        )
+    )
+
+
+_RECOVER = _recover_statement()
+
+
+def claim_queued_messages(
+    db: Session, *, limit: int = 100, session_id: uuid.UUID | str | None = None
+) -> list[Message]:
+    """Claim up to ``limit`` messages for sending, oldest first, in one statement.
+
+    Claimable: status ``queued``, attempts left, retry time reached. Claimed
+    messages move to ``processing`` with ``processing_at`` set and
+    ``attempts`` incremented. Workers claiming at once never get the same
+    message. Commit soon after claiming: the rows stay locked until then.
+    """
+    params: dict[str, Any] = {"limit": validation.integer(limit, "limit", maximum=10_000)}
+    statement = _CLAIM
+    if session_id is not None:
+        params["claim_session_id"] = validation.as_uuid(session_id, "session_id")
+        statement = _CLAIM_FOR_SESSION
+    claimed = all_of(db, statement, params)
+    # UPDATE ... RETURNING does not keep the CTE's order.
+    claimed.sort(key=lambda m: (m.created_at, m.seq))
+    if claimed:
+        logger.info(
+            "messages claimed count=%d",
+            len(claimed),
+            extra={"count": len(claimed), "session_id": str(params.get("claim_session_id", ""))},
+        )
+    return claimed
+
+
+def mark_message_failed(
+    db: Session,
+    id: uuid.UUID | str,
+    error_message: str,
+    *,
+    retryable: bool = True,
+    retry_in: timedelta | None = None,
+) -> Message | None:
+    """Record a failed send attempt; the row afterwards, or ``None`` if there is none.
+
+    Retryable with attempts left: back to ``queued``, claimable again after
+    ``retry_in`` (default: exponential backoff with jitter, see
+    ``BACKOFF_BASE``/``BACKOFF_CAP``). Retryable with none left: ``dlq``.
+    Not retryable: ``failed``. Both set ``failed_at`` and keep
+    ``error_message``. A message already sent is returned unchanged.
+    """
+    if not isinstance(retryable, bool):
+        raise ValidationError(f"retryable must be a bool, got {retryable!r}")
+    if retry_in is not None and (not isinstance(retry_in, timedelta) or retry_in < timedelta(0)):
+        raise ValidationError(f"retry_in must be a non-negative timedelta, got {retry_in!r}")
+    params = {
+        "locate_id": validation.as_uuid(id),
+        "new_error_message": validation.text_value(error_message, "error_message"),
+        "retryable": retryable,
+        "retry_in": retry_in,
+    }
+    message: Message | None = first(db, _MARK_FAILED, params)
+    if message is not None:
+        logger.info(
+            "message failed id=%s status=%s attempts=%d",
+            message.id,
+            message.status,
+            message.attempts,
+            extra={"message_id": str(message.id), "status": message.status},
+        )
+    return message
+
+
+def recover_stalled_messages(db: Session, *, older_than: timedelta) -> int:
+    """Return to the queue messages left in ``processing`` longer than ``older_than``.
+
+    A worker that crashed after claiming loses nothing: its messages go back
+    to ``queued`` (or to ``dlq`` when out of attempts). Returns how many.
+    """
+    if not isinstance(older_than, timedelta) or older_than < timedelta(0):
+        raise ValidationError(f"older_than must be a non-negative timedelta, got {older_than!r}")
+    recovered: int = execute(db, _RECOVER, {"older_than": older_than}).rowcount  # type: ignore[attr-defined]
+    if recovered:
+        logger.info("stalled messages recovered count=%d", recovered, extra={"count": recovered})
+    return recovered
+
+
+def requeue_message(db: Session, id: uuid.UUID | str) -> Message | None:
+    """Put a ``dlq`` or ``failed`` message back in the queue with ``attempts`` reset.
+
+    Other messages are returned unchanged; ``None`` if there is none.
+    """
+    message: Message | None = first(db, _REQUEUE, {"locate_id": validation.as_uuid(id)})
+    return message
