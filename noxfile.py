@@ -76,3 +76,10 @@ def migrations(session: nox.Session) -> None:
     session.run(
         "python", "-m", "zaphub_db.testing.migration_check", env=_server_env(session, "pg15")
     )
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Benchmarks against raw psycopg on the local PostgreSQL; `-- --quick` for a short run."""
+    session.install("-e", ".[testing]")
+    session.run("python", "-m", "bench", *session.posargs, env=_server_env(session, "pg15"))

@@ -11,6 +11,8 @@ from zaphub_db.repositories.events import (
     get_recent_events,
 )
 from zaphub_db.repositories.messages import (
+    BulkResult,
+    bulk_create_messages,
     claim_queued_messages,
     create_message,
     get_message_by_id,
@@ -35,6 +37,8 @@ from zaphub_db.repositories.sessions import (
 )
 
 __all__ = [
+    "BulkResult",
+    "bulk_create_messages",
     "claim_queued_messages",
     "create_event",
     "create_message",

@@ -6,8 +6,11 @@ at import, with bound parameters; each call sends one statement, and a
 duplicate ``create_message`` two.
 """
 
+import json
 import logging
 import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, cast
 
@@ -26,6 +29,7 @@ from sqlalchemy import (
     func,
     literal_column,
     select,
+    text,
     update,
 )
 from sqlalchemy.dialects.postgresql import JSONB, TIMESTAMP
@@ -71,6 +75,16 @@ _UNSENT = (MessageStatus.QUEUED, MessageStatus.PROCESSING)
 _DEAD = (MessageStatus.FAILED, MessageStatus.DLQ)
 
 
+def _const(status: MessageStatus) -> ColumnElement[str]:
+    """A status as an SQL literal, not a bound parameter.
+
+    The planner then sees it when it plans the statement, also a prepared
+    one, and can use the partial indexes on ``status = 'queued'`` and
+    ``status = 'processing'``; and IN lists need no per-call expansion.
+    """
+    return literal_column(f"'{status.value}'", String)
+
+
 def allowed_sources(target: MessageStatus) -> tuple[MessageStatus, ...]:
     """The statuses from which ``update_message_status`` may move to ``target``.
 
@@ -89,12 +103,12 @@ def _create_statement() -> Executable:
     status = bindparam("status", type_=String)
     session_id = bindparam("session_id", type_=_c.session_id.type)
     stamps = {
-        column: case((status == value.value, func.now()))
+        column: case((status == _const(value), func.now()))
         for value, column in STATUS_TIMESTAMP.items()
         if value != MessageStatus.DLQ  # failed_at is stamped for "failed" already
     }
     stamps["failed_at"] = case(
-        (status.in_([MessageStatus.FAILED.value, MessageStatus.DLQ.value]), func.now())
+        (status.in_([_const(MessageStatus.FAILED), _const(MessageStatus.DLQ)]), func.now())
     )
     columns = {
         "session_id": session_id,
@@ -153,7 +167,7 @@ _INCREMENT = loading(
 )
 # What a worker may take now: queued, attempts left, retry time reached.
 _CLAIMABLE = (
-    (_c.status == MessageStatus.QUEUED.value)
+    (_c.status == _const(MessageStatus.QUEUED))
     & (_c.attempts < _c.max_attempts)
     & (_c.available_at.is_(None) | (_c.available_at <= func.now()))
 )
@@ -169,8 +183,8 @@ def _status_update(target: MessageStatus, locate: ColumnElement[bool]) -> Execut
     A refused move rewrites the row with its own values, so the statement
     always returns the current row: one round trip whatever the outcome.
     """
-    applies = _c.status.in_([s.value for s in allowed_sources(target)])
-    same = _c.status == target.value
+    applies = _c.status.in_([_const(s) for s in allowed_sources(target)])
+    same = _c.status == _const(target)
     stamp = STATUS_TIMESTAMP[target]
 
     def given(column: str, type_: Any) -> ColumnElement[Any]:
@@ -183,7 +197,7 @@ def _status_update(target: MessageStatus, locate: ColumnElement[bool]) -> Execut
         .where(locate)
         .values(
             {
-                "status": case((applies, target.value), else_=_c.status),
+                "status": case((applies, _const(target)), else_=_c.status),
                 stamp: case(
                     (
                         applies,
@@ -496,7 +510,7 @@ def _claim_statement(one_session: bool) -> Executable:
         update(_table)
         .where(_c.id == batch.c.id)
         .values(
-            status=MessageStatus.PROCESSING.value,
+            status=_const(MessageStatus.PROCESSING),
             processing_at=func.now(),
             attempts=_c.attempts + 1,
         )
@@ -508,7 +522,7 @@ def _claim_statement(one_session: bool) -> Executable:
 _CLAIM = _claim_statement(one_session=False)
 _CLAIM_FOR_SESSION = _claim_statement(one_session=True)
 
-_UNSENT_NOW = _c.status.in_([s.value for s in _UNSENT])
+_UNSENT_NOW = _c.status.in_([_const(s) for s in _UNSENT])
 _ATTEMPTS_LEFT = _c.attempts < _c.max_attempts
 _RETRY = bindparam("retryable", type_=Boolean) & _ATTEMPTS_LEFT
 _BACKOFF_SECONDS = func.least(
@@ -524,9 +538,9 @@ _MARK_FAILED = loading(
         # unchanged (a late failure report must not undo a delivery ack).
         status=case(
             (~_UNSENT_NOW, _c.status),
-            (_RETRY, MessageStatus.QUEUED.value),
-            (bindparam("retryable", type_=Boolean), MessageStatus.DLQ.value),
-            else_=MessageStatus.FAILED.value,
+            (_RETRY, _const(MessageStatus.QUEUED)),
+            (bindparam("retryable", type_=Boolean), _const(MessageStatus.DLQ)),
+            else_=_const(MessageStatus.FAILED),
         ),
         available_at=case(
             (
@@ -552,9 +566,9 @@ _REQUEUE = loading(
     .where(_c.id == bindparam("locate_id"))
     .values(
         {
-            column: case((_c.status.in_([s.value for s in _DEAD]), value), else_=_c[column])
+            column: case((_c.status.in_([_const(s) for s in _DEAD]), value), else_=_c[column])
             for column, value in {
-                "status": MessageStatus.QUEUED.value,
+                "status": _const(MessageStatus.QUEUED),
                 "attempts": 0,
                 "available_at": None,
                 "queued_at": func.now(),
@@ -569,7 +583,7 @@ def _recover_statement() -> Executable:
     stalled = (
         select(_c.id)
         .where(
-            _c.status == MessageStatus.PROCESSING.value,
+            _c.status == _const(MessageStatus.PROCESSING),
             _c.processing_at < func.now() - bindparam("older_than", type_=Interval),
         )
         # A worker that is still busy with a row holds its lock: leave it be.
@@ -582,7 +596,7 @@ def _recover_statement() -> Executable:
         .where(_c.id == stalled.c.id)
         .values(
             status=case(
-                (_ATTEMPTS_LEFT, MessageStatus.QUEUED.value), else_=MessageStatus.DLQ.value
+                (_ATTEMPTS_LEFT, _const(MessageStatus.QUEUED)), else_=_const(MessageStatus.DLQ)
             ),
             failed_at=case((_ATTEMPTS_LEFT, _c.failed_at), else_=func.now()),
             error_message=case(
@@ -683,3 +697,185 @@ def requeue_message(db: Session, id: uuid.UUID | str) -> Message | None:
     """
     message: Message | None = first(db, _REQUEUE, {"locate_id": validation.as_uuid(id)})
     return message
+
+
+# --- Bulk creation ----------------------------------------------------------
+
+BULK_BATCH_SIZE = 10_000
+
+# One statement inserts a whole batch: the columns travel as arrays and
+# unnest() turns them back into rows, in the caller's order (WITH ORDINALITY),
+# so that seq keeps creation order. RETURNING says which keys were new.
+_BULK_INSERT = text(
+    """
+    INSERT INTO messages (session_id, message_id, direction, jid, type, payload, status,
+                          max_attempts, queued_at, processing_at, sent_at, delivered_at,
+                          read_at, failed_at)
+    SELECT :session_id, t.message_id, t.direction, t.jid, t.type, t.payload, t.status,
+           t.max_attempts,
+           CASE WHEN t.status = 'queued' THEN now() END,
+           CASE WHEN t.status = 'processing' THEN now() END,
+           CASE WHEN t.status = 'sent' THEN now() END,
+           CASE WHEN t.status = 'delivered' THEN now() END,
+           CASE WHEN t.status = 'read' THEN now() END,
+           CASE WHEN t.status IN ('failed', 'dlq') THEN now() END
+    FROM unnest(CAST(:message_ids AS varchar[]), CAST(:directions AS varchar[]),
+                CAST(:jids AS varchar[]), CAST(:types AS varchar[]),
+                CAST(:payloads AS jsonb[]), CAST(:statuses AS varchar[]),
+                CAST(:max_attempts AS integer[]))
+         WITH ORDINALITY
+         AS t(message_id, direction, jid, type, payload, status, max_attempts, position)
+    WHERE EXISTS (SELECT 1 FROM sessions WHERE id = :session_id FOR KEY SHARE)
+    ORDER BY t.position
+    ON CONFLICT (session_id, message_id) DO NOTHING
+    RETURNING message_id
+    """
+).bindparams(bindparam("session_id", type_=_c.session_id.type))
+_BULK_EXISTING = text(
+    "SELECT message_id, id, direction, jid, type, payload FROM messages "
+    "WHERE session_id = :session_id AND message_id = ANY(CAST(:message_ids AS varchar[]))"
+).bindparams(bindparam("session_id", type_=_c.session_id.type))
+
+
+@dataclass(frozen=True)
+class BulkConflict:
+    """An idempotency key the batch reused with other content."""
+
+    message_id: str
+    existing_id: uuid.UUID
+
+
+@dataclass
+class BulkResult:
+    """What :func:`bulk_create_messages` did."""
+
+    created: int = 0
+    duplicates: int = 0
+    conflicts: list[BulkConflict] = field(default_factory=list)
+
+
+def bulk_create_messages(
+    db: Session, session_id: uuid.UUID | str, items: Iterable[Mapping[str, Any]]
+) -> BulkResult:
+    """Create many messages of one session with :func:`create_message`'s rules.
+
+    ``items`` are mappings of ``create_message``'s keyword arguments
+    (``message_id``, ``jid``, ``type``, ``payload`` and optionally
+    ``direction``, ``status``, ``max_attempts``). Each batch of up to
+    ``BULK_BATCH_SIZE`` items costs one statement, plus one more when some
+    keys already existed. A key already stored with the same content counts
+    as a duplicate; with other content, as a conflict (nothing is written for
+    it). A key repeated within ``items`` is judged against its first use.
+
+    Raises:
+        ValidationError: an item is malformed (nothing is written).
+        NotFoundError: the session does not exist.
+    """
+    key = validation.as_uuid(session_id, "session_id")
+    rows = [_bulk_row(key, index, item) for index, item in enumerate(items)]
+    result = BulkResult()
+    for start in range(0, len(rows), BULK_BATCH_SIZE):
+        _bulk_batch(db, key, rows[start : start + BULK_BATCH_SIZE], result)
+    logger.info(
+        "messages bulk-created session_id=%s created=%d duplicates=%d conflicts=%d",
+        key,
+        result.created,
+        result.duplicates,
+        len(result.conflicts),
+        extra={
+            "session_id": str(key),
+            "created": result.created,
+            "duplicates": result.duplicates,
+            "conflicts": len(result.conflicts),
+        },
+    )
+    return result
+
+
+_BULK_KEYS = {
+    "session_id",
+    "message_id",
+    "jid",
+    "type",
+    "payload",
+    "direction",
+    "status",
+    "max_attempts",
+}
+
+
+def _bulk_row(session_id: uuid.UUID, index: int, item: Mapping[str, Any]) -> dict[str, Any]:
+    if not isinstance(item, Mapping):
+        raise ValidationError(f"item {index} must be a mapping, got {type(item).__name__}")
+    unknown = set(item) - _BULK_KEYS
+    if unknown:
+        raise ValidationError(f"item {index} has unknown fields: {', '.join(sorted(unknown))}")
+    if "session_id" in item and validation.as_uuid(item["session_id"], "session_id") != session_id:
+        raise ValidationError(f"item {index} belongs to another session")
+    missing = {"message_id", "jid", "type", "payload"} - set(item)
+    if missing:
+        raise ValidationError(f"item {index} lacks {', '.join(sorted(missing))}")
+    try:
+        return _creation_params(
+            session_id,
+            item["message_id"],
+            item["jid"],
+            item["type"],
+            item["payload"],
+            item.get("direction", "outbound"),
+            item.get("status", "queued"),
+            item.get("max_attempts", 5),
+        )
+    except ValidationError as exc:
+        raise ValidationError(f"item {index}: {exc}") from exc
+
+
+def _bulk_batch(
+    db: Session, session_id: uuid.UUID, rows: list[dict[str, Any]], result: BulkResult
+) -> None:
+    first_use: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        first_use.setdefault(row["message_id"], row)
+    unique = list(first_use.values())
+    params = {
+        "session_id": session_id,
+        "message_ids": [r["message_id"] for r in unique],
+        "directions": [r["direction"] for r in unique],
+        "jids": [r["jid"] for r in unique],
+        "types": [r["type"] for r in unique],
+        "payloads": [json.dumps(r["payload"]) for r in unique],
+        "statuses": [r["status"] for r in unique],
+        "max_attempts": [r["max_attempts"] for r in unique],
+    }
+    created = set(execute(db, _BULK_INSERT, params).scalars())
+    result.created += len(created)
+    # Everything but the rows just inserted: keys that already existed, and
+    # repeats within the batch (judged against the row their first use made).
+    others = [
+        row
+        for row in rows
+        if not (row["message_id"] in created and row is first_use[row["message_id"]])
+    ]
+    if not others:
+        return
+    existing = {
+        row.message_id: row
+        for row in execute(
+            db,
+            _BULK_EXISTING,
+            {"session_id": session_id, "message_ids": sorted({r["message_id"] for r in others})},
+        )
+    }
+    if not existing:
+        raise NotFoundError(f"session {session_id} does not exist")
+    for row in others:
+        stored = existing[row["message_id"]]
+        same = (stored.direction, stored.jid, stored.type) == (
+            row["direction"],
+            row["jid"],
+            row["type"],
+        ) and stored.payload == validation.normalized_json(row["payload"])
+        if same:
+            result.duplicates += 1
+        else:
+            result.conflicts.append(BulkConflict(row["message_id"], stored.id))

@@ -1,0 +1,31 @@
+"""`python -m bench [--quick] [--only NAME ...]`: run the benchmarks, print Markdown tables."""
+
+from __future__ import annotations
+
+import argparse
+
+from bench import bulk, calls, queue
+from bench.harness import benchmark_database, machine, say, server_version
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench")
+    parser.add_argument("--quick", action="store_true", help="fewer rows and rounds")
+    parser.add_argument("--only", nargs="*", default=None, help="calls, bulk, queue")
+    args = parser.parse_args()
+    wanted = set(args.only or ["calls", "bulk", "queue"])
+    with benchmark_database() as (engine, dsn):
+        say(f"# zaphub_db benchmarks\n\n{machine()}; {server_version(dsn)}\n")
+        if "calls" in wanted:
+            say("## Hot calls: zaphub_db against the same SQL by hand\n")
+            say(calls.run(engine, dsn, quick=args.quick) + "\n")
+        if "bulk" in wanted:
+            say("## Bulk insert\n")
+            say(bulk.run(engine, dsn, quick=args.quick) + "\n")
+        if "queue" in wanted:
+            say("## Queue: K workers claim batches of B, mark each sent\n")
+            say(queue.run(engine, dsn, quick=args.quick) + "\n")
+
+
+if __name__ == "__main__":
+    main()
