@@ -49,7 +49,7 @@ def test_bulk_is_idempotent_and_finds_conflicts(db: Session) -> None:
 
 def test_a_key_repeated_within_the_items(db: Session) -> None:
     session: WhatsAppSession = SessionFactory.create()
-    batch = items(3) + [items(1)[0], {**items(1)[0], "payload": {"other": True}}]
+    batch = [*items(3), items(1)[0], {**items(1)[0], "payload": {"other": True}}]
     result = messages.bulk_create_messages(db, session.id, batch)
     assert (result.created, result.duplicates, len(result.conflicts)) == (3, 1, 1)
 
