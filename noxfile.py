@@ -64,9 +64,9 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def typecheck(session: nox.Session) -> None:
-    """mypy --strict on the package and the tests."""
+    """mypy --strict on the package, the tests and the benchmarks."""
     session.install("-e", ".[embedded,testing]", "mypy", "nox")
-    session.run("mypy", "--strict", "zaphub_db", "tests")
+    session.run("mypy", "--strict", "zaphub_db", "tests", "bench")
 
 
 @nox.session

@@ -19,6 +19,8 @@ def main() -> None:
         if "calls" in wanted:
             say("## Hot calls: zaphub_db against the same SQL by hand\n")
             say(calls.run(engine, dsn, quick=args.quick) + "\n")
+            say("## Hot calls in autocommit mode (each statement its own transaction)\n")
+            say(calls.run(engine, dsn, quick=args.quick, autocommit=True) + "\n")
         if "bulk" in wanted:
             say("## Bulk insert\n")
             say(bulk.run(engine, dsn, quick=args.quick) + "\n")

@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 from zaphub_db.errors import ValidationError
 from zaphub_db.models import Event, Message, SessionStatus, WhatsAppSession
 from zaphub_db.repositories import validation
-from zaphub_db.repositories.execution import execute, first, loading
+from zaphub_db.repositories.execution import all_of, execute, first, loading
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ def get_all_sessions(
         statement = statement.limit(bindparam("limit"))
         params["limit"] = checked_limit
     statement = statement.offset(bindparam("offset"))
-    return list(execute(db, loading(WhatsAppSession, statement), params).scalars().all())
+    return all_of(db, loading(WhatsAppSession, statement), params)
 
 
 def update_session(
