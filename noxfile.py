@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import nox
 
@@ -27,16 +29,20 @@ LOCAL_POSTGRES = os.environ.get(
 )
 
 
-def _server_env(session: nox.Session, server: str) -> dict[str, str]:
+@contextmanager
+def _server_env(server: str) -> Iterator[dict[str, str]]:
     if server == "pg15":
-        return {"ZAPHUB_TEST_DATABASE_URL": LOCAL_POSTGRES}
-    # Embedded PostgreSQL 18 in a data directory of this session's own.
-    return {
-        "ZAPHUB_TEST_DATABASE_URL": "",
-        # Not session.create_tmp(): a data directory deep inside .nox makes the
-        # server's socket path longer than the 107 bytes a Unix socket allows.
-        "ZAPHUB_DATA_DIR": os.path.join(tempfile.mkdtemp(prefix="zaphub-nox-"), "pgdata"),
-    }
+        yield {"ZAPHUB_TEST_DATABASE_URL": LOCAL_POSTGRES}
+        return
+    # Embedded PostgreSQL 18 in a data directory of this session's own. Not
+    # session.create_tmp(): a data directory deep inside .nox makes the
+    # server's socket path longer than the 107 bytes a Unix socket allows.
+    # The server stops when the test process exits; then the directory goes.
+    with tempfile.TemporaryDirectory(prefix="zaphub-nox-") as directory:
+        yield {
+            "ZAPHUB_TEST_DATABASE_URL": "",
+            "ZAPHUB_DATA_DIR": os.path.join(directory, "pgdata"),
+        }
 
 
 @nox.session
@@ -51,7 +57,8 @@ def tests(session: nox.Session, server: str, sqlalchemy: str) -> None:
     else:
         session.install("--upgrade", "sqlalchemy>=2.1")
     session.run("python", "-c", "import sqlalchemy; print('SQLAlchemy', sqlalchemy.__version__)")
-    session.run("pytest", *session.posargs, env=_server_env(session, server))
+    with _server_env(server) as env:
+        session.run("pytest", *session.posargs, env=env)
 
 
 @nox.session
@@ -73,13 +80,13 @@ def typecheck(session: nox.Session) -> None:
 def migrations(session: nox.Session) -> None:
     """alembic check, a single head, and a down/up round trip on a throwaway database."""
     session.install("-e", ".[testing]")
-    session.run(
-        "python", "-m", "zaphub_db.testing.migration_check", env=_server_env(session, "pg15")
-    )
+    with _server_env("pg15") as env:
+        session.run("python", "-m", "zaphub_db.testing.migration_check", env=env)
 
 
 @nox.session
 def bench(session: nox.Session) -> None:
     """Benchmarks against raw psycopg on the local PostgreSQL; `-- --quick` for a short run."""
     session.install("-e", ".[testing]")
-    session.run("python", "-m", "bench", *session.posargs, env=_server_env(session, "pg15"))
+    with _server_env("pg15") as env:
+        session.run("python", "-m", "bench", *session.posargs, env=env)
