@@ -39,10 +39,6 @@ def _connect(args: argparse.Namespace, work: Callable[[Connection], int]) -> int
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     def work(connection: Connection) -> int:
-        before = migrations.status(connection).current
-        # End the read transaction so that each revision runs in its own one;
-        # a run on an open transaction would leave the commit to the caller.
-        connection.commit()
         lines: list[str] = []
 
         def progress(line: str) -> None:
@@ -57,7 +53,9 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         if lines:
             _say(f"database at {at}: {len(lines)} revision(s) applied in {total_ms} ms")
         else:
-            _say(f"nothing to apply: database already at {', '.join(before) or 'base'}")
+            # Read after the run: a run that waited for a concurrent one on the
+            # advisory lock finds that one's work done.
+            _say(f"nothing to apply: database already at {at}")
         return 0
 
     return _connect(args, work)
@@ -66,7 +64,6 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 def cmd_downgrade(args: argparse.Namespace) -> int:
     def work(connection: Connection) -> int:
         count = 0
-        connection.commit()  # no open transaction: each revision commits on its own
 
         def progress(line: str) -> None:
             nonlocal count
