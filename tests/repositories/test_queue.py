@@ -120,13 +120,14 @@ def test_claim_for_one_session(queue: Engine) -> None:
 def test_a_retry_is_claimable_only_once_its_time_comes(queue: Engine) -> None:
     _, (message_id,) = enqueue(queue, 1)
     claim(queue)
-    failed = fail(queue, message_id, retry_in=timedelta(milliseconds=400))
+    # Long enough that a slow CI machine still claims before the retry time.
+    failed = fail(queue, message_id, retry_in=timedelta(seconds=1.5))
     assert (failed.status, failed.error_message) == ("queued", "gateway timeout")
     assert failed.failed_at is not None
     assert claim(queue) == []
     with Session(queue) as db:
         assert messages.get_queued_messages(db) == []  # not claimable yet: not listed
-    time.sleep(0.5)
+    time.sleep(1.6)
     again = claim(queue)
     assert [m.id for m in again] == [message_id]
     assert again[0].attempts == 2
