@@ -16,12 +16,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
-from sqlalchemy import Engine, event, text
+from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
 
 from bench.harness import alternate, say, table
 from zaphub_db.models import MessageStatus
-from zaphub_db.repositories import messages
+from zaphub_db.repositories import messages, sessions
+from zaphub_db.testing.statements import recording
 
 JID = "5534999999999@s.whatsapp.net"
 _keys = itertools.count()
@@ -120,18 +121,9 @@ def hot_calls(session_id: uuid.UUID, message_id: uuid.UUID) -> list[HotCall]:
 
 
 def statements_per_call(engine: Engine, call: HotCall) -> int:
-    sent: list[str] = []
-
-    def record(*args: Any) -> None:
-        sent.append(args[2])
-
-    event.listen(engine, "before_cursor_execute", record)
-    try:
-        with Session(engine) as db:
-            call.ours(db, call.params())
-            db.rollback()
-    finally:
-        event.remove(engine, "before_cursor_execute", record)
+    with recording(engine) as sent, Session(engine) as db:
+        call.ours(db, call.params())
+        db.rollback()
     return len(sent)
 
 
@@ -145,8 +137,6 @@ def run(engine: Engine, dsn: str, *, quick: bool, autocommit: bool = False) -> s
     ops = 300 if quick else 2000
     rounds = 5 if quick else 7
     with Session(engine) as db:
-        from zaphub_db.repositories import sessions
-
         session = sessions.create_session(db, label="bench")
         for i in range(1000):
             messages.create_message(

@@ -22,11 +22,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
-from sqlalchemy import Engine, event
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from bench.harness import benchmark_database, machine, say, server_version, table
 from zaphub_db.repositories import events, messages, sessions
+from zaphub_db.testing.statements import recording
 
 BOUND_MS = 2.0
 LATENCY_BOUND = {
@@ -145,18 +146,9 @@ def load(dsn: str, session_count: int, message_count: int, event_count: int) -> 
 
 def capture(engine: Engine, call: Callable[[Session], object]) -> list[tuple[str, Any]]:
     """The statements ``call`` sends, with their parameters; its work is rolled back."""
-    sent: list[tuple[str, Any]] = []
-
-    def record(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
-        sent.append((statement, parameters))
-
-    event.listen(engine, "before_cursor_execute", record)
-    try:
-        with Session(engine) as db:
-            call(db)
-            db.rollback()
-    finally:
-        event.remove(engine, "before_cursor_execute", record)
+    with recording(engine) as sent, Session(engine) as db:
+        call(db)
+        db.rollback()
     return sent
 
 

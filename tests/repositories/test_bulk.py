@@ -4,13 +4,14 @@ import uuid
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, event
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from zaphub_db.errors import NotFoundError, ValidationError
 from zaphub_db.models import WhatsAppSession
 from zaphub_db.repositories import messages
 from zaphub_db.testing.factories import SessionFactory
+from zaphub_db.testing.statements import recording
 
 JID = "5534999999999@s.whatsapp.net"
 
@@ -95,19 +96,11 @@ def test_a_bad_item_writes_nothing(db: Session, bad: Any) -> None:
 
 def test_round_trips_are_fixed_per_batch(zaphub_engine: Engine, db: Session) -> None:
     session: WhatsAppSession = SessionFactory.create()
-    sent: list[str] = []
-
-    def record(*args: Any) -> None:
-        sent.append(args[2])
-
-    event.listen(zaphub_engine, "before_cursor_execute", record)
-    try:
+    with recording(zaphub_engine) as sent:
         messages.bulk_create_messages(db, session.id, items(3000))
         new_only = len(sent)
         sent.clear()
         messages.bulk_create_messages(db, session.id, items(3500))
         with_duplicates = len(sent)
-    finally:
-        event.remove(zaphub_engine, "before_cursor_execute", record)
     assert new_only == 1
     assert with_duplicates == 2

@@ -1,37 +1,23 @@
 """Statements per call, counted at the cursor (CONTRACT §3 "Round trips")."""
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import Engine, event
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from zaphub_db.models import Message, WhatsAppSession
 from zaphub_db.repositories import events, messages, sessions
 from zaphub_db.testing.factories import MessageFactory, SessionFactory
+from zaphub_db.testing.statements import recording
 
 JID = "5534999999999@s.whatsapp.net"
 
 
-@contextmanager
-def counting(engine: Engine) -> Iterator[list[str]]:
-    statements: list[str] = []
-
-    def record(*args: Any) -> None:
-        statements.append(args[2])
-
-    event.listen(engine, "before_cursor_execute", record)
-    try:
-        yield statements
-    finally:
-        event.remove(engine, "before_cursor_execute", record)
-
-
 def statements_of(engine: Engine, call: Callable[[], Any]) -> list[str]:
-    with counting(engine) as statements:
+    with recording(engine) as sent:
         call()
-    return statements
+    return [sql for sql, _ in sent]
 
 
 def test_round_trip_budgets(zaphub_engine: Engine, zaphub_session: Session) -> None:
