@@ -19,7 +19,6 @@ from sqlalchemy import (
     or_,
     select,
 )
-from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
@@ -41,7 +40,7 @@ def _insert_statement() -> Any:
         "session_id": session_id,
         "event_type": bindparam("event_type", type_=String),
         "event_category": bindparam("event_category", type_=String),
-        "payload": bindparam("payload", type_=JSONB),
+        "payload": validation.jsonb("payload"),
         "severity": bindparam("severity", type_=String),
     }
     # As for messages: a missing session inserts nothing rather than raise a
@@ -96,7 +95,7 @@ def create_event(
         "session_id": None if session_id is None else validation.as_uuid(session_id, "session_id"),
         "event_type": validation.text_value(event_type, "event_type", 100),
         "event_category": validation.choice(event_category, EventCategory, "event_category"),
-        "payload": validation.json_object({} if payload is None else payload, "payload"),
+        "payload": validation.json_text({} if payload is None else payload, "payload"),
         "severity": validation.choice(severity, EventSeverity, "severity"),
     }
     event: Event | None = first(db, _INSERT, params)

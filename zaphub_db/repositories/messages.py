@@ -116,7 +116,7 @@ def _create_statement() -> Executable:
         "direction": bindparam("direction", type_=String),
         "jid": bindparam("jid", type_=String),
         "type": bindparam("type", type_=String),
-        "payload": bindparam("payload", type_=JSONB),
+        "payload": validation.jsonb("payload"),
         "status": status,
         "max_attempts": bindparam("max_attempts", type_=Integer),
         **stamps,
@@ -189,7 +189,12 @@ def _status_update(target: MessageStatus, locate: ColumnElement[bool]) -> Execut
 
     def given(column: str, type_: Any) -> ColumnElement[Any]:
         # Bound names must differ from column names in an UPDATE.
-        value = func.coalesce(bindparam(f"new_{column}", type_=type_), _c[column])
+        new = (
+            validation.jsonb(f"new_{column}")
+            if type_ is JSONB
+            else bindparam(f"new_{column}", type_=type_)
+        )
+        value = func.coalesce(new, _c[column])
         return case((applies | same, value), else_=_c[column])
 
     statement = (
@@ -208,7 +213,7 @@ def _status_update(target: MessageStatus, locate: ColumnElement[bool]) -> Execut
                 "error_message": given("error_message", Text),
                 "wa_message_id": given("wa_message_id", String),
                 "wa_timestamp": given("wa_timestamp", _c.wa_timestamp.type),
-                "wa_response": given("wa_response", JSONB(none_as_null=True)),
+                "wa_response": given("wa_response", JSONB),
             }
         )
         .returning(*_c)
@@ -240,7 +245,7 @@ def _creation_params(
         "direction": validation.choice(direction, MessageDirection, "direction"),
         "jid": validation.text_value(jid, "jid", 255),
         "type": validation.choice(type, MessageType, "type"),
-        "payload": validation.json_object(payload, "payload"),
+        "payload": validation.json_text(payload, "payload"),
         "status": validation.choice(status, MessageStatus, "status"),
         "max_attempts": validation.integer(max_attempts, "max_attempts"),
     }
@@ -297,7 +302,7 @@ def get_or_create_message(
         )
         if theirs != params[field]
     ]
-    if existing.payload != validation.normalized_json(params["payload"]):
+    if existing.payload != json.loads(params["payload"]):
         differing.append("payload")
     if differing:
         raise IdempotencyConflictError(
@@ -421,7 +426,7 @@ def _status_params(
         ),
         "new_wa_response": None
         if wa_response is None
-        else validation.json_object(wa_response, "wa_response"),
+        else validation.json_text(wa_response, "wa_response"),
         "at": validation.timestamp(at, "at"),
     }
 
@@ -843,7 +848,7 @@ def _bulk_batch(
         "directions": [r["direction"] for r in unique],
         "jids": [r["jid"] for r in unique],
         "types": [r["type"] for r in unique],
-        "payloads": [json.dumps(r["payload"]) for r in unique],
+        "payloads": [r["payload"] for r in unique],
         "statuses": [r["status"] for r in unique],
         "max_attempts": [r["max_attempts"] for r in unique],
     }
@@ -874,7 +879,7 @@ def _bulk_batch(
             row["direction"],
             row["jid"],
             row["type"],
-        ) and stored.payload == validation.normalized_json(row["payload"])
+        ) and stored.payload == json.loads(row["payload"])
         if same:
             result.duplicates += 1
         else:

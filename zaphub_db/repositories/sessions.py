@@ -40,7 +40,7 @@ _INSERT = loading(
         label=bindparam("label"),
         status=bindparam("status"),
         webhook_url=bindparam("webhook_url"),
-        config=bindparam("config", type_=_c.config.type),
+        config=validation.jsonb("config"),
     )
     .returning(*_table.c),
 )
@@ -52,7 +52,7 @@ _UPDATABLE: dict[str, Callable[[Any, str], Any]] = {
     "label": lambda v, f: validation.text_value(v, f, 255),
     "status": lambda v, f: validation.choice(v, SessionStatus, f),
     "webhook_url": validation.optional_text,
-    "config": validation.json_object,
+    "config": validation.json_text,
     "qr_code": validation.optional_text,
     "last_qr_at": validation.timestamp,
     "last_seen": validation.timestamp,
@@ -81,7 +81,7 @@ def create_session(
         "label": validation.text_value(label, "label", 255),
         "status": validation.choice(status, SessionStatus, "status"),
         "webhook_url": validation.optional_text(webhook_url, "webhook_url"),
-        "config": validation.json_object({} if config is None else config, "config"),
+        "config": validation.json_text({} if config is None else config, "config"),
     }
     created: WhatsAppSession = first(db, _INSERT, params)
     logger.info(
@@ -144,7 +144,11 @@ def update_session(
         if value is None and not _c[column].nullable:
             raise ValidationError(f"{column} cannot be NULL")
         params[f"new_{column}"] = _UPDATABLE[column](value, column)
-        values[column] = bindparam(f"new_{column}", type_=_c[column].type)
+        values[column] = (
+            validation.jsonb(f"new_{column}")
+            if column == "config"
+            else bindparam(f"new_{column}", type_=_c[column].type)
+        )
     values.update(_side_effects(changes))
     if not values:
         return get_session_by_id(db, key)

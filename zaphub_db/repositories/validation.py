@@ -11,6 +11,9 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
+from sqlalchemy import ColumnElement, Text, bindparam, cast
+from sqlalchemy.dialects.postgresql import JSONB
+
 from zaphub_db.errors import ValidationError
 
 INT4_MAX = 2**31 - 1
@@ -55,11 +58,13 @@ def optional_text(value: Any, field: str, max_length: int | None = None) -> str 
     return None if value is None else text_value(value, field, max_length)
 
 
-def json_object(value: Any, field: str) -> dict[str, Any]:
-    """A dict that serialises to JSON PostgreSQL's ``jsonb`` accepts.
+def json_text(value: Any, field: str) -> str:
+    """A dict encoded as the JSON text that ``jsonb`` will accept.
 
-    Rejects what ``jsonb`` would refuse at the database: values JSON cannot
-    represent, NaN and infinities, and the NUL character (``\\u0000``).
+    Encoding is the check: it rejects what ``jsonb`` would refuse at the
+    database (values JSON cannot represent, NaN and infinities, the NUL
+    character ``\\u0000``). The text is what gets bound (see :func:`jsonb`),
+    so a payload is encoded once per call, not once to check and again to send.
     """
     if not isinstance(value, dict):
         raise ValidationError(f"{field} must be a JSON object (dict), got {type(value).__name__}")
@@ -69,12 +74,12 @@ def json_object(value: Any, field: str) -> dict[str, Any]:
         raise ValidationError(f"{field} is not valid JSON: {exc}") from exc
     if "\\u0000" in encoded:
         raise ValidationError(f"{field} contains a NUL character, which jsonb cannot store")
-    return value
+    return encoded
 
 
-def normalized_json(value: dict[str, Any]) -> Any:
-    """``value`` as it comes back from ``jsonb`` (tuples become lists, and so on)."""
-    return json.loads(json.dumps(value))
+def jsonb(name: str) -> ColumnElement[Any]:
+    """A bound parameter holding :func:`json_text` output, read as ``jsonb``."""
+    return cast(bindparam(name, type_=Text), JSONB)
 
 
 def integer(value: Any, field: str, minimum: int = 0, maximum: int = INT4_MAX) -> int:
