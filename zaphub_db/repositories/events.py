@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 from zaphub_db.errors import NotFoundError
 from zaphub_db.models import Event, EventCategory, EventSeverity, WhatsAppSession
 from zaphub_db.repositories import validation
-from zaphub_db.repositories.execution import all_of, execute, first, loading
+from zaphub_db.repositories.execution import all_of, execute, first, loading, paginate
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +113,6 @@ def _listing(
     limit: int | None,
     offset: int,
 ) -> Any:
-    checked_limit, params["offset"] = validation.limit_offset(limit, offset)
     if category is not None:
         params["category"] = validation.choice(category, EventCategory, "category")
         conditions.append(_c.event_category == bindparam("category"))
@@ -124,10 +123,7 @@ def _listing(
         params["severity"] = validation.choice(severity, EventSeverity, "severity")
         conditions.append(_c.severity == bindparam("severity"))
     statement = select(_table).where(*conditions).order_by(_c.created_at.desc(), _c.seq.desc())
-    if checked_limit is not None:
-        params["limit"] = checked_limit
-        statement = statement.limit(bindparam("limit"))
-    return loading(Event, statement.offset(bindparam("offset")))
+    return loading(Event, paginate(statement, params, limit, offset))
 
 
 def get_events_by_session(

@@ -4,12 +4,13 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Executable, Result, Select, UpdateBase, select
+from sqlalchemy import Executable, Result, Select, UpdateBase, bindparam, select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from zaphub_db.errors import translate_db_error
 from zaphub_db.models import Base
+from zaphub_db.repositories import validation
 
 
 def loading(model: type[Base], statement: UpdateBase | Select[Any]) -> Executable:
@@ -31,6 +32,21 @@ def database_errors() -> Iterator[None]:
         if translated is None:
             raise
         raise translated from exc
+
+
+def paginate(
+    statement: Select[Any], params: dict[str, Any], limit: Any, offset: Any
+) -> Select[Any]:
+    """Validate ``limit``/``offset``, add them to ``params`` and bind them to ``statement``.
+
+    ``limit=None`` means no limit (the statement then carries no LIMIT, so
+    its compiled form differs from the limited one and both stay cached).
+    """
+    checked_limit, params["offset"] = validation.limit_offset(limit, offset)
+    if checked_limit is not None:
+        params["limit"] = checked_limit
+        statement = statement.limit(bindparam("limit"))
+    return statement.offset(bindparam("offset"))
 
 
 def execute(db: Session, statement: Executable, params: Mapping[str, Any]) -> Result[Any]:

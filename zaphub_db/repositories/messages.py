@@ -45,7 +45,7 @@ from zaphub_db.models import (
     WhatsAppSession,
 )
 from zaphub_db.repositories import validation
-from zaphub_db.repositories.execution import all_of, execute, first, loading
+from zaphub_db.repositories.execution import all_of, execute, first, loading, paginate
 
 logger = logging.getLogger(__name__)
 
@@ -102,14 +102,14 @@ def allowed_sources(target: MessageStatus) -> tuple[MessageStatus, ...]:
 def _create_statement() -> Executable:
     status = bindparam("status", type_=String)
     session_id = bindparam("session_id", type_=_c.session_id.type)
+    # Each timestamp column is stamped when the initial status is one it records.
+    statuses_of: dict[str, list[MessageStatus]] = {}
+    for value, column in STATUS_TIMESTAMP.items():
+        statuses_of.setdefault(column, []).append(value)
     stamps = {
-        column: case((status == _const(value), func.now()))
-        for value, column in STATUS_TIMESTAMP.items()
-        if value != MessageStatus.DLQ  # failed_at is stamped for "failed" already
+        column: case((status.in_([_const(v) for v in values]), func.now()))
+        for column, values in statuses_of.items()
     }
-    stamps["failed_at"] = case(
-        (status.in_([_const(MessageStatus.FAILED), _const(MessageStatus.DLQ)]), func.now())
-    )
     columns = {
         "session_id": session_id,
         "message_id": bindparam("message_id", type_=String),
@@ -387,11 +387,7 @@ def get_messages_by_session(
     offset: int = 0,
 ) -> list[Message]:
     """A session's messages, newest first (creation order), optionally filtered."""
-    checked_limit, checked_offset = validation.limit_offset(limit, offset)
-    params: dict[str, Any] = {
-        "session_id": validation.as_uuid(session_id, "session_id"),
-        "offset": checked_offset,
-    }
+    params: dict[str, Any] = {"session_id": validation.as_uuid(session_id, "session_id")}
     statement = select(_table).where(_c.session_id == bindparam("session_id"))
     if status is not None:
         params["status"] = validation.choice(status, MessageStatus, "status")
@@ -399,11 +395,9 @@ def get_messages_by_session(
     if direction is not None:
         params["direction"] = validation.choice(direction, MessageDirection, "direction")
         statement = statement.where(_c.direction == bindparam("direction"))
-    statement = statement.order_by(_c.created_at.desc(), _c.seq.desc())
-    if checked_limit is not None:
-        params["limit"] = checked_limit
-        statement = statement.limit(bindparam("limit"))
-    statement = statement.offset(bindparam("offset"))
+    statement = paginate(
+        statement.order_by(_c.created_at.desc(), _c.seq.desc()), params, limit, offset
+    )
     return all_of(db, loading(Message, statement), params)
 
 

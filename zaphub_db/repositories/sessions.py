@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 from zaphub_db.errors import ValidationError
 from zaphub_db.models import Event, Message, SessionStatus, WhatsAppSession
 from zaphub_db.repositories import validation
-from zaphub_db.repositories.execution import all_of, execute, first, loading
+from zaphub_db.repositories.execution import all_of, execute, first, loading, paginate
 
 logger = logging.getLogger(__name__)
 
@@ -109,16 +109,12 @@ def get_all_sessions(
     offset: int = 0,
 ) -> list[WhatsAppSession]:
     """Sessions, newest first (creation order), optionally of one status."""
-    checked_limit, checked_offset = validation.limit_offset(limit, offset)
     statement = select(_table).order_by(_c.created_at.desc(), _c.seq.desc())
-    params: dict[str, Any] = {"offset": checked_offset}
+    params: dict[str, Any] = {}
     if status is not None:
         statement = statement.where(_c.status == bindparam("status"))
         params["status"] = validation.choice(status, SessionStatus, "status")
-    if checked_limit is not None:
-        statement = statement.limit(bindparam("limit"))
-        params["limit"] = checked_limit
-    statement = statement.offset(bindparam("offset"))
+    statement = paginate(statement, params, limit, offset)
     return all_of(db, loading(WhatsAppSession, statement), params)
 
 
