@@ -12,10 +12,13 @@ from typing import TextIO
 from alembic.util import CommandError
 from sqlalchemy import Connection
 from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.orm import Session
 
 from zaphub_db import embedded, migrations
 from zaphub_db.config import configured_url
 from zaphub_db.errors import ZaphubDBError
+from zaphub_db.repositories.events import delete_old_events
+from zaphub_db.seed import seed
 
 
 def _say(line: str, stream: TextIO = sys.stdout) -> None:
@@ -125,10 +128,6 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_seed(args: argparse.Namespace) -> int:
-    from sqlalchemy.orm import Session
-
-    from zaphub_db.seed import seed
-
     def work(connection: Connection) -> int:
         with Session(bind=connection) as db:
             counts = seed(db)
@@ -141,10 +140,6 @@ def cmd_seed(args: argparse.Namespace) -> int:
 
 
 def cmd_cleanup_events(args: argparse.Namespace) -> int:
-    from sqlalchemy.orm import Session
-
-    from zaphub_db.repositories.events import delete_old_events
-
     def work(connection: Connection) -> int:
         total = batches = 0
         with Session(bind=connection) as db:

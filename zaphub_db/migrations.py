@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
 from alembic.script import Script, ScriptDirectory
@@ -27,6 +28,8 @@ from sqlalchemy.engine import URL
 from sqlalchemy.pool import NullPool
 
 import zaphub_db
+from alembic import command
+from zaphub_db.config import normalize_url, resolve_url
 from zaphub_db.errors import ChecksumMismatchError
 from zaphub_db.models import Base
 
@@ -250,8 +253,8 @@ def migration_lock(connection: Connection) -> Iterator[None]:
 
 def run_env() -> None:
     """The body of ``alembic/env.py``."""
+    # alembic.context is only usable while Alembic runs env.py.
     from alembic import context
-    from zaphub_db.config import normalize_url, resolve_url
 
     config = context.config
     x_url = context.get_x_argument(as_dictionary=True).get("url")
@@ -306,8 +309,6 @@ def _run_online(context: Any, config: Config, connection: Connection) -> None:
 
 def create_migration_engine(url: str | URL | None = None) -> Engine:
     """An engine for one command-line run: NullPool, so nothing stays connected."""
-    from zaphub_db.config import resolve_url
-
     return create_engine(resolve_url(url), poolclass=NullPool)
 
 
@@ -319,15 +320,11 @@ def upgrade(
     On a connection without an open transaction each revision commits on its
     own; on one with an open transaction the run joins it and the caller commits.
     """
-    from alembic import command
-
     command.upgrade(alembic_config(connection=connection, progress=progress), revision)
 
 
 def downgrade(connection: Connection, revision: str, progress: Progress | None = None) -> None:
     """Revert revisions down to ``revision`` on ``connection``."""
-    from alembic import command
-
     command.downgrade(alembic_config(connection=connection, progress=progress), revision)
 
 
@@ -361,8 +358,6 @@ def status(connection: Connection) -> MigrationStatus:
 
 def model_drift(connection: Connection) -> list[str]:
     """Differences between the models and the database, as ``alembic check`` sees them."""
-    from alembic.autogenerate import compare_metadata
-
     context = MigrationContext.configure(
         connection, opts={"target_metadata": Base.metadata, **AUTOGENERATE_OPTIONS}
     )
