@@ -45,7 +45,7 @@ from zaphub_db.models import (
     WhatsAppSession,
 )
 from zaphub_db.repositories import validation
-from zaphub_db.repositories.execution import all_of, execute, first, loading, paginate
+from zaphub_db.repositories.execution import Loading, all_of, execute, first, loading, paginate
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def allowed_sources(target: MessageStatus) -> tuple[MessageStatus, ...]:
     return _UNSENT + tuple(s for s in _DEAD if s != target)
 
 
-def _create_statement() -> Executable:
+def _create_statement() -> Loading[Message]:
     status = bindparam("status", type_=String)
     session_id = bindparam("session_id", type_=_c.session_id.type)
     # Each timestamp column is stamped when the initial status is one it records.
@@ -177,7 +177,7 @@ _QUEUED = loading(
 )
 
 
-def _status_update(target: MessageStatus, locate: ColumnElement[bool]) -> Executable:
+def _status_update(target: MessageStatus, locate: ColumnElement[bool]) -> Loading[Message]:
     """One UPDATE that applies the lifecycle rules in SQL and returns the row.
 
     A refused move rewrites the row with its own values, so the statement
@@ -491,7 +491,7 @@ BACKOFF_BASE = timedelta(seconds=5)
 BACKOFF_CAP = timedelta(minutes=15)
 
 
-def _claim_statement(one_session: bool) -> Executable:
+def _claim_statement(one_session: bool) -> Loading[Message]:
     picked = select(_c.id).where(_CLAIMABLE)
     if one_session:
         picked = picked.where(_c.session_id == bindparam("claim_session_id"))

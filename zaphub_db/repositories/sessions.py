@@ -83,7 +83,8 @@ def create_session(
         "webhook_url": validation.optional_text(webhook_url, "webhook_url"),
         "config": validation.json_text({} if config is None else config, "config"),
     }
-    created: WhatsAppSession = first(db, _INSERT, params)
+    created = first(db, _INSERT, params)
+    assert created is not None  # INSERT ... RETURNING returns its row
     logger.info(
         "session created id=%s label=%r",
         created.id,
