@@ -65,7 +65,8 @@ def test_changes_to_an_instance_are_tracked_and_flushed(db: Session) -> None:
     message: Message = MessageFactory.create()
     db.expunge_all()
     found = messages.get_message_by_id(db, message.id)
-    assert found is not None and not db.dirty
+    assert found is not None
+    assert not db.dirty
 
     found.jid = "5511888888888@s.whatsapp.net"
 
@@ -107,7 +108,8 @@ def test_a_returned_row_refreshes_the_instance_already_in_the_session(db: Sessio
 
     assert updated is message
     assert message.jid == "changed@s"
-    assert message.status == "sent" and message.sent_at is not None
+    assert message.status == "sent"
+    assert message.sent_at is not None
     assert not inspect(message).modified
 
 

@@ -32,8 +32,7 @@ from typing import Any, Generic, TypeVar
 
 from sqlalchemy import Executable, Result, Row, Select, Table, UpdateBase, bindparam, select
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.orm import ClassManager, Mapper, Session, attributes
-from sqlalchemy.orm.base import class_mapper
+from sqlalchemy.orm import ClassManager, Mapper, Session, attributes, class_mapper
 
 from zaphub_db.errors import translate_db_error
 from zaphub_db.models import Base
