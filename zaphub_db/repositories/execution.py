@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, cached_property
 from typing import Any, Generic, TypeVar
 
 from sqlalchemy import Executable, Result, Row, Select, Table, UpdateBase, bindparam, select
@@ -74,7 +74,7 @@ class Loading(Generic[M]):
     statement: UpdateBase | Select[Any]
     shape: _Shape
 
-    @property
+    @cached_property
     def orm(self) -> Executable:
         """The same statement loaded by the ORM (``populate_existing``: the row wins)."""
         return (
