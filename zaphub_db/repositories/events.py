@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 from zaphub_db.errors import NotFoundError
 from zaphub_db.models import Event, EventCategory, EventSeverity, WhatsAppSession
 from zaphub_db.repositories import validation
-from zaphub_db.repositories.execution import all_of, execute, first, loading, paginate
+from zaphub_db.repositories.execution import Loading, all_of, execute, first, loading, paginate
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ _c = _table.c
 _sessions = cast(Table, WhatsAppSession.__table__)
 
 
-def _insert_statement() -> Any:
+def _insert_statement() -> Loading[Event]:
     session_id = bindparam("session_id", type_=_c.session_id.type)
     columns = {
         "session_id": session_id,
@@ -98,7 +98,7 @@ def create_event(
         "payload": validation.json_text({} if payload is None else payload, "payload"),
         "severity": validation.choice(severity, EventSeverity, "severity"),
     }
-    event: Event | None = first(db, _INSERT, params)
+    event = first(db, _INSERT, params)
     if event is None:
         raise NotFoundError(f"session {params['session_id']} does not exist")
     return event
@@ -112,7 +112,7 @@ def _listing(
     severity: str | None,
     limit: int | None,
     offset: int,
-) -> Any:
+) -> Loading[Event]:
     if category is not None:
         params["category"] = validation.choice(category, EventCategory, "category")
         conditions.append(_c.event_category == bindparam("category"))

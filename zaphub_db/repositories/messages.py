@@ -276,7 +276,7 @@ def get_or_create_message(
     params = _creation_params(
         session_id, message_id, jid, type, payload, direction, status, max_attempts
     )
-    created: Message | None = first(db, _CREATE, params)
+    created = first(db, _CREATE, params)
     if created is not None:
         logger.info(
             "message created session_id=%s message_id=%r id=%s",
@@ -288,9 +288,7 @@ def get_or_create_message(
         return created, True
     # ON CONFLICT DO NOTHING waited for any concurrent insert of this key to
     # commit, so (under READ COMMITTED) this new snapshot sees the winner.
-    existing: Message | None = first(
-        db, _BY_KEY, {"session_id": params["session_id"], "message_id": message_id}
-    )
+    existing = first(db, _BY_KEY, {"session_id": params["session_id"], "message_id": message_id})
     if existing is None:
         raise NotFoundError(f"session {params['session_id']} does not exist")
     differing = [
@@ -349,8 +347,7 @@ def create_message(
 
 def get_message_by_id(db: Session, id: uuid.UUID | str) -> Message | None:
     """The message with this internal id, or ``None``."""
-    found: Message | None = first(db, _BY_ID, {"id": validation.as_uuid(id)})
-    return found
+    return first(db, _BY_ID, {"id": validation.as_uuid(id)})
 
 
 def get_message_by_idempotency_key(
@@ -361,8 +358,7 @@ def get_message_by_idempotency_key(
         "session_id": validation.as_uuid(session_id, "session_id"),
         "message_id": validation.text_value(message_id, "message_id", 255),
     }
-    found: Message | None = first(db, _BY_KEY, params)
-    return found
+    return first(db, _BY_KEY, params)
 
 
 def get_message_by_wa_id(
@@ -373,8 +369,7 @@ def get_message_by_wa_id(
         "session_id": validation.as_uuid(session_id, "session_id"),
         "wa_message_id": validation.text_value(wa_message_id, "wa_message_id", 255),
     }
-    found: Message | None = first(db, _BY_WA_ID, params)
-    return found
+    return first(db, _BY_WA_ID, params)
 
 
 def get_messages_by_session(
@@ -447,8 +442,7 @@ def update_message_status(
         status, error_message, wa_message_id, wa_timestamp, wa_response, at
     )
     params["locate_id"] = validation.as_uuid(id)
-    message: Message | None = first(db, _STATUS_BY_ID[target], params)
-    return message
+    return first(db, _STATUS_BY_ID[target], params)
 
 
 def update_message_status_by_wa_id(
@@ -466,14 +460,12 @@ def update_message_status_by_wa_id(
     target, params = _status_params(status, error_message, None, wa_timestamp, wa_response, at)
     params["locate_session_id"] = validation.as_uuid(session_id, "session_id")
     params["locate_wa_message_id"] = validation.text_value(wa_message_id, "wa_message_id", 255)
-    message: Message | None = first(db, _STATUS_BY_WA_ID[target], params)
-    return message
+    return first(db, _STATUS_BY_WA_ID[target], params)
 
 
 def increment_message_attempts(db: Session, id: uuid.UUID | str) -> Message | None:
     """Add one to ``attempts`` atomically, in SQL; the row, or ``None`` if there is none."""
-    message: Message | None = first(db, _INCREMENT, {"locate_id": validation.as_uuid(id)})
-    return message
+    return first(db, _INCREMENT, {"locate_id": validation.as_uuid(id)})
 
 
 def get_queued_messages(db: Session, limit: int = 100) -> list[Message]:
@@ -663,7 +655,7 @@ def mark_message_failed(
         "retryable": retryable,
         "retry_in": retry_in,
     }
-    message: Message | None = first(db, _MARK_FAILED, params)
+    message = first(db, _MARK_FAILED, params)
     if message is not None:
         logger.info(
             "message failed id=%s status=%s attempts=%d",
@@ -694,8 +686,7 @@ def requeue_message(db: Session, id: uuid.UUID | str) -> Message | None:
 
     Other messages are returned unchanged; ``None`` if there is none.
     """
-    message: Message | None = first(db, _REQUEUE, {"locate_id": validation.as_uuid(id)})
-    return message
+    return first(db, _REQUEUE, {"locate_id": validation.as_uuid(id)})
 
 
 # --- Bulk creation ----------------------------------------------------------

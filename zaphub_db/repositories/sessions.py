@@ -96,10 +96,7 @@ def create_session(
 
 def get_session_by_id(db: Session, session_id: uuid.UUID | str) -> WhatsAppSession | None:
     """The session with this id, or ``None``."""
-    found: WhatsAppSession | None = first(
-        db, _BY_ID, {"id": validation.as_uuid(session_id, "session_id")}
-    )
-    return found
+    return first(db, _BY_ID, {"id": validation.as_uuid(session_id, "session_id")})
 
 
 def get_all_sessions(
@@ -150,7 +147,7 @@ def update_session(
     if not values:
         return get_session_by_id(db, key)
     statement = update(_table).where(_c.id == bindparam("locate_id")).values(values).returning(*_c)
-    updated: WhatsAppSession | None = first(db, loading(WhatsAppSession, statement), params)
+    updated = first(db, loading(WhatsAppSession, statement), params)
     if updated is not None:
         logger.info(
             "session updated id=%s fields=%s",
