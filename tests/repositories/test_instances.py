@@ -16,7 +16,7 @@ from sqlalchemy import Engine, event, inspect, select, text
 from sqlalchemy.orm import ORMExecuteState, Session
 
 from zaphub_db.models import Message, WhatsAppSession
-from zaphub_db.repositories import messages, sessions
+from zaphub_db.repositories import execution, messages, sessions
 from zaphub_db.testing.factories import MessageFactory, SessionFactory
 from zaphub_db.testing.statements import recording
 
@@ -194,3 +194,25 @@ def test_session_listeners_see_loads_and_statements(db: Session) -> None:
     assert loaded == [found]
     assert [state.is_select for state in executed] == [True]
     assert all(state.is_orm_statement for state in executed)
+
+
+def test_only_listeners_or_sharding_send_rows_through_the_orm_loader(db: Session) -> None:
+    # Guards the fast path: a plain Session must not fall back by accident
+    # (the benchmarks would only show it as a slowdown).
+    shape = messages._BY_ID.shape
+    assert execution._loads_itself(db, shape)
+
+    def listener(*_: Any) -> None:
+        pass
+
+    event.listen(db, "do_orm_execute", listener)
+    try:
+        assert not execution._loads_itself(db, shape)
+    finally:
+        event.remove(db, "do_orm_execute", listener)
+    event.listen(Message, "refresh", listener)
+    try:
+        assert not execution._loads_itself(db, shape)
+    finally:
+        event.remove(Message, "refresh", listener)
+    assert execution._loads_itself(db, shape)
