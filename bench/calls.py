@@ -153,10 +153,6 @@ def run(engine: Engine, dsn: str, *, quick: bool, autocommit: bool = False) -> s
         )
         db.commit()
         session_id, message_id = session.id, target.id
-    with psycopg.connect(dsn, autocommit=True) as connection:
-        # Statistics as autovacuum would leave them: the planner then reads the
-        # queue through its partial index instead of sorting a fresh table.
-        connection.execute("ANALYZE messages")
 
     if autocommit:
         # Set once per connection, as an application configures it: the
@@ -168,6 +164,11 @@ def run(engine: Engine, dsn: str, *, quick: bool, autocommit: bool = False) -> s
     raw = psycopg.connect(dsn, autocommit=autocommit)
     try:
         for call in hot_calls(session_id, message_id):
+            # Statistics as autovacuum would keep them while create_message
+            # rounds grow the queue: the planner then reads it through its
+            # partial index instead of sorting what it takes for a small table.
+            raw.execute("ANALYZE messages")
+            raw.commit()
             sql = driver_sql(engine, call.statement)
             by_hand = as_text(sql)
             fixed = constants(engine, call.statement)
