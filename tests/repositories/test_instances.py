@@ -15,6 +15,7 @@ import pytest
 from sqlalchemy import Engine, event, inspect, select, text
 from sqlalchemy.orm import ORMExecuteState, Session
 
+from zaphub_db.errors import ValidationError
 from zaphub_db.models import Message, WhatsAppSession
 from zaphub_db.repositories import execution, messages, sessions
 from zaphub_db.testing.factories import MessageFactory, SessionFactory
@@ -216,3 +217,18 @@ def test_only_listeners_or_sharding_send_rows_through_the_orm_loader(db: Session
     finally:
         event.remove(Message, "refresh", listener)
     assert execution._loads_itself(db, shape)
+
+
+def test_a_failing_autoflush_raises_our_error(committed_engine: Engine) -> None:
+    with Session(committed_engine) as db:
+        session = sessions.create_session(db, label="autoflush")
+        db.commit()
+        key = session.id
+        session.status = "bogus"  # pending, refused by sessions_status_check
+
+        with pytest.raises(ValidationError, match="status"):
+            sessions.get_session_by_id(db, key)
+
+        db.rollback()
+        assert sessions.delete_session(db, key)
+        db.commit()

@@ -131,8 +131,9 @@ def first(db: Session, loading: Loading[M], params: Mapping[str, Any]) -> M | No
     if not _loads_itself(db, loading.shape):
         found: M | None = execute(db, loading.orm, params).scalars().first()
         return found
-    _autoflush(db)
-    row = execute(db, loading.statement, params).first()
+    with database_errors():
+        _autoflush(db)
+        row = db.execute(loading.statement, params).first()
     return None if row is None else _instances(db, loading, (row,))[0]
 
 
@@ -140,8 +141,10 @@ def all_of(db: Session, loading: Loading[M], params: Mapping[str, Any]) -> list[
     """Every instance ``loading`` returns."""
     if not _loads_itself(db, loading.shape):
         return list(execute(db, loading.orm, params).scalars().all())
-    _autoflush(db)
-    return _instances(db, loading, execute(db, loading.statement, params).all())
+    with database_errors():
+        _autoflush(db)
+        rows = db.execute(loading.statement, params).all()
+    return _instances(db, loading, rows)
 
 
 def _loads_itself(db: Session, shape: _Shape) -> bool:
@@ -157,8 +160,9 @@ def _loads_itself(db: Session, shape: _Shape) -> bool:
 
 
 def _autoflush(db: Session) -> None:
-    # An ORM statement flushes pending changes before it runs; a Core one
-    # does not, and the caller may have added rows this statement must see.
+    # An ORM statement flushes pending changes before it runs (and a failing
+    # flush surfaces as that statement's error); a Core one does not, and the
+    # caller may have added rows this statement must see.
     if db.autoflush:
         db.flush()
 
