@@ -4,12 +4,14 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import Engine, inspect, text
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.exc import ObjectDeletedError
 
 from zaphub_db.errors import ValidationError
 from zaphub_db.models import Message, WhatsAppSession
 from zaphub_db.repositories import sessions as repo
+from zaphub_db.repositories.messages import create_message
 from zaphub_db.testing.factories import EventFactory, MessageFactory, SessionFactory
 
 
@@ -191,6 +193,35 @@ def test_delete_session_cascades_and_reports(db: Session) -> None:
     assert tuple(remaining) == (0, 0, 1)
     assert repo.delete_session(db, doomed.id) is False
     assert doomed not in db
+
+
+def test_delete_session_after_commit_expired_what_the_session_holds(
+    committed_engine: Engine,
+) -> None:
+    with Session(committed_engine) as db:
+        doomed = repo.create_session(db, label="expired")
+        message = create_message(
+            db,
+            session_id=doomed.id,
+            message_id="m",
+            jid="1@s.whatsapp.net",
+            type="text",
+            payload={},
+        )
+        db.commit()  # expires both instances
+
+        key = inspect(doomed).identity
+        assert key is not None
+        assert repo.delete_session(db, key[0]) is True
+        db.commit()
+
+        assert doomed not in db
+        assert repo.get_session_by_id(db, key[0]) is None
+        # An expired message does not say which session it belonged to without
+        # a reload; like any row deleted behind the ORM's back, it says so when
+        # touched.
+        with pytest.raises(ObjectDeletedError):
+            _ = message.jid
 
 
 def test_text_is_stored_verbatim(db: Session) -> None:

@@ -17,6 +17,7 @@ from sqlalchemy import (
     delete,
     func,
     insert,
+    inspect,
     null,
     select,
     update,
@@ -184,10 +185,18 @@ def delete_session(db: Session, session_id: uuid.UUID | str) -> bool:
     deleted = bool(result.rowcount)  # type: ignore[attr-defined]
     if deleted:
         # The database cascaded; drop what the Session still holds of it.
+        # Read keys and loaded values only: touching an expired attribute
+        # would reload a row that is gone (ObjectDeletedError).
         for instance in list(db.identity_map.values()):
-            if (isinstance(instance, WhatsAppSession) and instance.id == key) or (
-                isinstance(instance, Message | Event) and instance.session_id == key
-            ):
+            owner: Any
+            if isinstance(instance, WhatsAppSession):
+                identity = inspect(instance).identity
+                owner = identity[0] if identity else None
+            elif isinstance(instance, Message | Event):
+                owner = vars(instance).get("session_id")
+            else:
+                continue
+            if owner == key:
                 db.expunge(instance)
         logger.info("session deleted id=%s", key, extra={"session_id": str(key)})
     return deleted
