@@ -34,17 +34,17 @@ class HotCall:
     """A repository call, its statement and the parameters it binds for operation i."""
 
     name: str
-    statement: Loading[Any]
+    statement: Loading[Any, Any]
     ours: Callable[[Session, dict[str, Any]], object]
     params: Callable[[], dict[str, Any]]
 
 
-def driver_sql(engine: Engine, statement: Loading[Any]) -> str:
+def driver_sql(engine: Engine, statement: Loading[Any, Any]) -> str:
     """The SQL text our statement compiles to (what the cursor receives)."""
     return str(statement.statement.compile(dialect=engine.dialect))
 
 
-def constants(engine: Engine, statement: Loading[Any]) -> dict[str, Any]:
+def constants(engine: Engine, statement: Loading[Any, Any]) -> dict[str, Any]:
     """The values SQLAlchemy binds by itself (literals in expressions such as attempts + 1)."""
     compiled = statement.statement.compile(dialect=engine.dialect)
     return {k: v for k, v in compiled.params.items() if v is not None}

@@ -34,7 +34,7 @@ _c = _table.c
 _sessions = cast(Table, WhatsAppSession.__table__)
 
 
-def _insert_statement() -> Loading[Event]:
+def _insert_statement() -> Loading[Event, Any]:
     session_id = bindparam("session_id", type_=_c.session_id.type)
     columns = {
         "session_id": session_id,
@@ -63,6 +63,7 @@ def _insert_statement() -> Loading[Event]:
 
 
 _INSERT = _insert_statement()
+_NEWEST_FIRST = loading(Event, select(_table).order_by(_c.created_at.desc(), _c.seq.desc()))
 # Oldest first, so that a batched cleanup deletes in time order.
 _OLD_IDS = (
     select(_c.id)
@@ -112,7 +113,7 @@ def _listing(
     severity: str | None,
     limit: int | None,
     offset: int,
-) -> Loading[Event]:
+) -> Loading[Event, Any]:
     if category is not None:
         params["category"] = validation.choice(category, EventCategory, "category")
         conditions.append(_c.event_category == bindparam("category"))
@@ -122,8 +123,8 @@ def _listing(
     if severity is not None:
         params["severity"] = validation.choice(severity, EventSeverity, "severity")
         conditions.append(_c.severity == bindparam("severity"))
-    statement = select(_table).where(*conditions).order_by(_c.created_at.desc(), _c.seq.desc())
-    return loading(Event, paginate(statement, params, limit, offset))
+    statement = _NEWEST_FIRST.statement.where(*conditions)
+    return _NEWEST_FIRST.derived(paginate(statement, params, limit, offset))
 
 
 def get_events_by_session(

@@ -39,6 +39,7 @@ from zaphub_db.models import Base
 from zaphub_db.repositories import validation
 
 M = TypeVar("M", bound=Base)
+S = TypeVar("S", bound="UpdateBase | Select[Any]")
 
 
 @dataclass(frozen=True)
@@ -67,11 +68,11 @@ def _shape(model: type[Base]) -> _Shape:
 
 
 @dataclass(frozen=True)
-class Loading(Generic[M]):
+class Loading(Generic[M, S]):
     """A Core statement that returns whole rows of ``model``'s table."""
 
     model: type[M]
-    statement: UpdateBase | Select[Any]
+    statement: S
     shape: _Shape
 
     @cached_property
@@ -83,8 +84,17 @@ class Loading(Generic[M]):
             .execution_options(populate_existing=True)
         )
 
+    def derived(self, statement: S) -> Loading[M, S]:
+        """The same loading for ``statement``, made per call from this one's statement.
 
-def loading(model: type[M], statement: UpdateBase | Select[Any]) -> Loading[M]:
+        Only for statements that add criteria, order, limits or SET values to
+        ``self.statement``, which keep its columns: they are not checked again
+        (the check costs more than building the statement).
+        """
+        return Loading(self.model, statement, self.shape)
+
+
+def loading(model: type[M], statement: S) -> Loading[M, S]:
     """Pair ``statement`` with ``model``; it must return every column of the table, in order."""
     shape = _shape(model)
     names = tuple(c.name for c in statement.exported_columns)
@@ -126,7 +136,7 @@ def execute(db: Session, statement: Executable, params: Mapping[str, Any]) -> Re
         return db.execute(statement, params)
 
 
-def first(db: Session, loading: Loading[M], params: Mapping[str, Any]) -> M | None:
+def first(db: Session, loading: Loading[M, Any], params: Mapping[str, Any]) -> M | None:
     """The first instance ``loading`` returns, or ``None``."""
     if not _loads_itself(db, loading.shape):
         found: M | None = execute(db, loading.orm, params).scalars().first()
@@ -137,7 +147,7 @@ def first(db: Session, loading: Loading[M], params: Mapping[str, Any]) -> M | No
     return None if row is None else _instances(db, loading, (row,))[0]
 
 
-def all_of(db: Session, loading: Loading[M], params: Mapping[str, Any]) -> list[M]:
+def all_of(db: Session, loading: Loading[M, Any], params: Mapping[str, Any]) -> list[M]:
     """Every instance ``loading`` returns."""
     if not _loads_itself(db, loading.shape):
         return list(execute(db, loading.orm, params).scalars().all())
@@ -167,7 +177,7 @@ def _autoflush(db: Session) -> None:
         db.flush()
 
 
-def _instances(db: Session, loading: Loading[M], rows: Sequence[Row[Any]]) -> list[M]:
+def _instances(db: Session, loading: Loading[M, Any], rows: Sequence[Row[Any]]) -> list[M]:
     """Persistent instances of ``rows`` in ``db``, as the ORM's loader makes them.
 
     A row whose identity is already in the Session refreshes that instance

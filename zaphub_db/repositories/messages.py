@@ -99,7 +99,7 @@ def allowed_sources(target: MessageStatus) -> tuple[MessageStatus, ...]:
     return _UNSENT + tuple(s for s in _DEAD if s != target)
 
 
-def _create_statement() -> Loading[Message]:
+def _create_statement() -> Loading[Message, Any]:
     status = bindparam("status", type_=String)
     session_id = bindparam("session_id", type_=_c.session_id.type)
     # Each timestamp column is stamped when the initial status is one it records.
@@ -148,6 +148,7 @@ _BY_KEY = loading(
         _c.session_id == bindparam("session_id"), _c.message_id == bindparam("message_id")
     ),
 )
+_BY_SESSION = loading(Message, select(_table).where(_c.session_id == bindparam("session_id")))
 _BY_WA_ID = loading(
     Message,
     select(_table)
@@ -177,7 +178,7 @@ _QUEUED = loading(
 )
 
 
-def _status_update(target: MessageStatus, locate: ColumnElement[bool]) -> Loading[Message]:
+def _status_update(target: MessageStatus, locate: ColumnElement[bool]) -> Loading[Message, Any]:
     """One UPDATE that applies the lifecycle rules in SQL and returns the row.
 
     A refused move rewrites the row with its own values, so the statement
@@ -383,7 +384,7 @@ def get_messages_by_session(
 ) -> list[Message]:
     """A session's messages, newest first (creation order), optionally filtered."""
     params: dict[str, Any] = {"session_id": validation.as_uuid(session_id, "session_id")}
-    statement = select(_table).where(_c.session_id == bindparam("session_id"))
+    statement = _BY_SESSION.statement
     if status is not None:
         params["status"] = validation.choice(status, MessageStatus, "status")
         statement = statement.where(_c.status == bindparam("status"))
@@ -393,7 +394,7 @@ def get_messages_by_session(
     statement = paginate(
         statement.order_by(_c.created_at.desc(), _c.seq.desc()), params, limit, offset
     )
-    return all_of(db, loading(Message, statement), params)
+    return all_of(db, _BY_SESSION.derived(statement), params)
 
 
 def _status_params(
@@ -483,7 +484,7 @@ BACKOFF_BASE = timedelta(seconds=5)
 BACKOFF_CAP = timedelta(minutes=15)
 
 
-def _claim_statement(one_session: bool) -> Loading[Message]:
+def _claim_statement(one_session: bool) -> Loading[Message, Any]:
     picked = select(_c.id).where(_CLAIMABLE)
     if one_session:
         picked = picked.where(_c.session_id == bindparam("claim_session_id"))

@@ -46,6 +46,13 @@ _INSERT = loading(
     .returning(*_table.c),
 )
 _BY_ID = loading(WhatsAppSession, select(_table).where(_c.id == bindparam("id")))
+_NEWEST_FIRST = loading(
+    WhatsAppSession, select(_table).order_by(_c.created_at.desc(), _c.seq.desc())
+)
+_UPDATE = loading(
+    WhatsAppSession,
+    update(_table).where(_c.id == bindparam("locate_id")).returning(*_c),
+)
 
 # Column -> check for update_session(). id, created_at, updated_at and seq are
 # owned by the database and cannot be changed.
@@ -108,13 +115,13 @@ def get_all_sessions(
     offset: int = 0,
 ) -> list[WhatsAppSession]:
     """Sessions, newest first (creation order), optionally of one status."""
-    statement = select(_table).order_by(_c.created_at.desc(), _c.seq.desc())
+    statement = _NEWEST_FIRST.statement
     params: dict[str, Any] = {}
     if status is not None:
         statement = statement.where(_c.status == bindparam("status"))
         params["status"] = validation.choice(status, SessionStatus, "status")
     statement = paginate(statement, params, limit, offset)
-    return all_of(db, loading(WhatsAppSession, statement), params)
+    return all_of(db, _NEWEST_FIRST.derived(statement), params)
 
 
 def update_session(
@@ -147,8 +154,7 @@ def update_session(
     values.update(_side_effects(changes))
     if not values:
         return get_session_by_id(db, key)
-    statement = update(_table).where(_c.id == bindparam("locate_id")).values(values).returning(*_c)
-    updated = first(db, loading(WhatsAppSession, statement), params)
+    updated = first(db, _UPDATE.derived(_UPDATE.statement.values(values)), params)
     if updated is not None:
         logger.info(
             "session updated id=%s fields=%s",
