@@ -139,15 +139,19 @@ def run(engine: Engine, dsn: str, *, quick: bool, autocommit: bool = False) -> s
     rounds = 5 if quick else 7
     with Session(engine) as db:
         session = sessions.create_session(db, label="bench")
-        for i in range(1000):
-            messages.create_message(
-                db,
-                session_id=session.id,
-                message_id=f"seed-{i}",
-                jid=JID,
-                type="text",
-                payload={"text": f"queued {i}"},
-            )
+        messages.bulk_create_messages(
+            db,
+            session.id,
+            [
+                {
+                    "message_id": f"seed-{i}",
+                    "jid": JID,
+                    "type": "text",
+                    "payload": {"text": f"q{i}"},
+                }
+                for i in range(1000)
+            ],
+        )
         target = messages.create_message(
             db, session_id=session.id, message_id="target", jid=JID, type="text", payload={}
         )
