@@ -25,8 +25,12 @@ def main() -> None:
             say("## Bulk insert\n")
             say(bulk.run(engine, dsn, quick=args.quick) + "\n")
         if "queue" in wanted:
-            say("## Queue: K workers claim batches of B, mark each sent\n")
+            say(
+                "## Queue: 4 worker processes claim a batch of B, commit, ack it in one statement\n"
+            )
             say(queue.run(engine, dsn, quick=args.quick) + "\n")
+            say("## Enqueue with and without the wake-up notification\n")
+            say(queue.run_enqueue(engine, dsn, quick=args.quick) + "\n")
 
 
 if __name__ == "__main__":

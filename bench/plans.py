@@ -28,7 +28,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from bench.harness import benchmark_database, machine, say, server_version, table
-from zaphub_db.repositories import events, messages, sessions
+from zaphub_db.repositories import events, messages, queue, sessions
 from zaphub_db.testing.statements import recording
 
 BOUND_MS = 2.0
@@ -132,7 +132,9 @@ def load(dsn: str, session_count: int, message_count: int, event_count: int) -> 
                 str(sid),
                 f"client-{n // session_count}-{n % per_session}",
                 "outbound",
-                f"55349{rng.randrange(10**8):08d}@s.whatsapp.net",
+                # 10,000 chats: deep enough for the chat-ordered claim to skip
+                # messages held back by an earlier one of their chat.
+                f"55349{rng.randrange(10_000):08d}@s.whatsapp.net",
                 "text",
                 json.dumps({"text": f"message {n}"}),
                 status,
@@ -275,15 +277,31 @@ def queries(session_ids: list[uuid.UUID], engine: Engine) -> dict[str, Callable[
             db, message_id
         ),
         "get_queued_messages(100)": lambda db: messages.get_queued_messages(db, 100),
-        "claim_queued_messages(100)": lambda db: messages.claim_queued_messages(db, limit=100),
-        "claim_queued_messages(session, 100)": lambda db: messages.claim_queued_messages(
+        "claim_queued_messages(100, ordered)": lambda db: queue.claim_queued_messages(
+            db, limit=100
+        ),
+        "claim_queued_messages(100, unordered)": lambda db: queue.claim_queued_messages(
+            db, limit=100, ordered=False
+        ),
+        "claim_queued_messages(100, ordered, max 5 per session)": lambda db: (
+            queue.claim_queued_messages(db, limit=100, max_in_flight_per_session=5)
+        ),
+        "claim_queued_messages(session, 100)": lambda db: queue.claim_queued_messages(
             db, limit=100, session_id=sid
         ),
-        "mark_message_failed": lambda db: messages.mark_message_failed(db, message_id, "x"),
-        "recover_stalled_messages": lambda db: messages.recover_stalled_messages(
+        "extend_lease(100)": lambda db: queue.extend_lease(
+            db, [message_id] * 100, lease=timedelta(minutes=5)
+        ),
+        "mark_messages_sent(100)": lambda db: queue.mark_messages_sent(
+            db, [{"id": message_id, "wa_message_id": "wamid.x"}] * 100
+        ),
+        "mark_message_failed": lambda db: queue.mark_message_failed(db, message_id, "x"),
+        "recover_stalled_messages": lambda db: queue.recover_stalled_messages(
             db, older_than=timedelta(hours=1)
         ),
-        "requeue_message": lambda db: messages.requeue_message(db, message_id),
+        "requeue_message": lambda db: queue.requeue_message(db, message_id),
+        "queue_stats": lambda db: queue.queue_stats(db),
+        "queue_stats(session)": lambda db: queue.queue_stats(db, session_id=sid),
         "bulk_create_messages(100 with 50 known)": lambda db: messages.bulk_create_messages(
             db,
             sid,

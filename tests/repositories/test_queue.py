@@ -15,13 +15,13 @@ from sqlalchemy.pool import NullPool
 
 from zaphub_db.errors import ValidationError
 from zaphub_db.models import Message, WhatsAppSession
-from zaphub_db.repositories import messages, sessions
+from zaphub_db.repositories import messages, queue, sessions
 
 JID = "5534999999999@s.whatsapp.net"
 
 
 @pytest.fixture
-def queue(committed_engine: Engine) -> Iterator[Engine]:
+def queue_engine(committed_engine: Engine) -> Iterator[Engine]:
     """The committed database with an empty queue before and after the test."""
     with Session(committed_engine) as db:
         db.execute(delete(WhatsAppSession))
@@ -32,8 +32,15 @@ def queue(committed_engine: Engine) -> Iterator[Engine]:
         db.commit()
 
 
+def chat(i: int) -> str:
+    return f"55349{i:08d}@s.whatsapp.net"
+
+
 def enqueue(engine: Engine, count: int, **fields: Any) -> tuple[uuid.UUID, list[uuid.UUID]]:
-    """A new session with ``count`` queued messages made in one transaction."""
+    """A new session with ``count`` queued messages made in one transaction.
+
+    Each message goes to a chat of its own unless ``jid`` is given.
+    """
     with Session(engine) as db:
         session = sessions.create_session(db, label="queue")
         ids = [
@@ -41,10 +48,9 @@ def enqueue(engine: Engine, count: int, **fields: Any) -> tuple[uuid.UUID, list[
                 db,
                 session_id=session.id,
                 message_id=f"m{i}",
-                jid=JID,
                 type="text",
                 payload={"n": i},
-                **fields,
+                **{"jid": chat(i), **fields},
             ).id
             for i in range(count)
         ]
@@ -54,31 +60,31 @@ def enqueue(engine: Engine, count: int, **fields: Any) -> tuple[uuid.UUID, list[
 
 def claim(engine: Engine, limit: int = 100, **kwargs: Any) -> list[Message]:
     with Session(engine, expire_on_commit=False) as db:
-        claimed = messages.claim_queued_messages(db, limit=limit, **kwargs)
+        claimed = queue.claim_queued_messages(db, limit=limit, **kwargs)
         db.commit()
         return claimed
 
 
 def fail(engine: Engine, message_id: uuid.UUID, **kwargs: Any) -> Message:
     with Session(engine, expire_on_commit=False) as db:
-        failed = messages.mark_message_failed(db, message_id, "gateway timeout", **kwargs)
+        failed = queue.mark_message_failed(db, message_id, "gateway timeout", **kwargs)
         db.commit()
         assert failed is not None
         return failed
 
 
-def test_four_workers_drain_2000_messages_each_claimed_once(queue: Engine) -> None:
-    _, ids = enqueue(queue, 2000)
+def test_four_workers_drain_2000_messages_each_claimed_once(queue_engine: Engine) -> None:
+    _, ids = enqueue(queue_engine, 2000)
     seen: list[uuid.UUID] = []
     lock = threading.Lock()
-    own = create_engine(queue.url, poolclass=NullPool)
+    own = create_engine(queue_engine.url, poolclass=NullPool)
     start = threading.Barrier(4)
 
     def worker() -> None:
         start.wait(timeout=30)
         while True:
             with Session(own) as db:
-                batch = messages.claim_queued_messages(db, limit=25)
+                batch = queue.claim_queued_messages(db, limit=25)
                 for message in batch:
                     messages.update_message_status(db, message.id, "sent")
                 got = [m.id for m in batch]
@@ -96,129 +102,130 @@ def test_four_workers_drain_2000_messages_each_claimed_once(queue: Engine) -> No
     own.dispose()
     assert Counter(seen).most_common(1)[0][1] == 1  # nobody got a message twice
     assert set(seen) == set(ids)  # and none was left behind
-    with Session(queue) as db:
+    with Session(queue_engine) as db:
         states = db.execute(text("SELECT status, attempts, count(*) FROM messages GROUP BY 1, 2"))
         assert [tuple(r) for r in states] == [("sent", 1, 2000)]
 
 
-def test_claim_moves_to_processing_oldest_first(queue: Engine) -> None:
-    _, ids = enqueue(queue, 5)
-    first = claim(queue, limit=3)
+def test_claim_moves_to_processing_oldest_first(queue_engine: Engine) -> None:
+    _, ids = enqueue(queue_engine, 5)
+    first = claim(queue_engine, limit=3)
     assert [m.id for m in first] == ids[:3]
     assert all(m.status == "processing" and m.attempts == 1 for m in first)
     assert all(m.processing_at is not None for m in first)
-    assert [m.id for m in claim(queue, limit=10)] == ids[3:]
-    assert claim(queue) == []
+    assert [m.id for m in claim(queue_engine, limit=10)] == ids[3:]
+    assert claim(queue_engine) == []
 
 
-def test_claim_for_one_session(queue: Engine) -> None:
-    one, one_ids = enqueue(queue, 3)
-    _two, _ = enqueue(queue, 3)
-    assert [m.id for m in claim(queue, session_id=one)] == one_ids
+def test_claim_for_one_session(queue_engine: Engine) -> None:
+    one, one_ids = enqueue(queue_engine, 3)
+    _two, _ = enqueue(queue_engine, 3)
+    assert [m.id for m in claim(queue_engine, session_id=one)] == one_ids
 
 
-def test_a_retry_is_claimable_only_once_its_time_comes(queue: Engine) -> None:
-    _, (message_id,) = enqueue(queue, 1)
-    claim(queue)
+def test_a_retry_is_claimable_only_once_its_time_comes(queue_engine: Engine) -> None:
+    _, (message_id,) = enqueue(queue_engine, 1)
+    claim(queue_engine)
     # Long enough that a slow CI machine still claims before the retry time.
-    failed = fail(queue, message_id, retry_in=timedelta(seconds=1.5))
+    failed = fail(queue_engine, message_id, retry_in=timedelta(seconds=1.5))
     assert (failed.status, failed.error_message) == ("queued", "gateway timeout")
     assert failed.failed_at is not None
-    assert claim(queue) == []
-    with Session(queue) as db:
+    assert claim(queue_engine) == []
+    with Session(queue_engine) as db:
         assert messages.get_queued_messages(db) == []  # not claimable yet: not listed
     time.sleep(1.6)
-    again = claim(queue)
+    again = claim(queue_engine)
     assert [m.id for m in again] == [message_id]
     assert again[0].attempts == 2
 
 
-def test_default_backoff_is_exponential_with_jitter_and_a_cap(queue: Engine) -> None:
-    _, ids = enqueue(queue, 1, max_attempts=20)
-    with Session(queue) as db:
+def test_default_backoff_is_exponential_with_jitter_and_a_cap(queue_engine: Engine) -> None:
+    _, ids = enqueue(queue_engine, 1, max_attempts=20)
+    with Session(queue_engine) as db:
         for attempts in (1, 2, 3, 12):
             db.execute(
                 text("UPDATE messages SET status = 'processing', attempts = :a WHERE id = :i"),
                 {"a": attempts, "i": ids[0]},
             )
-            failed = messages.mark_message_failed(db, ids[0], "boom")
+            failed = queue.mark_message_failed(db, ids[0], "boom")
             assert failed is not None
             assert failed.available_at is not None
             assert failed.failed_at is not None
             delay = (failed.available_at - failed.failed_at).total_seconds()
-            full = min(messages.BACKOFF_CAP.total_seconds(), 5 * 2 ** (attempts - 1))
+            full = min(queue.BACKOFF_CAP.total_seconds(), 5 * 2 ** (attempts - 1))
             assert full / 2 <= delay <= full, (attempts, delay)
         db.rollback()
 
 
-def test_the_last_failed_attempt_lands_in_dlq(queue: Engine) -> None:
-    _, (message_id,) = enqueue(queue, 1, max_attempts=2)
-    claim(queue)
-    assert fail(queue, message_id, retry_in=timedelta(0)).status == "queued"
-    claim(queue)
-    dead = fail(queue, message_id, retry_in=timedelta(0))
+def test_the_last_failed_attempt_lands_in_dlq(queue_engine: Engine) -> None:
+    _, (message_id,) = enqueue(queue_engine, 1, max_attempts=2)
+    claim(queue_engine)
+    assert fail(queue_engine, message_id, retry_in=timedelta(0)).status == "queued"
+    claim(queue_engine)
+    dead = fail(queue_engine, message_id, retry_in=timedelta(0))
     assert (dead.status, dead.attempts, dead.error_message) == ("dlq", 2, "gateway timeout")
-    assert claim(queue) == []
+    assert claim(queue_engine) == []
 
 
-def test_a_non_retryable_failure_lands_in_failed(queue: Engine) -> None:
-    _, (message_id,) = enqueue(queue, 1)
-    claim(queue)
-    failed = fail(queue, message_id, retryable=False)
+def test_a_non_retryable_failure_lands_in_failed(queue_engine: Engine) -> None:
+    _, (message_id,) = enqueue(queue_engine, 1)
+    claim(queue_engine)
+    failed = fail(queue_engine, message_id, retryable=False)
     assert (failed.status, failed.attempts) == ("failed", 1)
     assert failed.failed_at is not None
-    assert claim(queue) == []
+    assert claim(queue_engine) == []
 
 
-def test_a_failure_after_sending_changes_nothing(queue: Engine) -> None:
-    _, (message_id,) = enqueue(queue, 1)
-    claim(queue)
-    with Session(queue) as db:
+def test_a_failure_after_sending_changes_nothing(queue_engine: Engine) -> None:
+    _, (message_id,) = enqueue(queue_engine, 1)
+    claim(queue_engine)
+    with Session(queue_engine) as db:
         messages.update_message_status(db, message_id, "sent")
         db.commit()
-    assert fail(queue, message_id).status == "sent"
+    assert fail(queue_engine, message_id).status == "sent"
 
 
-def test_a_stalled_message_is_recovered(queue: Engine) -> None:
-    _, (alive, exhausted) = enqueue(queue, 2, max_attempts=1)
-    with Session(queue) as db:
+def test_a_stalled_message_is_recovered(queue_engine: Engine) -> None:
+    _, (alive, exhausted) = enqueue(queue_engine, 2, max_attempts=1)
+    with Session(queue_engine) as db:
         db.execute(text("UPDATE messages SET max_attempts = 3 WHERE id = :i"), {"i": alive})
         db.commit()
-    claim(queue)  # the worker "crashes": both stay in processing
-    with Session(queue) as db:
-        assert messages.recover_stalled_messages(db, older_than=timedelta(hours=1)) == 0
-        assert messages.recover_stalled_messages(db, older_than=timedelta(0)) == 2
+    claim(queue_engine, lease=None)  # the worker "crashes": both stay in processing
+    with Session(queue_engine) as db:
+        assert queue.recover_stalled_messages(db) == 0  # no lease has lapsed
+        assert queue.recover_stalled_messages(db, older_than=timedelta(hours=1)) == 0
+        assert queue.recover_stalled_messages(db, older_than=timedelta(0)) == 2
         db.commit()
         states = dict(db.execute(select(Message.id, Message.status)).all())
     assert states == {alive: "queued", exhausted: "dlq"}
-    assert [m.id for m in claim(queue)] == [alive]
+    assert [m.id for m in claim(queue_engine)] == [alive]
 
 
-def test_requeue_brings_a_dead_letter_back(queue: Engine) -> None:
-    _, (message_id,) = enqueue(queue, 1, max_attempts=1)
-    claim(queue)
-    assert fail(queue, message_id).status == "dlq"
-    with Session(queue, expire_on_commit=False) as db:
-        back = messages.requeue_message(db, message_id)
+def test_requeue_brings_a_dead_letter_back(queue_engine: Engine) -> None:
+    _, (message_id,) = enqueue(queue_engine, 1, max_attempts=1)
+    claim(queue_engine)
+    assert fail(queue_engine, message_id).status == "dlq"
+    with Session(queue_engine, expire_on_commit=False) as db:
+        back = queue.requeue_message(db, message_id)
         db.commit()
     assert back is not None
     assert (back.status, back.attempts, back.available_at) == ("queued", 0, None)
-    assert [m.id for m in claim(queue)] == [message_id]
-    with Session(queue) as db:
-        busy = messages.requeue_message(db, message_id)  # processing: unchanged
+    assert [m.id for m in claim(queue_engine)] == [message_id]
+    with Session(queue_engine) as db:
+        busy = queue.requeue_message(db, message_id)  # processing: unchanged
         assert busy is not None
         assert busy.status == "processing"
-        assert messages.requeue_message(db, uuid.uuid4()) is None
+        assert queue.requeue_message(db, uuid.uuid4()) is None
 
 
-def test_queue_arguments_are_validated(queue: Engine) -> None:
-    with Session(queue) as db:
+def test_queue_arguments_are_validated(queue_engine: Engine) -> None:
+    with Session(queue_engine) as db:
         for bad in (
-            lambda: messages.claim_queued_messages(db, limit=-1),
-            lambda: messages.claim_queued_messages(db, session_id="x"),
-            lambda: messages.mark_message_failed(db, uuid.uuid4(), "e", retry_in=timedelta(-1)),
-            lambda: messages.mark_message_failed(db, uuid.uuid4(), "e", retryable="yes"),  # type: ignore[arg-type]
-            lambda: messages.recover_stalled_messages(db, older_than=5),  # type: ignore[arg-type]
+            lambda: queue.claim_queued_messages(db, limit=-1),
+            lambda: queue.claim_queued_messages(db, session_id="x"),
+            lambda: queue.mark_message_failed(db, uuid.uuid4(), "e", retry_in=timedelta(-1)),
+            lambda: queue.mark_message_failed(db, uuid.uuid4(), "e", retryable="yes"),  # type: ignore[arg-type]
+            lambda: queue.recover_stalled_messages(db, older_than=5),  # type: ignore[arg-type]
         ):
             with pytest.raises(ValidationError):
                 bad()

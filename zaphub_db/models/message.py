@@ -54,6 +54,19 @@ class Message(Base):
             postgresql_where=text("status = 'processing'"),
         ),
         Index(
+            "idx_messages_chat_active",
+            "session_id",
+            "jid",
+            "created_at",
+            "seq",
+            postgresql_where=text("status IN ('queued', 'processing')"),
+        ),
+        Index(
+            "idx_messages_lease",
+            "lease_expires_at",
+            postgresql_where=text("status = 'processing'"),
+        ),
+        Index(
             "idx_messages_session_created_seq",
             "session_id",
             text("created_at DESC"),
@@ -125,6 +138,12 @@ class Message(Base):
     )
     available_at: Mapped[datetime | None] = mapped_column(
         comment="When a failed message may be claimed again; NULL means now"
+    )
+    lease_expires_at: Mapped[datetime | None] = mapped_column(
+        comment="When the current claim lapses and the message may be recovered"
+    )
+    claimed_by: Mapped[str | None] = mapped_column(
+        String(255), comment="Worker that made the last claim"
     )
     seq: Mapped[int] = mapped_column(
         BigInteger,

@@ -13,7 +13,6 @@ from zaphub_db.repositories.events import (
 from zaphub_db.repositories.messages import (
     BulkResult,
     bulk_create_messages,
-    claim_queued_messages,
     create_message,
     get_message_by_id,
     get_message_by_idempotency_key,
@@ -22,11 +21,21 @@ from zaphub_db.repositories.messages import (
     get_or_create_message,
     get_queued_messages,
     increment_message_attempts,
-    mark_message_failed,
-    recover_stalled_messages,
-    requeue_message,
     update_message_status,
     update_message_status_by_wa_id,
+)
+from zaphub_db.repositories.queue import (
+    QueueStats,
+    claim_queued_messages,
+    extend_lease,
+    mark_message_failed,
+    mark_messages_sent,
+    queue_stats,
+    recover_stalled_messages,
+    release_messages,
+    requeue_dead_letters,
+    requeue_message,
+    wait_for_messages,
 )
 from zaphub_db.repositories.sessions import (
     create_session,
@@ -38,6 +47,7 @@ from zaphub_db.repositories.sessions import (
 
 __all__ = [
     "BulkResult",
+    "QueueStats",
     "bulk_create_messages",
     "claim_queued_messages",
     "create_event",
@@ -45,6 +55,7 @@ __all__ = [
     "create_session",
     "delete_old_events",
     "delete_session",
+    "extend_lease",
     "get_all_sessions",
     "get_events_by_session",
     "get_message_by_id",
@@ -57,9 +68,14 @@ __all__ = [
     "get_session_by_id",
     "increment_message_attempts",
     "mark_message_failed",
+    "mark_messages_sent",
+    "queue_stats",
     "recover_stalled_messages",
+    "release_messages",
+    "requeue_dead_letters",
     "requeue_message",
     "update_message_status",
     "update_message_status_by_wa_id",
     "update_session",
+    "wait_for_messages",
 ]

@@ -7,7 +7,7 @@ everything a transaction did once one of its statements fails).
 
 import json
 import uuid
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
@@ -110,3 +110,16 @@ def limit_offset(limit: Any, offset: Any) -> tuple[int | None, int]:
     """A non-negative ``limit`` (or ``None`` for no limit) and ``offset``."""
     checked_limit = None if limit is None else integer(limit, "limit", maximum=INT8_MAX)
     return checked_limit, integer(offset, "offset", maximum=INT8_MAX)
+
+
+def interval(value: Any, field: str, maximum: timedelta) -> timedelta:
+    """A non-negative ``timedelta`` no longer than ``maximum``.
+
+    The bound keeps every timestamp computed from it (now() + value) inside
+    PostgreSQL's range, where an overflow would abort the caller's transaction.
+    """
+    if not isinstance(value, timedelta):
+        raise ValidationError(f"{field} must be a timedelta, got {type(value).__name__}")
+    if not timedelta(0) <= value <= maximum:
+        raise ValidationError(f"{field} must be between 0 and {maximum}, got {value}")
+    return value

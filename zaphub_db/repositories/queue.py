@@ -1,0 +1,773 @@
+"""The outbound queue: claims with a lease, chat order, batch acks, recovery, wake-ups.
+
+How a worker uses it (``zaphub_db.worker.run_worker`` does all of this):
+
+1. ``claim_queued_messages`` in a short transaction of its own, committed
+   before sending. The claim counts the attempt and sets a lease; nothing
+   stays locked while the worker sends.
+2. Send each message; ``extend_lease`` while a long batch is still going.
+3. ``mark_messages_sent`` for the batch (one statement), and
+   ``mark_message_failed`` for each failure, passing the ``attempt`` it
+   claimed so that a worker whose lease lapsed cannot disturb the next one.
+4. A rescuer calls ``recover_stalled_messages``: messages whose lease lapsed
+   (their worker died or hung) go back to ``queued``, or to ``dlq`` once
+   their attempts are spent.
+
+Delivery is at least once: a worker that dies after sending and before its
+ack leaves the message to be sent again after the lease lapses; that repeat
+is counted in ``attempts``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+import weakref
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from functools import cache
+from typing import Any
+
+import psycopg
+from sqlalchemy import (
+    Boolean,
+    ColumnElement,
+    Engine,
+    Executable,
+    Integer,
+    Interval,
+    String,
+    Text,
+    bindparam,
+    case,
+    cast,
+    exists,
+    func,
+    literal_column,
+    over,
+    select,
+    text,
+    tuple_,
+    update,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, UUID
+from sqlalchemy.orm import Session
+from sqlalchemy.orm.util import identity_key
+
+from zaphub_db.errors import ValidationError
+from zaphub_db.models import Message, MessageStatus
+from zaphub_db.repositories import validation
+from zaphub_db.repositories.execution import Loading, all_of, execute, first, loading
+from zaphub_db.repositories.messages import (
+    _CLAIMABLE,
+    _DEAD,
+    _UNSENT,
+    _c,
+    _const,
+    _table,
+    allowed_sources,
+)
+
+logger = logging.getLogger(__name__)
+
+# Default retry delay after the n-th failed attempt: BACKOFF_BASE * 2**(n-1),
+# at most BACKOFF_CAP, then "equal jitter" (a random 50-100% of it) so that
+# messages that failed together do not come back together.
+BACKOFF_BASE = timedelta(seconds=5)
+BACKOFF_CAP = timedelta(minutes=15)
+# Upper bounds of the intervals callers pass: far inside PostgreSQL's
+# timestamp range, and longer than any sensible retry or lease.
+MAX_RETRY_IN = timedelta(days=30)
+MAX_LEASE = timedelta(days=30)
+DEFAULT_LEASE = timedelta(minutes=5)
+ACK_BATCH_SIZE = 10_000
+CLAIM_LIMIT_MAX = 10_000
+# The channel the triggers of revision 0007 notify when a message becomes claimable.
+CHANNEL = "zaphub_messages"
+# Claims that limit in-flight messages per session take this transaction-level
+# advisory lock first (see claim_queued_messages). "zaphub" + "q" in ASCII.
+IN_FLIGHT_LOCK_KEY = 0x7A617068756271
+
+_QUEUED = _const(MessageStatus.QUEUED)
+_PROCESSING = _const(MessageStatus.PROCESSING)
+
+
+# --- Claims -------------------------------------------------------------------
+
+
+@cache
+def _claim_statement(*, ordered: bool, limited: bool, one_session: bool) -> Loading[Message, Any]:
+    """The claim for one combination of options, built on first use.
+
+    A ``MATERIALIZED`` CTE picks the batch with ``FOR UPDATE SKIP LOCKED``
+    and ``LIMIT`` (a plain ``id IN (subquery LIMIT n)`` may be re-evaluated
+    and update more than n rows); the UPDATE claims what it picked.
+    """
+    where: list[ColumnElement[bool]] = [_CLAIMABLE]
+    if one_session:
+        where.append(_c.session_id == bindparam("claim_session_id"))
+    if ordered:
+        # Chat order: nothing earlier in the chat is unfinished, and nothing in
+        # the chat is in flight. At most one message per chat passes in any
+        # snapshot (its earliest unfinished one, if that is queued), and both
+        # queued and processing block the rest, so concurrent claimers, which
+        # lock with SKIP LOCKED and re-check the status of what they lock,
+        # never take two messages of one chat at once.
+        other = _table.alias("chat")
+        where.append(
+            ~exists(
+                select(literal_column("1"))
+                .select_from(other)
+                .where(
+                    other.c.session_id == _c.session_id,
+                    other.c.jid == _c.jid,
+                    other.c.status.in_([_QUEUED, _PROCESSING]),
+                    (other.c.status == _PROCESSING)
+                    | (tuple_(other.c.created_at, other.c.seq) < tuple_(_c.created_at, _c.seq)),
+                )
+            )
+        )
+    order = (_c.created_at, _c.seq)
+    if not limited:
+        batch = (
+            select(_c.id)
+            .where(*where)
+            .order_by(*order)
+            .limit(bindparam("limit"))
+            .with_for_update(skip_locked=True)
+            .cte("batch")
+            .prefix_with("MATERIALIZED")
+        )
+    else:
+        # max_in_flight_per_session: candidates from sessions with room left,
+        # ranked within their session, so that the batch never brings one
+        # above the limit. Candidates a concurrent claimer holds still count
+        # against their session's room: a batch may come out smaller, never
+        # over the limit.
+        flying = _table.alias("flying")
+        busy = (
+            select(func.count())
+            .select_from(flying)
+            .where(flying.c.session_id == _c.session_id, flying.c.status == _PROCESSING)
+            .scalar_subquery()
+        )
+        room = bindparam("max_in_flight", type_=Integer)
+        candidates = (
+            select(_c.id, _c.session_id, _c.created_at, _c.seq, busy.label("busy"))
+            .where(*where, busy < room)
+            .order_by(*order)
+            .limit(bindparam("limit"))
+            .cte("candidates")
+            .prefix_with("MATERIALIZED")
+        )
+        rank = over(
+            func.row_number(),
+            partition_by=candidates.c.session_id,
+            order_by=(candidates.c.created_at, candidates.c.seq),
+        )
+        ranked = select(candidates.c.id, (candidates.c.busy + rank).label("load")).cte("ranked")
+        batch = (
+            select(_c.id)
+            .select_from(_table.join(ranked, ranked.c.id == _c.id))
+            .where(ranked.c.load <= room, _CLAIMABLE)
+            .order_by(*order)
+            .limit(bindparam("limit"))
+            .with_for_update(of=_table, skip_locked=True)
+            .cte("batch")
+            .prefix_with("MATERIALIZED")
+        )
+    statement = (
+        update(_table)
+        .where(_c.id == batch.c.id)
+        .values(
+            status=_PROCESSING,
+            processing_at=func.now(),
+            attempts=_c.attempts + 1,
+            lease_expires_at=func.now() + cast(bindparam("lease"), Interval),
+            claimed_by=bindparam("worker", type_=String),
+        )
+        .returning(*_c)
+    )
+    return loading(Message, statement)
+
+
+_IN_FLIGHT_LOCK = text("SELECT pg_advisory_xact_lock(:key)").bindparams(key=IN_FLIGHT_LOCK_KEY)
+
+
+def claim_queued_messages(
+    db: Session,
+    *,
+    limit: int = 100,
+    session_id: uuid.UUID | str | None = None,
+    lease: timedelta | None = DEFAULT_LEASE,
+    worker: str | None = None,
+    ordered: bool = True,
+    max_in_flight_per_session: int | None = None,
+) -> list[Message]:
+    """Claim up to ``limit`` messages for sending, oldest first, in one statement.
+
+    Claimable: status ``queued``, attempts left, retry time reached. Each
+    claimed message moves to ``processing`` with ``attempts`` + 1,
+    ``processing_at`` = now, ``lease_expires_at`` = now + ``lease`` (``None``:
+    no lease; only ``recover_stalled_messages(older_than=...)`` recovers it)
+    and ``claimed_by`` = ``worker``. Commit right after claiming, before
+    sending: the attempt is then counted even if the worker dies, and no row
+    stays locked while it sends. Workers claiming at once never get the same
+    message.
+
+    ``ordered`` (the default) keeps each chat, the same ``(session_id, jid)``,
+    in creation order with one message in flight: a message is claimable only
+    when no earlier message of its chat is queued or processing (a retry
+    waiting for its time holds its chat back) and none of its chat is in
+    processing.
+
+    ``max_in_flight_per_session=N``: a claim never brings a session above N
+    messages in ``processing``. Such claims first take a transaction-level
+    advisory lock (one more statement), so that each one's snapshot includes
+    every claim committed before it: under concurrency the count they check
+    is exact. The limit binds the claims that pass it; give every worker the
+    same setting.
+    """
+    params: dict[str, Any] = {
+        "limit": validation.integer(limit, "limit", maximum=CLAIM_LIMIT_MAX),
+        "lease": None if lease is None else _positive_interval(lease, "lease", MAX_LEASE),
+        "worker": validation.optional_text(worker, "worker", 255),
+    }
+    if not isinstance(ordered, bool):
+        raise ValidationError(f"ordered must be a bool, got {ordered!r}")
+    if session_id is not None:
+        params["claim_session_id"] = validation.as_uuid(session_id, "session_id")
+    limited = max_in_flight_per_session is not None
+    if limited:
+        params["max_in_flight"] = validation.integer(
+            max_in_flight_per_session, "max_in_flight_per_session", minimum=1
+        )
+    statement = _claim_statement(
+        ordered=ordered, limited=limited, one_session=session_id is not None
+    )
+    if limited:
+        execute(db, _IN_FLIGHT_LOCK, {})
+    claimed = all_of(db, statement, params)
+    # UPDATE ... RETURNING does not keep the CTE's order.
+    claimed.sort(key=lambda m: (m.created_at, m.seq))
+    if claimed:
+        logger.info(
+            "messages claimed count=%d worker=%s",
+            len(claimed),
+            worker,
+            extra={"count": len(claimed), "worker": worker},
+        )
+    return claimed
+
+
+def _positive_interval(value: Any, field: str, maximum: timedelta) -> timedelta:
+    checked = validation.interval(value, field, maximum)
+    if checked <= timedelta(0):
+        raise ValidationError(f"{field} must be longer than zero, got {checked}")
+    return checked
+
+
+def _ids(values: Any, field: str) -> list[uuid.UUID]:
+    if isinstance(values, str | bytes) or not isinstance(values, Iterable):
+        raise ValidationError(f"{field} must be an iterable of ids, got {type(values).__name__}")
+    return [validation.as_uuid(value, field) for value in values]
+
+
+_EXTEND_LEASE = text(
+    "UPDATE messages SET lease_expires_at = now() + :lease "
+    "WHERE id = ANY(:ids) AND status = 'processing'"
+).bindparams(bindparam("lease", type_=Interval), bindparam("ids", type_=ARRAY(UUID())))
+
+
+def extend_lease(db: Session, ids: Iterable[uuid.UUID | str], *, lease: timedelta) -> int:
+    """Extend the leases of messages still in ``processing`` to now + ``lease``.
+
+    The heartbeat of a long send or batch. Returns how many leases were
+    extended; a message that was recovered or finished meanwhile is left alone.
+    """
+    checked = _ids(ids, "ids")
+    params = {"ids": checked, "lease": _positive_interval(lease, "lease", MAX_LEASE)}
+    if not checked:
+        return 0
+    extended: int = execute(db, _EXTEND_LEASE, params).rowcount  # type: ignore[attr-defined]
+    return extended
+
+
+# --- Acknowledgements -----------------------------------------------------------
+
+_SENT_SOURCES = ", ".join(
+    f"'{s.value}'" for s in (*allowed_sources(MessageStatus.SENT), MessageStatus.SENT)
+)
+# One statement per batch of acks. The rows are locked first (FOR NO KEY
+# UPDATE in READ COMMITTED returns each row's latest version), so that the
+# status each had before is known and RETURNING can tell which ones moved.
+# The rules of update_message_status(..., "sent"): never backwards (delivered
+# and read rows are not touched), sent_at stamped only by the move, and an ack
+# of a row already sent only fills in the WhatsApp fields given.
+_MARK_SENT = text(
+    f"""
+    WITH ack AS (
+        SELECT * FROM unnest(CAST(:ids AS uuid[]), CAST(:wa_message_ids AS varchar[]),
+                             CAST(:wa_timestamps AS bigint[]), CAST(:wa_responses AS jsonb[]),
+                             CAST(:ats AS timestamptz[]))
+                 AS a(id, wa_message_id, wa_timestamp, wa_response, at)
+    ), target AS (
+        SELECT m.id, m.status FROM messages m JOIN ack ON ack.id = m.id
+        WHERE m.status IN ({_SENT_SOURCES})
+        FOR NO KEY UPDATE OF m
+    )
+    UPDATE messages m SET
+        status = 'sent',
+        sent_at = CASE WHEN target.status = 'sent' THEN m.sent_at
+                       ELSE coalesce(ack.at, now()) END,
+        wa_message_id = coalesce(ack.wa_message_id, m.wa_message_id),
+        wa_timestamp = coalesce(ack.wa_timestamp, m.wa_timestamp),
+        wa_response = coalesce(ack.wa_response, m.wa_response),
+        lease_expires_at = NULL
+    FROM target JOIN ack ON ack.id = target.id
+    WHERE m.id = target.id
+    RETURNING m.id, target.status <> 'sent' AS moved
+    """
+)
+_ACK_KEYS = {"id", "wa_message_id", "wa_timestamp", "wa_response", "at"}
+
+
+def _ack_row(index: int, ack: Any) -> tuple[Any, ...]:
+    if not isinstance(ack, Mapping):
+        raise ValidationError(f"ack {index} must be a mapping, got {type(ack).__name__}")
+    unknown = set(ack) - _ACK_KEYS
+    if unknown:
+        raise ValidationError(f"ack {index} has unknown fields: {', '.join(sorted(unknown))}")
+    if "id" not in ack:
+        raise ValidationError(f"ack {index} lacks id")
+    try:
+        wa_timestamp = ack.get("wa_timestamp")
+        wa_response = ack.get("wa_response")
+        return (
+            validation.as_uuid(ack["id"]),
+            validation.optional_text(ack.get("wa_message_id"), "wa_message_id", 255),
+            None
+            if wa_timestamp is None
+            else validation.integer(
+                wa_timestamp, "wa_timestamp", -validation.INT8_MAX, validation.INT8_MAX
+            ),
+            None if wa_response is None else validation.json_text(wa_response, "wa_response"),
+            validation.timestamp(ack.get("at"), "at"),
+        )
+    except ValidationError as exc:
+        raise ValidationError(f"ack {index}: {exc}") from exc
+
+
+def mark_messages_sent(db: Session, acks: Iterable[Mapping[str, Any]]) -> int:
+    """Mark a batch of messages sent; how many moved to ``sent``.
+
+    ``acks`` are mappings with ``id`` and optionally ``wa_message_id``,
+    ``wa_timestamp``, ``wa_response`` and ``at`` (when it was sent; default
+    now). One statement per ``ACK_BATCH_SIZE`` acks. The rules of
+    ``update_message_status(..., "sent")`` apply to each: a message already
+    delivered or read is left as it is, a failed or dead-lettered one is sent
+    after all. The lease is cleared. Every ack is checked before the first
+    statement; of several acks for one id the last counts. Instances of these
+    messages in ``db`` are expired, so that they reload their new state.
+    """
+    rows = {row[0]: row for row in (_ack_row(i, ack) for i, ack in enumerate(acks))}
+    ordered_rows = list(rows.values())
+    moved = 0
+    for start in range(0, len(ordered_rows), ACK_BATCH_SIZE):
+        chunk = ordered_rows[start : start + ACK_BATCH_SIZE]
+        ids, wa_ids, wa_timestamps, wa_responses, ats = (
+            list(column) for column in zip(*chunk, strict=True)
+        )
+        result = execute(
+            db,
+            _MARK_SENT,
+            {
+                "ids": ids,
+                "wa_message_ids": wa_ids,
+                "wa_timestamps": wa_timestamps,
+                "wa_responses": wa_responses,
+                "ats": ats,
+            },
+        )
+        moved += sum(1 for row in result if row.moved)
+    _expire(db, rows)
+    if moved:
+        logger.info("messages sent count=%d", moved, extra={"count": moved})
+    return moved
+
+
+def _expire(db: Session, ids: Iterable[uuid.UUID]) -> None:
+    """Expire the instances of ``ids`` that ``db`` holds: a Core UPDATE changed their rows."""
+    identity_map = db.identity_map
+    for id in ids:
+        instance = identity_map.get(identity_key(Message, id))
+        if instance is not None:
+            db.expire(instance)
+
+
+# --- Failures, recovery, requeue ------------------------------------------------
+
+_UNSENT_NOW = _c.status.in_([_const(s) for s in _UNSENT])
+_ATTEMPTS_LEFT = _c.attempts < _c.max_attempts
+_RETRYABLE = bindparam("retryable", type_=Boolean)
+_RETRY = _RETRYABLE & _ATTEMPTS_LEFT
+_BACKOFF_SECONDS = func.least(
+    BACKOFF_CAP.total_seconds(),
+    BACKOFF_BASE.total_seconds() * func.power(2, func.greatest(_c.attempts - 1, 0)),
+) * (0.5 + func.random() * 0.5)
+# Fencing: a report from the worker of an earlier attempt (its lease lapsed
+# and the message was claimed again) must not touch the current attempt.
+_CURRENT = _UNSENT_NOW & (
+    cast(bindparam("attempt"), Integer).is_(None) | (_c.attempts == bindparam("attempt"))
+)
+_MARK_FAILED = loading(
+    Message,
+    update(_table)
+    .where(_c.id == bindparam("locate_id"))
+    .values(
+        # Only messages not yet sent can fail; others are returned unchanged
+        # (a late failure report must not undo a delivery ack).
+        status=case(
+            (~_CURRENT, _c.status),
+            (_RETRY, _QUEUED),
+            (_RETRYABLE, _const(MessageStatus.DLQ)),
+            else_=_const(MessageStatus.FAILED),
+        ),
+        available_at=case(
+            (
+                _CURRENT & _RETRY,
+                func.now()
+                + func.coalesce(
+                    cast(bindparam("retry_in"), Interval),
+                    func.make_interval(0, 0, 0, 0, 0, 0, _BACKOFF_SECONDS),
+                ),
+            ),
+            else_=_c.available_at,
+        ),
+        failed_at=case((_CURRENT, func.now()), else_=_c.failed_at),
+        error_message=case(
+            (_CURRENT, bindparam("new_error_message", type_=Text)), else_=_c.error_message
+        ),
+        lease_expires_at=case((_CURRENT, None), else_=_c.lease_expires_at),
+    )
+    .returning(*_c),
+)
+
+
+def mark_message_failed(
+    db: Session,
+    id: uuid.UUID | str,
+    error_message: str,
+    *,
+    retryable: bool = True,
+    retry_in: timedelta | None = None,
+    attempt: int | None = None,
+) -> Message | None:
+    """Record a failed send attempt; the row afterwards, or ``None`` if there is none.
+
+    Retryable with attempts left: back to ``queued``, claimable again after
+    ``retry_in`` (at most 30 days; default an exponential backoff with
+    jitter, see ``BACKOFF_BASE``/``BACKOFF_CAP``). Retryable with none left:
+    ``dlq``. Not retryable: ``failed``. Both set ``failed_at`` and keep
+    ``error_message``; the lease is cleared. A message already sent is
+    returned unchanged, and so is one whose ``attempts`` differs from
+    ``attempt`` when that is given: the report comes from a worker whose
+    lease lapsed, and another worker holds the message now.
+    """
+    if not isinstance(retryable, bool):
+        raise ValidationError(f"retryable must be a bool, got {retryable!r}")
+    params = {
+        "locate_id": validation.as_uuid(id),
+        "new_error_message": validation.text_value(error_message, "error_message"),
+        "retryable": retryable,
+        "retry_in": None
+        if retry_in is None
+        else validation.interval(retry_in, "retry_in", MAX_RETRY_IN),
+        "attempt": None if attempt is None else validation.integer(attempt, "attempt"),
+    }
+    message = first(db, _MARK_FAILED, params)
+    if message is not None:
+        logger.info(
+            "message failed id=%s status=%s attempts=%d",
+            message.id,
+            message.status,
+            message.attempts,
+            extra={"message_id": str(message.id), "status": message.status},
+        )
+    return message
+
+
+def _recover_statement() -> Executable:
+    older_than = cast(bindparam("older_than"), Interval)
+    lapsed = (_c.lease_expires_at < func.now()) | (
+        _c.lease_expires_at.is_(None)
+        & older_than.is_not(None)
+        & (_c.processing_at < func.now() - older_than)
+    )
+    stalled = (
+        select(_c.id)
+        .where(_c.status == _PROCESSING, lapsed)
+        # A row another transaction is changing right now (an ack) is left to it.
+        .with_for_update(skip_locked=True)
+        .cte("stalled")
+        .prefix_with("MATERIALIZED")
+    )
+    return (
+        update(_table)
+        .where(_c.id == stalled.c.id)
+        .values(
+            status=case((_ATTEMPTS_LEFT, _QUEUED), else_=_const(MessageStatus.DLQ)),
+            failed_at=case((_ATTEMPTS_LEFT, _c.failed_at), else_=func.now()),
+            error_message=case(
+                (_ATTEMPTS_LEFT, _c.error_message),
+                else_=func.coalesce(_c.error_message, "lease lapsed in processing"),
+            ),
+            available_at=None,
+            lease_expires_at=None,
+        )
+    )
+
+
+_RECOVER = _recover_statement()
+
+
+def recover_stalled_messages(db: Session, *, older_than: timedelta | None = None) -> int:
+    """Return to the queue messages whose worker died or hung; how many.
+
+    A message in ``processing`` whose lease has lapsed (or, for a claim made
+    without a lease, whose ``processing_at`` is older than ``older_than``)
+    goes back to ``queued``, or to ``dlq`` when ``attempts >= max_attempts``.
+    Attempts are counted at the claim, so a message that kills its worker on
+    every try ends in ``dlq`` after ``max_attempts`` claims.
+    """
+    params = {
+        "older_than": None
+        if older_than is None
+        else validation.interval(older_than, "older_than", MAX_LEASE)
+    }
+    recovered: int = execute(db, _RECOVER, params).rowcount  # type: ignore[attr-defined]
+    if recovered:
+        logger.info("stalled messages recovered count=%d", recovered, extra={"count": recovered})
+    return recovered
+
+
+_REQUEUE_VALUES = {
+    "status": _QUEUED,
+    "attempts": 0,
+    "available_at": None,
+    "queued_at": func.now(),
+    "lease_expires_at": None,
+}
+_REQUEUE = loading(
+    Message,
+    update(_table)
+    .where(_c.id == bindparam("locate_id"))
+    .values(
+        {
+            column: case((_c.status.in_([_const(s) for s in _DEAD]), value), else_=_c[column])
+            for column, value in _REQUEUE_VALUES.items()
+        }
+    )
+    .returning(*_c),
+)
+_REQUEUE_DLQ = (
+    update(_table)
+    .where(
+        _c.status == _const(MessageStatus.DLQ),
+        cast(bindparam("in_session"), UUID).is_(None)
+        | (_c.session_id == cast(bindparam("in_session"), UUID)),
+    )
+    .values(_REQUEUE_VALUES)
+)
+
+
+def requeue_message(db: Session, id: uuid.UUID | str) -> Message | None:
+    """Put a ``dlq`` or ``failed`` message back in the queue with ``attempts`` reset.
+
+    Other messages are returned unchanged; ``None`` if there is none.
+    """
+    return first(db, _REQUEUE, {"locate_id": validation.as_uuid(id)})
+
+
+def requeue_dead_letters(db: Session, *, session_id: uuid.UUID | str | None = None) -> int:
+    """Put every ``dlq`` message (of one session, if given) back in the queue; how many."""
+    key = None if session_id is None else validation.as_uuid(session_id, "session_id")
+    requeued: int = execute(db, _REQUEUE_DLQ, {"in_session": key}).rowcount  # type: ignore[attr-defined]
+    return requeued
+
+
+_RELEASE = text(
+    "UPDATE messages m SET status = 'queued', attempts = m.attempts - 1, "
+    "lease_expires_at = NULL "
+    "FROM unnest(CAST(:ids AS uuid[]), CAST(:attempts AS integer[])) AS held(id, attempt) "
+    "WHERE m.id = held.id AND m.attempts = held.attempt AND m.status = 'processing'"
+)
+
+
+def release_messages(db: Session, messages: Iterable[Message]) -> int:
+    """Give back claimed messages that were never sent; how many went back to ``queued``.
+
+    For a worker that stops before sending the rest of its batch: the
+    claim's attempt is taken back, since nothing was attempted. Only messages
+    still in ``processing`` under the attempt that was claimed move (one whose
+    lease lapsed and that another worker claimed since is left alone). One
+    statement.
+    """
+    held = {m.id: m.attempts for m in messages}
+    if not held:
+        return 0
+    result = execute(db, _RELEASE, {"ids": list(held), "attempts": list(held.values())})
+    released: int = result.rowcount  # type: ignore[attr-defined]
+    _expire(db, held)
+    return released
+
+
+# --- Statistics -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    """The queue's depth and age, as :func:`queue_stats` reads them."""
+
+    queued: int
+    ready: int
+    delayed: int
+    processing: int
+    expired: int
+    failed: int
+    dlq: int
+    oldest_ready_age: timedelta | None
+
+
+_STATS = text(
+    """
+    SELECT
+        count(*) FILTER (WHERE status = 'queued') AS queued,
+        count(*) FILTER (WHERE status = 'queued' AND attempts < max_attempts
+                         AND (available_at IS NULL OR available_at <= now())) AS ready,
+        count(*) FILTER (WHERE status = 'queued' AND available_at > now()) AS delayed,
+        count(*) FILTER (WHERE status = 'processing') AS processing,
+        count(*) FILTER (WHERE status = 'processing' AND lease_expires_at < now()) AS expired,
+        count(*) FILTER (WHERE status = 'failed') AS failed,
+        count(*) FILTER (WHERE status = 'dlq') AS dlq,
+        now() - min(created_at) FILTER (WHERE status = 'queued' AND attempts < max_attempts
+                         AND (available_at IS NULL OR available_at <= now())) AS oldest_ready_age
+    FROM messages
+    WHERE status IN ('queued', 'processing', 'failed', 'dlq')
+      AND (CAST(:session_id AS uuid) IS NULL OR session_id = CAST(:session_id AS uuid))
+    """
+)
+
+
+def queue_stats(db: Session, *, session_id: uuid.UUID | str | None = None) -> QueueStats:
+    """The queue's depth and age (of one session, if given), in one statement.
+
+    ``queued`` counts every queued message: ``ready`` ones (claimable now,
+    chat order aside) and ``delayed`` ones (waiting for their retry time).
+    ``expired`` counts messages in ``processing`` whose lease lapsed (what
+    ``recover_stalled_messages`` would take). ``oldest_ready_age`` is how long
+    the oldest ready message has waited since it was created, or ``None``.
+    """
+    key = None if session_id is None else validation.as_uuid(session_id, "session_id")
+    row = execute(db, _STATS, {"session_id": key}).one()
+    return QueueStats(**row._asdict())
+
+
+# --- Wake-ups -------------------------------------------------------------------
+
+
+class _Listener:
+    """A connection of one thread that LISTENs on the queue's channel."""
+
+    def __init__(self, engine: Engine) -> None:
+        pooled = engine.raw_connection()
+        connection = pooled.driver_connection
+        if not isinstance(connection, psycopg.Connection):
+            pooled.close()
+            raise TypeError("wait_for_messages needs a psycopg (postgresql+psycopg) engine")
+        # Out of the pool: it LISTENs for as long as the thread waits, and must
+        # never be handed to another user with the registration still on it.
+        pooled.detach()
+        connection.rollback()
+        connection.autocommit = True
+        connection.execute(f"LISTEN {CHANNEL}")
+        self.connection: psycopg.Connection[Any] = connection
+
+    def wait(self, timeout: float) -> bool:
+        woken = any(True for _ in self.connection.notifies(timeout=timeout, stop_after=1))
+        if woken:
+            # Several commits may have notified while we were busy: one
+            # wake-up serves them all.
+            for _ in self.connection.notifies(timeout=0):
+                pass
+        return woken
+
+    def close(self) -> None:
+        self.connection.close()
+
+
+_listeners: weakref.WeakKeyDictionary[Engine, threading.local] = weakref.WeakKeyDictionary()
+_listeners_lock = threading.Lock()
+
+
+def wait_for_messages(engine: Engine, timeout: float) -> bool:
+    """Wait until a message may have become claimable; ``False`` after ``timeout`` seconds.
+
+    Returns ``True`` on a notification on channel ``zaphub_messages``: a
+    commit that inserted queued messages, requeued or recovered some. The
+    first call in a thread starts listening on a connection of that thread's
+    own, outside the engine's pool; notifications that arrive between two
+    calls are kept for the next one, so a worker that claims, works and then
+    waits misses nothing. Waiting sends no queries. If the listening
+    connection breaks, the call returns ``True`` (something may have been
+    missed) and the next one listens again.
+    """
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout < 0:
+        raise ValidationError(f"timeout must be a non-negative number of seconds, got {timeout!r}")
+    with _listeners_lock:
+        local = _listeners.setdefault(engine, threading.local())
+    listener: _Listener | None = getattr(local, "listener", None)
+    if listener is None:
+        try:
+            listener = local.listener = _Listener(engine)
+        except psycopg.OperationalError:
+            return True
+    try:
+        return listener.wait(timeout)
+    except psycopg.Error:
+        listener.close()
+        local.listener = None
+        return True
+
+
+def stop_listening(engine: Engine) -> None:
+    """Close this thread's listening connection on ``engine``, if it has one."""
+    with _listeners_lock:
+        local = _listeners.get(engine)
+    listener: _Listener | None = getattr(local, "listener", None) if local else None
+    if listener is not None:
+        listener.close()
+        local.listener = None  # type: ignore[union-attr]
+
+
+__all__ = [
+    "ACK_BATCH_SIZE",
+    "BACKOFF_BASE",
+    "BACKOFF_CAP",
+    "CHANNEL",
+    "DEFAULT_LEASE",
+    "QueueStats",
+    "claim_queued_messages",
+    "extend_lease",
+    "mark_message_failed",
+    "mark_messages_sent",
+    "queue_stats",
+    "recover_stalled_messages",
+    "release_messages",
+    "requeue_dead_letters",
+    "requeue_message",
+    "stop_listening",
+    "wait_for_messages",
+]
