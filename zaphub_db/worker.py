@@ -138,6 +138,7 @@ def run_worker(
     ordered: bool = True,
     max_in_flight_per_session: int | None = None,
     poll_interval: float = 5.0,
+    retry_in: timedelta | None = None,
 ) -> WorkerSummary:
     """Send queued messages with ``handler`` until ``stop`` is set.
 
@@ -156,6 +157,9 @@ def run_worker(
     a backoff. When ``stop`` is set the worker finishes the message in hand,
     acknowledges what it sent, gives back the claimed messages it has not
     started, and returns a summary.
+
+    ``retry_in`` sets the delay before a failed message is retried (default:
+    ``mark_message_failed``'s exponential backoff).
     """
     if isinstance(poll_interval, bool) or not isinstance(poll_interval, int | float):
         raise TypeError(f"poll_interval must be a number of seconds, got {poll_interval!r}")
@@ -199,7 +203,7 @@ def run_worker(
                 _idle(engine, stop, poll_interval)
                 continue
             summary.claimed += len(batch)
-            _work(engine, handler, batch, stop, heartbeat, summary)
+            _work(engine, handler, batch, stop, heartbeat, summary, retry_in)
     finally:
         if heartbeat is not None:
             heartbeat.stop()
@@ -225,6 +229,7 @@ def _work(
     stop: threading.Event,
     heartbeat: _Heartbeat | None,
     summary: WorkerSummary,
+    retry_in: timedelta | None,
 ) -> None:
     if heartbeat is not None:
         heartbeat.hold([m.id for m in batch])
@@ -237,10 +242,10 @@ def _work(
         try:
             wa_message_id = handler(message)
         except PermanentFailure as exc:
-            _record_failure(engine, message, exc, retryable=False, summary=summary)
+            _record_failure(engine, message, exc, False, retry_in, summary)
         except Exception as exc:
             logger.warning("send of message %s failed: %s", message.id, _error_text(exc))
-            _record_failure(engine, message, exc, retryable=True, summary=summary)
+            _record_failure(engine, message, exc, True, retry_in, summary)
         else:
             ack: dict[str, Any] = {"id": message.id}
             if isinstance(wa_message_id, str):
@@ -255,22 +260,34 @@ def _work(
         if heartbeat is not None:
             heartbeat.drop(message.id)
     if acks:
-        summary.sent += _write(engine, lambda db: queue.mark_messages_sent(db, acks), 0)
+        summary.sent += _write(engine, lambda db: queue.mark_messages_sent(db, acks), 0, summary)
     if unstarted:
-        summary.released += _write(engine, lambda db: queue.release_messages(db, unstarted), 0)
+        summary.released += _write(
+            engine, lambda db: queue.release_messages(db, unstarted), 0, summary
+        )
     if heartbeat is not None:
         heartbeat.hold([])
 
 
 def _record_failure(
-    engine: Engine, message: Message, exc: BaseException, *, retryable: bool, summary: WorkerSummary
+    engine: Engine,
+    message: Message,
+    exc: BaseException,
+    retryable: bool,
+    retry_in: timedelta | None,
+    summary: WorkerSummary,
 ) -> None:
     def fail(db: Session) -> Message | None:
         return queue.mark_message_failed(
-            db, message.id, _error_text(exc), retryable=retryable, attempt=message.attempts
+            db,
+            message.id,
+            _error_text(exc),
+            retryable=retryable,
+            retry_in=retry_in,
+            attempt=message.attempts,
         )
 
-    after = _write(engine, fail, None)
+    after = _write(engine, fail, None, summary)
     if after is None:
         return
     if after.status == "queued":
@@ -279,7 +296,7 @@ def _record_failure(
         summary.failed += 1
 
 
-def _write(engine: Engine, work: Callable[[Session], T], fallback: T) -> T:
+def _write(engine: Engine, work: Callable[[Session], T], fallback: T, summary: WorkerSummary) -> T:
     """Run ``work`` in its own transaction, retrying transient errors a few times.
 
     What cannot be written is left to the lease: the message is recovered
@@ -290,6 +307,7 @@ def _write(engine: Engine, work: Callable[[Session], T], fallback: T) -> T:
         try:
             return _in_transaction(engine, work, commit=True)
         except TransientError as exc:
+            summary.database_errors += 1
             logger.warning("write failed (attempt %d of %d): %s", attempt, _WRITE_ATTEMPTS, exc)
             time.sleep(delay)
             delay = min(delay * 2, _RETRY_CAP)

@@ -4,8 +4,10 @@ Each case first flushes a session in the caller's transaction, then makes the
 bad call, then commits: the earlier work must still be there.
 """
 
+import sys
 import uuid
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -13,9 +15,32 @@ from sqlalchemy.orm import Session
 
 from zaphub_db.errors import ValidationError, ZaphubDBError
 from zaphub_db.models import WhatsAppSession
-from zaphub_db.repositories import events, messages, sessions
+from zaphub_db.repositories import events, messages, queue, sessions
 
 JID = "5534999999999@s.whatsapp.net"
+
+
+def deep_list(depth: int) -> list[Any]:
+    """A list nested ``depth`` levels deep."""
+    top: list[Any] = []
+    current = top
+    for _ in range(depth - 1):
+        inner: list[Any] = []
+        current.append(inner)
+        current = inner
+    return top
+
+
+def with_recursion_limit(
+    limit: int, call: Callable[[Session, uuid.UUID], Any], db: Session, sid: uuid.UUID
+) -> Any:
+    """``call`` with Python's recursion limit raised: the depth check is ours, not Python's."""
+    before = sys.getrecursionlimit()
+    sys.setrecursionlimit(limit)
+    try:
+        return call(db, sid)
+    finally:
+        sys.setrecursionlimit(before)
 
 
 def message_call(**overrides: Any) -> Callable[[Session, uuid.UUID], Any]:
@@ -83,6 +108,37 @@ CASES: dict[str, Callable[[Session, uuid.UUID], Any]] = {
         db, uuid.uuid4(), "sent", at=__import__("datetime").datetime(2026, 1, 1)
     ),
     "zero cleanup batch": lambda db, _: events.delete_old_events(db, 30, batch_size=0),
+    "lone surrogate in a payload": message_call(payload={"text": "\ud800"}),
+    "lone surrogate in a payload key": message_call(payload={"\udfff": 1}),
+    "lone surrogate in an event payload": lambda db, _: events.create_event(
+        db, event_type="x", payload={"a": ["\ud800"]}
+    ),
+    "lone surrogate in a session config": lambda db, sid: sessions.update_session(
+        db, sid, config={"x": "\ud800"}
+    ),
+    "lone surrogate in a bulk item": lambda db, sid: messages.bulk_create_messages(
+        db, sid, [{"message_id": "b", "jid": JID, "type": "text", "payload": {"t": "\ud800"}}]
+    ),
+    "lone surrogate in a jid": message_call(jid="55\udc80@s.whatsapp.net"),
+    "lone surrogate in a label": lambda db, _: sessions.create_session(db, label="a\ud800"),
+    "JSON nested 100,000 deep": message_call(payload={"x": deep_list(100_000)}),
+    "JSON nested 1,001 deep": message_call(payload={"x": deep_list(1000)}),
+    "JSON nested 1,001 deep with room on the stack": lambda db, sid: with_recursion_limit(
+        5000, message_call(payload={"x": deep_list(1000)}), db, sid
+    ),
+    "max_attempts of zero": message_call(max_attempts=0),
+    "days_to_keep beyond the timestamp range": lambda db, _: events.delete_old_events(
+        db, 2**31 - 1
+    ),
+    "retry_in beyond 30 days": lambda db, _: queue.mark_message_failed(
+        db, uuid.uuid4(), "x", retry_in=timedelta(days=10**8)
+    ),
+    "retry_in of timedelta.max": lambda db, _: queue.mark_message_failed(
+        db, uuid.uuid4(), "x", retry_in=timedelta.max
+    ),
+    "older_than of timedelta.max": lambda db, _: queue.recover_stalled_messages(
+        db, older_than=timedelta.max
+    ),
 }
 
 
@@ -101,3 +157,26 @@ def test_bad_input_raises_validation_error_and_keeps_earlier_work(
     assert db.get(WhatsAppSession, earlier_id) is not None
     # and the transaction still takes new work
     assert sessions.create_session(db, label="later work").label == "later work"
+
+
+def test_the_text_backslash_u0000_is_not_a_nul(zaphub_session: Session) -> None:
+    db = zaphub_session
+    session_id = sessions.create_session(db, label="x").id
+    message = messages.create_message(
+        db, session_id=session_id, message_id="k", jid=JID, type="text", payload={"t": "\\u0000"}
+    )
+    db.expire_all()
+    assert message.payload == {"t": "\\u0000"}
+
+
+def test_deeply_nested_json_within_the_limit_is_accepted(zaphub_session: Session) -> None:
+    # Python's json decoder recurses too: what it reads back depends on the
+    # caller's stack, so this stays well inside the interpreter's limit.
+    db = zaphub_session
+    session_id = sessions.create_session(db, label="x").id
+    payload = {"x": deep_list(500)}
+    message = messages.create_message(
+        db, session_id=session_id, message_id="k", jid=JID, type="text", payload=payload
+    )
+    db.expire_all()
+    assert message.payload == payload

@@ -42,9 +42,7 @@ def enqueue_chats(
     """Sessions whose chats each get ``per_chat`` messages, interleaved, in one transaction."""
     order: dict[tuple[uuid.UUID, str], list[uuid.UUID]] = defaultdict(list)
     with Session(engine) as db:
-        session_ids = [
-            sessions.create_session(db, label=f"s{i}").id for i in range(session_count)
-        ]
+        session_ids = [sessions.create_session(db, label=f"s{i}").id for i in range(session_count)]
         for round_ in range(per_chat):
             for session_id in session_ids:
                 for c in range(chats):
@@ -70,7 +68,7 @@ def claim(engine: Engine, **kwargs: Any) -> list[Message]:
 
 def test_one_chat_is_claimed_one_message_at_a_time_in_creation_order(queue_engine: Engine) -> None:
     order = enqueue_chats(queue_engine, 1, 1, 3)
-    ((chat, ids),) = order.items()
+    ((_chat, ids),) = order.items()
     first = claim(queue_engine, limit=10)
     assert [m.id for m in first] == ids[:1]
     assert claim(queue_engine, limit=10) == []  # the first is in flight
@@ -92,7 +90,7 @@ def test_chats_of_one_session_and_of_different_sessions_go_in_parallel(
 
 def test_a_retry_waiting_for_its_time_holds_its_chat(queue_engine: Engine) -> None:
     order = enqueue_chats(queue_engine, 1, 2, 2)
-    (held, held_ids), (_free, free_ids) = order.items()
+    (_held, held_ids), (_free, free_ids) = order.items()
     first = claim(queue_engine, limit=10)
     assert {m.id for m in first} == {held_ids[0], free_ids[0]}
     with Session(queue_engine) as db:

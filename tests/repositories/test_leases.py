@@ -78,7 +78,7 @@ def row(engine: Engine, id: uuid.UUID) -> Message:
 
 
 def test_a_claim_records_its_lease_and_worker(queue_engine: Engine) -> None:
-    _, (id,) = enqueue(queue_engine, 1)
+    _, (_id,) = enqueue(queue_engine, 1)
     (claimed,) = claim(queue_engine, lease=timedelta(minutes=2), worker="host-a:17")
     assert (claimed.status, claimed.attempts, claimed.claimed_by) == ("processing", 1, "host-a:17")
     assert claimed.processing_at is not None
@@ -199,7 +199,7 @@ def test_batch_acks_take_one_statement_and_never_move_backwards(queue_engine: En
         queue.mark_message_failed(db, ids[4], "boom", retryable=False)
         db.commit()
     at = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
-    acks = [
+    acks: list[dict[str, Any]] = [
         {"id": ids[0], "wa_message_id": "wamid.0", "wa_timestamp": 1700000000},
         {"id": ids[1], "wa_response": {"ok": True}, "at": at},
         {"id": str(ids[2])},
@@ -231,7 +231,7 @@ def test_batch_acks_take_one_statement_and_never_move_backwards(queue_engine: En
 
 
 def test_acks_expire_the_instances_the_session_holds(queue_engine: Engine) -> None:
-    _, ids = enqueue(queue_engine, 1)
+    _, _ids = enqueue(queue_engine, 1)
     with Session(queue_engine) as db:
         (held,) = queue.claim_queued_messages(db)
         queue.mark_messages_sent(db, [{"id": held.id, "wa_message_id": "wamid.9"}])

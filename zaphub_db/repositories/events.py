@@ -164,13 +164,18 @@ def get_recent_events(
     return all_of(db, statement, params)
 
 
+MAX_DAYS_TO_KEEP = 365_000
+
+
 def delete_old_events(db: Session, days_to_keep: int = 30, *, batch_size: int | None = None) -> int:
     """Delete events older than ``days_to_keep`` days; the number deleted.
 
     With ``batch_size``, deletes at most that many (the oldest), so that a
     caller can clean up a large table in short transactions.
     """
-    params: dict[str, Any] = {"days": validation.integer(days_to_keep, "days_to_keep")}
+    # At most 1,000 years: now() minus more would leave PostgreSQL's timestamp range.
+    days = validation.integer(days_to_keep, "days_to_keep", maximum=MAX_DAYS_TO_KEEP)
+    params: dict[str, Any] = {"days": days}
     statement = _DELETE_OLD
     if batch_size is not None:
         params["batch_size"] = validation.integer(batch_size, "batch_size", minimum=1)

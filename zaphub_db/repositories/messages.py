@@ -245,7 +245,8 @@ def _creation_params(
         "type": validation.choice(type, MessageType, "type"),
         "payload": validation.json_text(payload, "payload"),
         "status": validation.choice(status, MessageStatus, "status"),
-        "max_attempts": validation.integer(max_attempts, "max_attempts"),
+        # At least one attempt: a message with none could never be claimed.
+        "max_attempts": validation.integer(max_attempts, "max_attempts", minimum=1),
     }
 
 

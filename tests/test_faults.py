@@ -1,0 +1,179 @@
+"""Faults: a server restart while workers drain (on a throwaway server), timeouts, killed backends."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.engine import URL
+from sqlalchemy.orm import Session
+
+import zaphub_db
+from tests.servers import ThrowawayServer, throwaway_server
+from zaphub_db.errors import ConnectionLostError, LockTimeoutError, StatementTimeoutError
+from zaphub_db.models import Message
+from zaphub_db.repositories import messages, queue, sessions
+from zaphub_db.repositories.execution import execute
+from zaphub_db.testing.databases import migrate, throwaway_database
+from zaphub_db.worker import WorkerSummary, run_worker
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[ThrowawayServer]:
+    with throwaway_server() as started:
+        yield started
+
+
+def test_a_server_restart_while_four_workers_drain_loses_nothing(server: ThrowawayServer) -> None:
+    url = server.url()
+    migrate(url)
+    engine = create_engine(url, pool_size=8)
+    with Session(engine) as db:
+        session_id = sessions.create_session(db, label="restart").id
+        messages.bulk_create_messages(
+            db,
+            session_id,
+            [
+                {
+                    "message_id": f"m{i}",
+                    "jid": f"55349{i % 40:08d}@s.whatsapp.net",
+                    "type": "text",
+                    "payload": {"n": i},
+                }
+                for i in range(600)
+            ],
+        )
+        db.commit()
+    sends: Counter[uuid.UUID] = Counter()
+    lock = threading.Lock()
+    stop = threading.Event()
+    summaries: list[WorkerSummary] = []
+
+    def handler(message: Message) -> str:
+        time.sleep(0.002)  # the send
+        with lock:
+            sends[message.id] += 1
+        return f"wamid.{message.message_id}"
+
+    def work(n: int) -> None:
+        summaries.append(
+            run_worker(
+                engine,
+                handler,
+                batch_size=10,
+                lease=timedelta(seconds=1),
+                worker=f"w{n}",
+                stop=stop,
+                poll_interval=0.5,
+            )
+        )
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        while sum(sends.values()) < 150:
+            time.sleep(0.01)
+        server.restart("immediate")  # every connection dies mid-drain
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                with Session(engine) as db:
+                    stats = queue.queue_stats(db)
+            except Exception:  # the server is still coming back
+                time.sleep(0.2)
+                continue
+            if stats.queued == 0 and stats.processing == 0:
+                break
+            time.sleep(0.2)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=60)
+    with Session(engine) as db:
+        rows = db.execute(text("SELECT id, status, attempts, lease_expires_at FROM messages")).all()
+    engine.dispose()
+    assert len(rows) == 600
+    assert {r.status for r in rows} == {"sent"}  # nothing lost, nothing stuck
+    assert all(r.lease_expires_at is None for r in rows)
+    assert set(sends) == {r.id for r in rows}
+    # Every send followed a committed claim: a repeated send shows in attempts.
+    uncounted = [(sends[r.id], r.attempts) for r in rows if sends[r.id] > r.attempts]
+    assert uncounted == []
+    assert sum(s.database_errors for s in summaries) > 0  # the restart was felt
+
+
+@pytest.fixture
+def safe_engine(server_url: URL) -> Iterator[Engine]:
+    """zaphub_db.create_engine on a migrated throwaway database, with a short lock timeout."""
+    with throwaway_database(server_url) as url:
+        migrate(url)
+        engine = zaphub_db.create_engine(
+            url, lock_timeout=timedelta(milliseconds=300), statement_timeout=timedelta(seconds=1)
+        )
+        try:
+            yield engine
+        finally:
+            engine.dispose()
+
+
+def test_a_row_lock_held_elsewhere_raises_lock_timeout_error(safe_engine: Engine) -> None:
+    with Session(safe_engine) as db:
+        session_id = sessions.create_session(db, label="locked").id
+        db.commit()
+    with Session(safe_engine) as holder, Session(safe_engine) as waiter:
+        sessions.update_session(holder, session_id, label="holder")  # holds the row lock
+        earlier = sessions.create_session(waiter, label="earlier work").id
+        started = time.monotonic()
+        with pytest.raises(LockTimeoutError, match="retry in a new transaction"):
+            sessions.update_session(waiter, session_id, label="waiter")
+        assert time.monotonic() - started < 2
+        waiter.rollback()  # a transient error: roll back and retry
+        holder.commit()
+        assert sessions.update_session(waiter, session_id, label="waiter") is not None
+        waiter.commit()
+        assert sessions.get_session_by_id(waiter, earlier) is None  # rolled back, as it says
+
+
+def test_a_long_statement_raises_statement_timeout_error(safe_engine: Engine) -> None:
+    with Session(safe_engine) as db, pytest.raises(StatementTimeoutError):
+        execute(db, text("SELECT pg_sleep(5)"), {})
+
+
+def test_a_killed_backend_raises_connection_lost_and_the_engine_recovers(
+    safe_engine: Engine,
+) -> None:
+    with Session(safe_engine) as db:
+        kept = sessions.create_session(db, label="committed before").id
+        db.commit()
+    with Session(safe_engine) as db:
+        sessions.create_session(db, label="in the killed transaction")
+        pid = db.execute(text("SELECT pg_backend_pid()")).scalar()
+        with Session(safe_engine) as killer:
+            killer.execute(text("SELECT pg_terminate_backend(:p)"), {"p": pid})
+        with pytest.raises(ConnectionLostError, match="retry in a new transaction"):
+            sessions.get_all_sessions(db)
+        db.rollback()
+        # The same Session and engine serve the next call on a new connection.
+        assert [s.id for s in sessions.get_all_sessions(db)] == [kept]
+
+
+def test_pre_ping_replaces_connections_killed_while_idle(safe_engine: Engine) -> None:
+    with Session(safe_engine) as db:
+        sessions.get_all_sessions(db)
+    with safe_engine.connect() as admin:
+        admin.execute(
+            text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        )
+    for _ in range(3):
+        with Session(safe_engine) as db:
+            assert sessions.get_all_sessions(db) == []

@@ -1,0 +1,99 @@
+"""The README's queue examples, run as written against a migrated database."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session
+
+from tests.processes import ROOT
+from zaphub_db.models import Message
+from zaphub_db.repositories import messages, queue, sessions
+from zaphub_db.testing.databases import migrated_database
+
+
+def section_code(heading: str) -> list[str]:
+    """The python blocks of one README section."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split(heading, 1)[1].split("\n## ", 1)[0].split("\n### ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", section, re.S)
+
+
+class FakeWhatsApp:
+    """Stands in for the gateway's WhatsApp client."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, dict[str, Any]]] = []
+
+    def send(self, jid: str, payload: dict[str, Any]) -> str:
+        self.sent.append((jid, payload))
+        return f"wamid.{len(self.sent)}"
+
+
+@pytest.fixture
+def engine() -> Iterator[Engine]:
+    with migrated_database() as migrated:
+        yield migrated
+
+
+def enqueue(engine: Engine, jids: list[str]) -> None:
+    with Session(engine) as db:
+        session_id = sessions.create_session(db, label="readme").id
+        for i, jid in enumerate(jids):
+            messages.create_message(
+                db,
+                session_id=session_id,
+                message_id=f"m{i}",
+                jid=jid,
+                type="text",
+                payload={"i": i},
+            )
+        db.commit()
+
+
+def statuses(engine: Engine) -> list[tuple[str, str | None]]:
+    with Session(engine) as db:
+        rows = db.query(Message.status, Message.wa_message_id).order_by(Message.seq).all()
+    return [(status, wa_id) for status, wa_id in rows]
+
+
+def test_the_run_worker_example(engine: Engine) -> None:
+    worker_example, _loop = section_code("### The outbound queue")
+    enqueue(engine, ["1@s.whatsapp.net", "2@s.whatsapp.net", "group@g.us"])
+    whatsapp = FakeWhatsApp()
+    namespace: dict[str, Any] = {"engine": engine, "whatsapp": whatsapp}
+    thread = threading.Thread(target=exec, args=(worker_example, namespace))
+    thread.start()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with Session(engine) as db:
+            stats = queue.queue_stats(db)
+        if stats.queued == stats.processing == 0:
+            break
+        time.sleep(0.05)
+    namespace["stop"].set()
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+    assert statuses(engine) == [("sent", "wamid.1"), ("sent", "wamid.2"), ("failed", None)]
+    assert [jid for jid, _ in whatsapp.sent] == ["1@s.whatsapp.net", "2@s.whatsapp.net"]
+
+
+def test_the_hand_written_loop(engine: Engine) -> None:
+    _worker, loop_example = section_code("### The outbound queue")
+    enqueue(engine, ["1@s.whatsapp.net", "2@s.whatsapp.net", "3@s.whatsapp.net"])
+    whatsapp = FakeWhatsApp()
+
+    def send(message: Message) -> str:
+        if message.payload["i"] == 1:
+            raise TimeoutError("gateway timeout")
+        return whatsapp.send(message.jid, message.payload)
+
+    exec(loop_example, {"engine": engine, "send": send, "Session": Session})
+    assert [s for s, _ in statuses(engine)] == ["sent", "queued", "sent"]
+    assert [wa for _, wa in statuses(engine)] == ["wamid.1", None, "wamid.2"]
