@@ -244,7 +244,7 @@ def test_queue_commands_show_recover_and_requeue(empty_database: URL) -> None:
         db.commit()
         claimed = queue.claim_queued_messages(db, limit=2, lease=timedelta(milliseconds=1))
         db.commit()
-        queue.mark_message_failed(db, claimed[0].id, "x", retryable=True)  # attempts left: queued
+        queue.mark_message_failed(db, claimed[0].id, "x", retry_in=timedelta(hours=1))  # delayed
         db.execute(text("UPDATE messages SET max_attempts = 1 WHERE id = :i"), {"i": claimed[1].id})
         db.commit()
     engine.dispose()
