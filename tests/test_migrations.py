@@ -6,6 +6,7 @@ import hashlib
 import shutil
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -241,3 +242,79 @@ def test_alembic_check_finds_no_drift(zaphub_engine: Engine) -> None:
 def test_single_head() -> None:
     script = ScriptDirectory.from_config(migrations.alembic_config())
     assert len(script.get_heads()) == 1
+
+
+def test_each_applied_line_is_reported_after_its_revision_commits(
+    empty_engine: Engine, empty_database: URL
+) -> None:
+    observer = create_engine(empty_database)
+    seen: list[tuple[str, str | None]] = []
+
+    def progress(line: str) -> None:
+        # Another connection sees only what committed.
+        with observer.connect() as other:
+            exists = other.execute(text("SELECT to_regclass('alembic_version')")).scalar()
+            version = (
+                other.execute(text("SELECT version_num FROM alembic_version")).scalar()
+                if exists
+                else None
+            )
+        seen.append((line.split()[1][:4], version))
+
+    with empty_engine.connect() as connection:
+        migrations.upgrade(connection, "head", progress=progress)
+    observer.dispose()
+    assert [name for name, _ in seen] == [f[:4] for f in REVISION_FILES]
+    assert all(version is not None and version >= name for name, version in seen)
+
+
+def test_a_run_waiting_for_the_lock_names_the_holder_and_gives_up(empty_database: URL) -> None:
+    holder = create_engine(empty_database, connect_args={"application_name": "holder-app"})
+    with holder.connect() as connection:
+        connection.execute(text("SELECT pg_advisory_lock(:k)"), {"k": migrations.ADVISORY_LOCK_KEY})
+        pid = connection.execute(text("SELECT pg_backend_pid()")).scalar()
+        connection.commit()
+        started = time.monotonic()
+        result = run_cli("migrate", "--url", url_arg(empty_database), "--lock-timeout", "1")
+        waited = time.monotonic() - started
+    holder.dispose()
+    assert result.returncode == 1
+    assert result.stdout == ""  # nothing applied
+    lines = result.stderr.strip().splitlines()
+    assert lines[0].startswith(
+        f"waiting for the migration lock, held by pid {pid} (holder-app, since "
+    )
+    assert lines[-1].startswith(
+        f"error: gave up after 1 s waiting for the migration lock, held by pid {pid} (holder-app"
+    )
+    assert waited < 30
+    # Once the holder is gone, the same command applies everything.
+    again = run_cli("migrate", "--url", url_arg(empty_database), "--lock-timeout", "1")
+    assert again.returncode == 0, again.stderr
+
+
+def test_line_endings_and_a_bom_are_not_edits(empty_engine: Engine, revisions_copy: Path) -> None:
+    with empty_engine.connect() as connection:
+        upgrade_with(connection, revisions_copy)
+        # A history recorded by an earlier version: hashes of the exact bytes.
+        connection.execute(
+            text("UPDATE migration_history SET checksum = :c WHERE migration_name = :n"),
+            {
+                "c": hashlib.sha256(
+                    (revisions_copy / "versions" / REVISION_FILES[0]).read_bytes()
+                ).hexdigest(),
+                "n": REVISION_FILES[0],
+            },
+        )
+        connection.commit()
+        for path in (revisions_copy / "versions").glob("0*.py"):
+            if path.name == REVISION_FILES[0]:
+                continue  # stays as it was recorded
+            path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes().replace(b"\n", b"\r\n"))
+        upgrade_with(connection, revisions_copy)  # checks every checksum first
+        script = ScriptDirectory.from_config(migrations.alembic_config(location=revisions_copy))
+        states = {
+            row.migration_name: row.state for row in migrations.checksum_states(connection, script)
+        }
+    assert set(states.values()) == {"ok"}
+    assert len(states) == len(REVISION_FILES)

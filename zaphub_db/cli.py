@@ -53,7 +53,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             _say(line)
 
         started = time.perf_counter()
-        migrations.upgrade(connection, args.to, progress=progress)
+        migrations.upgrade(connection, args.to, progress=progress, lock_timeout=args.lock_timeout)
         total_ms = round((time.perf_counter() - started) * 1000)
         after = migrations.status(connection).current
         at = ", ".join(after) or "base"
@@ -77,7 +77,9 @@ def cmd_downgrade(args: argparse.Namespace) -> int:
             count += 1
             _say(line)
 
-        migrations.downgrade(connection, args.revision, progress=progress)
+        migrations.downgrade(
+            connection, args.revision, progress=progress, lock_timeout=args.lock_timeout
+        )
         at = ", ".join(migrations.status(connection).current) or "base"
         _say(f"database at {at}: {count} revision(s) reverted")
         return 0
@@ -207,8 +209,21 @@ def cmd_queue_requeue_dlq(args: argparse.Namespace) -> int:
 
 
 def _positive(value: str) -> int:
-    number = int(value)
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {value!r}") from None
     if number < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {value}")
+    return number
+
+
+def _seconds(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {value!r}") from None
+    if not number >= 0:
         raise argparse.ArgumentTypeError(f"must not be negative: {value}")
     return number
 
@@ -227,10 +242,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     migrate = commands.add_parser("migrate", parents=[url_parent], help="apply pending revisions")
     migrate.add_argument("--to", default="head", help="target revision (default: head)")
+    migrate.add_argument(
+        "--lock-timeout",
+        type=_seconds,
+        default=migrations.DEFAULT_LOCK_TIMEOUT,
+        metavar="SECONDS",
+        help="give up waiting for a concurrent run's migration lock after this long (60)",
+    )
     migrate.set_defaults(handler=cmd_migrate)
 
     down = commands.add_parser("downgrade", parents=[url_parent], help="revert to a revision")
     down.add_argument("revision", help="target revision, e.g. 0003, -1 or base")
+    down.add_argument(
+        "--lock-timeout",
+        type=_seconds,
+        default=migrations.DEFAULT_LOCK_TIMEOUT,
+        metavar="SECONDS",
+        help="give up waiting for a concurrent run's migration lock after this long (60)",
+    )
     down.set_defaults(handler=cmd_downgrade)
 
     commands.add_parser(

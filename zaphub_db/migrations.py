@@ -11,6 +11,7 @@ then apply each revision in its own transaction and record it in
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -30,8 +31,10 @@ from sqlalchemy.pool import NullPool
 import zaphub_db
 from alembic import command
 from zaphub_db.config import normalize_url, resolve_url
-from zaphub_db.errors import ChecksumMismatchError
+from zaphub_db.errors import ChecksumMismatchError, MigrationError
 from zaphub_db.models import Base
+
+logger = logging.getLogger(__name__)
 
 # Any fixed 64-bit number works; this one spells "zaphub" in ASCII.
 ADVISORY_LOCK_KEY = 0x7A6170687562
@@ -66,6 +69,7 @@ def alembic_config(
     connection: Connection | None = None,
     progress: Progress | None = None,
     location: Path | None = None,
+    lock_timeout: float | None = None,
 ) -> Config:
     """An Alembic ``Config`` for the bundled revisions, without an ini file.
 
@@ -80,11 +84,23 @@ def alembic_config(
         config.attributes["connection"] = connection
     if progress is not None:
         config.attributes["progress"] = progress
+    if lock_timeout is not None:
+        config.attributes["lock_timeout"] = lock_timeout
     return config
 
 
 def file_checksum(path: str | Path) -> str:
-    """SHA-256 (hex) of a file's bytes."""
+    """SHA-256 (hex) of a revision file, blind to its line endings and a UTF-8 BOM.
+
+    A checkout with CRLF line endings (git's autocrlf) or an editor's BOM is
+    the same revision, not an edited one.
+    """
+    data = Path(path).read_bytes().removeprefix(b"\xef\xbb\xbf").replace(b"\r\n", b"\n")
+    return hashlib.sha256(data).hexdigest()
+
+
+def raw_file_checksum(path: str | Path) -> str:
+    """SHA-256 (hex) of a file's exact bytes: what histories recorded before 0.2."""
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
@@ -102,6 +118,8 @@ class ChecksumState:
     actual: str | None
     applied_at: Any
     execution_time_ms: int | None
+    # The hash of the file's exact bytes, which older histories recorded.
+    actual_raw: str | None = None
 
     @property
     def state(self) -> str:
@@ -110,7 +128,7 @@ class ChecksumState:
             return "file missing"
         if self.recorded is None:
             return "not recorded"
-        return "ok" if self.recorded == self.actual else "modified"
+        return "ok" if self.recorded in (self.actual, self.actual_raw) else "modified"
 
 
 def history_table_exists(connection: Connection) -> bool:
@@ -137,6 +155,7 @@ def checksum_states(connection: Connection, script: ScriptDirectory) -> list[Che
             actual=file_checksum(files[name]) if name in files else None,
             applied_at=applied_at,
             execution_time_ms=elapsed,
+            actual_raw=raw_file_checksum(files[name]) if name in files else None,
         )
         for name, recorded, applied_at, elapsed in rows
     ]
@@ -189,12 +208,25 @@ class HistoryRecorder:
         self.progress = progress
         self.measured_ms: dict[str, int] = {}
         self._mark = time.perf_counter()
+        self._unreported: str | None = None
 
     def start(self) -> None:
         """Start timing the first revision."""
         self._mark = time.perf_counter()
 
+    def report(self) -> None:
+        """Report the last step, once its transaction has committed.
+
+        Called when the next step starts (each revision commits before the
+        next one begins) and after the run: a line is never printed for a
+        revision whose transaction could still roll back.
+        """
+        if self._unreported is not None and self.progress is not None:
+            self.progress(self._unreported)
+        self._unreported = None
+
     def __call__(self, *, ctx: MigrationContext, step: Any, heads: set[str], **_: Any) -> None:
+        self.report()
         elapsed_ms = round((time.perf_counter() - self._mark) * 1000)
         revision = self.script.get_revision(step.up_revision_id)
         assert revision is not None
@@ -203,9 +235,8 @@ class HistoryRecorder:
             self.measured_ms[name] = elapsed_ms
         assert ctx.connection is not None
         self._sync(ctx.connection, tuple(heads))
-        if self.progress is not None:
-            verb = "stamped" if step.is_stamp else "applied" if step.is_upgrade else "reverted"
-            self.progress(f"{verb} {name} in {elapsed_ms} ms")
+        verb = "stamped" if step.is_stamp else "applied" if step.is_upgrade else "reverted"
+        self._unreported = f"{verb} {name} in {elapsed_ms} ms"
         self._mark = time.perf_counter()
 
     def _sync(self, connection: Connection, heads: tuple[str, ...]) -> None:
@@ -226,19 +257,65 @@ class HistoryRecorder:
             )
 
 
+_LOCK_HOLDER = text(
+    "SELECT a.pid, a.application_name, coalesce(a.xact_start, a.backend_start) AS since "
+    "FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+    "WHERE l.locktype = 'advisory' AND l.granted AND l.database = "
+    "(SELECT oid FROM pg_database WHERE datname = current_database()) "
+    "AND l.classid = :high AND l.objid = :low AND l.objsubid = 1"
+)
+# How often a waiting run tries the lock again.
+_LOCK_RETRY = 0.2
+DEFAULT_LOCK_TIMEOUT = 60.0
+
+
+def _lock_holder(connection: Connection) -> str:
+    found = connection.execute(
+        _LOCK_HOLDER,
+        {"high": ADVISORY_LOCK_KEY >> 32, "low": ADVISORY_LOCK_KEY & 0xFFFFFFFF},
+    ).first()
+    if found is None:
+        return "a run that has just finished"
+    since = found.since.strftime("%Y-%m-%d %H:%M:%S%z") if found.since else "?"
+    name = found.application_name or "no application name"
+    return f"pid {found.pid} ({name}, since {since})"
+
+
+def _acquire(connection: Connection, try_lock: str, timeout: float) -> None:
+    """Take the migration lock with ``try_lock``, saying who holds it while we wait."""
+    statement = text(f"SELECT {try_lock}(:k)")
+    deadline = time.monotonic() + timeout
+    announced = False
+    while not connection.execute(statement, {"k": ADVISORY_LOCK_KEY}).scalar():
+        holder = _lock_holder(connection)
+        if time.monotonic() >= deadline:
+            raise MigrationError(
+                f"gave up after {timeout:g} s waiting for the migration lock, held by "
+                f"{holder}; nothing was applied (see --lock-timeout)"
+            )
+        if not announced:
+            logger.info("waiting for the migration lock, held by %s", holder)
+            announced = True
+        # Outside a caller's transaction, do not sit idle in one while waiting.
+        if try_lock == "pg_try_advisory_lock":
+            connection.commit()
+        time.sleep(_LOCK_RETRY)
+
+
 @contextmanager
-def migration_lock(connection: Connection) -> Iterator[None]:
-    """Serialise migration runs on one database.
+def migration_lock(connection: Connection, timeout: float = DEFAULT_LOCK_TIMEOUT) -> Iterator[None]:
+    """Serialise migration runs on one database, waiting at most ``timeout`` seconds.
 
     On a connection with no transaction open, a session-level advisory lock
     held across the per-revision transactions; on a caller's open transaction,
-    a transaction-level one released when the caller commits.
+    a transaction-level one released when the caller commits. While it waits
+    it logs who holds the lock; after ``timeout`` it raises ``MigrationError``.
     """
     if connection.in_transaction():
-        connection.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": ADVISORY_LOCK_KEY})
+        _acquire(connection, "pg_try_advisory_xact_lock", timeout)
         yield
         return
-    connection.execute(text("SELECT pg_advisory_lock(:k)"), {"k": ADVISORY_LOCK_KEY})
+    _acquire(connection, "pg_try_advisory_lock", timeout)
     connection.commit()
     try:
         yield
@@ -292,7 +369,8 @@ def _run_online(context: Any, config: Config, connection: Connection) -> None:
     script = ScriptDirectory.from_config(config)
     recorder = HistoryRecorder(script, config.attributes.get("progress"))
     external_transaction = connection.in_transaction()
-    with migration_lock(connection):
+    timeout = config.attributes.get("lock_timeout", DEFAULT_LOCK_TIMEOUT)
+    with migration_lock(connection, timeout):
         # Checked after taking the lock: a run that waited sees what the
         # previous one applied and recorded.
         verify_checksums(connection, script)
@@ -306,31 +384,55 @@ def _run_online(context: Any, config: Config, connection: Connection) -> None:
             **AUTOGENERATE_OPTIONS,
         )
         recorder.start()
-        with context.begin_transaction():
-            context.run_migrations()
-        if not external_transaction:
-            connection.commit()
+        try:
+            with context.begin_transaction():
+                context.run_migrations()
+            if not external_transaction:
+                connection.commit()
+        except BaseException:
+            # Each revision before the failing one committed on its own; in
+            # a caller's transaction nothing did.
+            if not external_transaction:
+                recorder.report()
+            raise
+        recorder.report()
 
 
 def create_migration_engine(url: str | URL | None = None) -> Engine:
-    """An engine for one command-line run: NullPool, so nothing stays connected."""
-    return create_engine(resolve_url(url), poolclass=NullPool)
+    """An engine for one command-line run: NullPool, so nothing stays connected.
+
+    Its connections are named ``zaphub-db``, so that a run waiting for the
+    migration lock can say who holds it.
+    """
+    return create_engine(
+        resolve_url(url), poolclass=NullPool, connect_args={"application_name": "zaphub-db"}
+    )
 
 
 def upgrade(
-    connection: Connection, revision: str = "head", progress: Progress | None = None
+    connection: Connection,
+    revision: str = "head",
+    progress: Progress | None = None,
+    lock_timeout: float | None = None,
 ) -> None:
     """Apply revisions up to ``revision`` on ``connection`` (what ``alembic upgrade`` does).
 
     On a connection without an open transaction each revision commits on its
     own; on one with an open transaction the run joins it and the caller commits.
     """
-    command.upgrade(alembic_config(connection=connection, progress=progress), revision)
+    config = alembic_config(connection=connection, progress=progress, lock_timeout=lock_timeout)
+    command.upgrade(config, revision)
 
 
-def downgrade(connection: Connection, revision: str, progress: Progress | None = None) -> None:
+def downgrade(
+    connection: Connection,
+    revision: str,
+    progress: Progress | None = None,
+    lock_timeout: float | None = None,
+) -> None:
     """Revert revisions down to ``revision`` on ``connection``."""
-    command.downgrade(alembic_config(connection=connection, progress=progress), revision)
+    config = alembic_config(connection=connection, progress=progress, lock_timeout=lock_timeout)
+    command.downgrade(config, revision)
 
 
 @dataclass(frozen=True)
