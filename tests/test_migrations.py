@@ -318,3 +318,34 @@ def test_line_endings_and_a_bom_are_not_edits(empty_engine: Engine, revisions_co
         }
     assert set(states.values()) == {"ok"}
     assert len(states) == len(REVISION_FILES)
+
+
+def test_migrate_killed_at_random_points_then_run_again_is_consistent(
+    empty_database: URL,
+) -> None:
+    import random
+    import signal
+
+    url = url_arg(empty_database)
+    rng = random.Random(7)
+    for _ in range(10):
+        run = subprocess.Popen(
+            [sys.executable, "-m", "zaphub_db.cli", "migrate", "--url", url],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        time.sleep(rng.uniform(0.3, 2.0))
+        run.send_signal(signal.SIGKILL)
+        run.wait(timeout=30)
+        # Start over from the bottom now and then, so that kills land in every revision.
+        if rng.random() < 0.5:
+            assert run_cli("downgrade", "base", "--url", url).returncode == 0
+    final = run_cli("migrate", "--url", url)
+    assert final.returncode == 0, final.stderr
+    verify = run_cli("verify", "--url", url)
+    assert verify.returncode == 0, verify.stdout
+    engine = create_engine(empty_database)
+    with engine.connect() as connection:
+        recorded = [row[0] for row in history(connection)]
+    engine.dispose()
+    assert recorded == REVISION_FILES

@@ -31,6 +31,7 @@ from sqlalchemy.pool import NullPool
 import zaphub_db
 from alembic import command
 from zaphub_db.config import normalize_url, resolve_url
+from zaphub_db.engine import create_engine as create_safe_engine
 from zaphub_db.errors import ChecksumMismatchError, MigrationError
 from zaphub_db.models import Base
 
@@ -404,8 +405,14 @@ def create_migration_engine(url: str | URL | None = None) -> Engine:
     Its connections are named ``zaphub-db``, so that a run waiting for the
     migration lock can say who holds it.
     """
-    return create_engine(
-        resolve_url(url), poolclass=NullPool, connect_args={"application_name": "zaphub-db"}
+    # No statement or lock timeout: a revision may legitimately run long (each
+    # sets its own lock_timeout), and the migration lock has its own wait.
+    return create_safe_engine(
+        resolve_url(url),
+        poolclass=NullPool,
+        lock_timeout=None,
+        statement_timeout=None,
+        connect_args={"application_name": "zaphub-db"},
     )
 
 

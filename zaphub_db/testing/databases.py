@@ -13,6 +13,7 @@ from psycopg import sql
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.engine import URL
 
+import zaphub_db
 from zaphub_db import migrations
 from zaphub_db.config import normalize_url
 from zaphub_db.errors import DatabaseUnavailableError
@@ -81,10 +82,10 @@ def migrate(url: URL) -> None:
 
 @contextmanager
 def migrated_database(server: URL | None = None) -> Iterator[Engine]:
-    """A throwaway database at head, as an engine; dropped afterwards."""
+    """A throwaway database at head, as a ``zaphub_db.create_engine`` engine; dropped afterwards."""
     with throwaway_database(server) as url:
         migrate(url)
-        engine = create_engine(url)
+        engine = zaphub_db.create_engine(url)
         try:
             yield engine
         finally:
