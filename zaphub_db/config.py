@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass, field
+from typing import Any
 
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
@@ -50,6 +52,67 @@ def normalize_url(url: str | URL) -> URL:
     if not parsed.drivername.startswith("postgresql"):
         raise DatabaseUnavailableError(f"zaphub_db needs PostgreSQL, got a {parsed.drivername} URL")
     return parsed
+
+
+# Query parameters of ours, read from any URL the package is given and never
+# passed on to libpq (which would refuse them).
+PGBOUNCER_PARAMETER = "pgbouncer"
+PREPARE_THRESHOLD_PARAMETER = "prepare_threshold"
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+@dataclass(frozen=True)
+class DriverSettings:
+    """What a URL's own query parameters ask of the driver."""
+
+    # A transaction pooler (PgBouncer, pool_mode=transaction) sits in between.
+    pgbouncer: bool = False
+    # psycopg's prepare_threshold: None turns prepared statements off.
+    connect_args: dict[str, Any] = field(default_factory=dict)
+
+
+def driver_settings(url: URL) -> tuple[URL, DriverSettings]:
+    """``url`` without ``pgbouncer=`` and ``prepare_threshold=``, and what they asked.
+
+    ``pgbouncer=true`` says that PgBouncer's transaction pooling sits in
+    between: no prepared statements (a server connection serves many clients,
+    who would collide on statement names), and no startup ``options``.
+    ``prepare_threshold=none`` (or an integer) reaches psycopg as ``None``
+    (or that integer).
+    """
+    query = dict(url.query)
+    raw_pgbouncer = query.pop(PGBOUNCER_PARAMETER, None)
+    raw_threshold = query.pop(PREPARE_THRESHOLD_PARAMETER, None)
+    if raw_pgbouncer is None and raw_threshold is None:
+        return url, DriverSettings()
+    pgbouncer = False
+    if raw_pgbouncer is not None:
+        value = str(raw_pgbouncer).lower()
+        if value not in _TRUE | _FALSE:
+            raise DatabaseUnavailableError(f"pgbouncer= must be true or false, got {value!r}")
+        pgbouncer = value in _TRUE
+    connect_args: dict[str, Any] = {}
+    if pgbouncer:
+        connect_args["prepare_threshold"] = None
+    if raw_threshold is not None:
+        value = str(raw_threshold).lower()
+        if value in ("none", "null", ""):
+            connect_args["prepare_threshold"] = None
+        elif value.isdigit():
+            connect_args["prepare_threshold"] = int(value)
+        else:
+            raise DatabaseUnavailableError(
+                f"prepare_threshold= must be none or a whole number, got {value!r}"
+            )
+    return url.set(query=query), DriverSettings(pgbouncer=pgbouncer, connect_args=connect_args)
+
+
+def libpq_dsn(url: str | URL) -> str:
+    """``url`` as a libpq connection string for ``psycopg.connect``, our parameters removed."""
+    bare, settings = driver_settings(normalize_url(url))
+    del settings
+    return bare.set(drivername="postgresql").render_as_string(hide_password=False)
 
 
 def configured_url(explicit: str | URL | None = None) -> URL | None:

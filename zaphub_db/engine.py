@@ -6,10 +6,10 @@ from datetime import timedelta
 from typing import Any
 
 import sqlalchemy
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine, event
 from sqlalchemy.engine import URL
 
-from zaphub_db.config import resolve_url
+from zaphub_db.config import driver_settings, resolve_url
 from zaphub_db.errors import ValidationError
 
 DEFAULT_LOCK_TIMEOUT = timedelta(seconds=5)
@@ -67,13 +67,52 @@ def create_engine(
       turns one off. They travel in the connection's startup packet (libpq
       ``options``), so they cost no round trip.
 
+    Behind PgBouncer's transaction pooling (``pgbouncer=true`` in the URL's
+    query) the startup packet cannot carry them (PgBouncer refuses
+    ``options``), and a session ``SET`` would stay on the server connection
+    for the next client of the pool while other clients leave their own
+    values there. So each transaction of this engine starts with one
+    statement that sets them for that transaction only (``set_config(...,
+    true)``, as ``SET LOCAL``): one more round trip per transaction, which
+    holds whatever the pool's other clients do. ``pgbouncer=true`` also
+    turns off psycopg's prepared statements.
+
     Other keyword arguments go to :func:`sqlalchemy.create_engine`; an
     ``options`` entry of ``connect_args`` is kept, after ours.
     """
-    options = timeout_options(lock_timeout, statement_timeout, idle_in_transaction_timeout)
-    connect_args = dict(kwargs.pop("connect_args", {}))
-    if connect_args.get("options"):
-        options = f"{options} {connect_args['options']}"
-    connect_args["options"] = options
+    bare, settings = driver_settings(resolve_url(url))
+    connect_args = {**settings.connect_args, **dict(kwargs.pop("connect_args", {}))}
     kwargs.setdefault("pool_pre_ping", True)
-    return sqlalchemy.create_engine(resolve_url(url), connect_args=connect_args, **kwargs)
+    if not settings.pgbouncer:
+        options = timeout_options(lock_timeout, statement_timeout, idle_in_transaction_timeout)
+        if connect_args.get("options"):
+            options = f"{options} {connect_args['options']}"
+        connect_args["options"] = options
+        return sqlalchemy.create_engine(bare, connect_args=connect_args, **kwargs)
+    engine = sqlalchemy.create_engine(bare, connect_args=connect_args, **kwargs)
+    settings_sql = _per_transaction_settings(
+        lock_timeout, statement_timeout, idle_in_transaction_timeout
+    )
+
+    @event.listens_for(engine, "begin")
+    def _set_timeouts(connection: Connection) -> None:
+        connection.exec_driver_sql(settings_sql)
+
+    return engine
+
+
+def _per_transaction_settings(
+    lock_timeout: timedelta | None,
+    statement_timeout: timedelta | None,
+    idle_in_transaction_timeout: timedelta | None,
+) -> str:
+    values = {
+        "lock_timeout": _milliseconds(lock_timeout, "lock_timeout"),
+        "statement_timeout": _milliseconds(statement_timeout, "statement_timeout"),
+        "idle_in_transaction_session_timeout": _milliseconds(
+            idle_in_transaction_timeout, "idle_in_transaction_timeout"
+        ),
+    }
+    # One statement, so one round trip; literal values, so nothing to bind.
+    calls = ", ".join(f"set_config('{name}', '{value}', true)" for name, value in values.items())
+    return f"SELECT {calls}"

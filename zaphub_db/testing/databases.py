@@ -10,12 +10,12 @@ from contextlib import contextmanager
 
 import psycopg
 from psycopg import sql
-from sqlalchemy import Engine, create_engine
+from sqlalchemy import Engine
 from sqlalchemy.engine import URL
 
 import zaphub_db
 from zaphub_db import migrations
-from zaphub_db.config import normalize_url
+from zaphub_db.config import libpq_dsn, normalize_url
 from zaphub_db.errors import DatabaseUnavailableError
 
 logger = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ def test_server_url() -> URL:
 
 
 def _admin_dsn(server: URL) -> str:
-    return server.set(drivername="postgresql").render_as_string(hide_password=False)
+    return libpq_dsn(server)
 
 
 @contextmanager
@@ -72,7 +72,7 @@ def throwaway_database(server: URL | None = None, prefix: str = "zaphub_test") -
 
 def migrate(url: URL) -> None:
     """Run every revision on ``url`` (the same code path as ``zaphub-db migrate``)."""
-    engine = create_engine(url)
+    engine = migrations.create_migration_engine(url)
     try:
         with engine.connect() as connection:
             migrations.upgrade(connection, "head")

@@ -1,0 +1,146 @@
+"""zaphub_db.create_engine behind a real PgBouncer in transaction pooling mode."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+
+import psycopg
+import pytest
+from sqlalchemy import text
+from sqlalchemy.engine import URL
+from sqlalchemy.orm import Session
+
+import zaphub_db
+from tests.pgbouncers import pgbouncer
+from tests.servers import ThrowawayServer, throwaway_server
+from zaphub_db.config import libpq_dsn
+from zaphub_db.errors import LockTimeoutError
+from zaphub_db.repositories import messages, sessions
+from zaphub_db.testing.databases import migrate
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[ThrowawayServer]:
+    with throwaway_server() as started:
+        migrate(started.url())
+        yield started
+
+
+@pytest.fixture(scope="module")
+def pooled(server: ThrowawayServer) -> Iterator[URL]:
+    """The throwaway server's postgres database through PgBouncer (2 server connections)."""
+    with pgbouncer("127.0.0.1", server.port, pool_size=2) as template:
+        yield template.set(database="postgres")
+
+
+def test_timeouts_hold_in_every_transaction_beside_a_client_that_changes_them(
+    pooled: URL,
+) -> None:
+    stop = threading.Event()
+
+    def careless_client() -> None:
+        # Another application of the pool: session SETs that stay on
+        # whichever server connection it happened to get.
+        with psycopg.connect(libpq_dsn(pooled), autocommit=True, prepare_threshold=None) as conn:
+            while not stop.is_set():
+                conn.execute("SET lock_timeout = 0")
+                conn.execute("SET statement_timeout = 0")
+                conn.execute("SET idle_in_transaction_session_timeout = 0")
+
+    others = [threading.Thread(target=careless_client) for _ in range(2)]
+    for other in others:
+        other.start()
+    engine = zaphub_db.create_engine(
+        pooled,
+        lock_timeout=timedelta(milliseconds=1500),
+        statement_timeout=timedelta(seconds=20),
+        pool_size=3,
+    )
+    try:
+        seen = set()
+        for _ in range(200):
+            with Session(engine) as db:
+                row = db.execute(
+                    text(
+                        "SELECT current_setting('lock_timeout'), "
+                        "current_setting('statement_timeout'), "
+                        "current_setting('idle_in_transaction_session_timeout')"
+                    )
+                ).one()
+                seen.add(tuple(row))
+        assert seen == {("1500ms", "20s", "5min")}
+    finally:
+        stop.set()
+        for other in others:
+            other.join(timeout=10)
+        engine.dispose()
+
+
+def test_repository_calls_and_lock_timeouts_through_the_pooler(pooled: URL) -> None:
+    engine = zaphub_db.create_engine(pooled, lock_timeout=timedelta(milliseconds=500))
+    try:
+        # More calls than psycopg's prepare threshold, from several threads:
+        # prepared statements would collide on the shared server connections.
+        errors: list[BaseException] = []
+
+        def calls(n: int) -> None:
+            try:
+                for i in range(30):
+                    with Session(engine) as db:
+                        session = sessions.create_session(db, label=f"t{n}-{i}")
+                        messages.create_message(
+                            db,
+                            session_id=session.id,
+                            message_id="k",
+                            jid="j",
+                            type="text",
+                            payload={"i": i},
+                        )
+                        messages.get_messages_by_session(db, session.id)
+                        db.commit()
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=calls, args=(n,)) for n in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        assert errors == []
+        with Session(engine) as db:
+            target = sessions.create_session(db, label="locked").id
+            db.commit()
+        with Session(engine) as holder, Session(engine) as waiter:
+            sessions.update_session(holder, target, label="holder")
+            started = time.monotonic()
+            with pytest.raises(LockTimeoutError):
+                sessions.update_session(waiter, target, label="waiter")
+            assert time.monotonic() - started < 5
+            holder.rollback()
+    finally:
+        engine.dispose()
+
+
+def test_pgbouncer_and_prepare_threshold_in_urls() -> None:
+    from zaphub_db.config import driver_settings, normalize_url
+    from zaphub_db.errors import DatabaseUnavailableError
+
+    bare, settings = driver_settings(
+        normalize_url("postgresql://u@h/db?pgbouncer=true&sslmode=disable")
+    )
+    assert settings.pgbouncer is True
+    assert settings.connect_args == {"prepare_threshold": None}
+    assert dict(bare.query) == {"sslmode": "disable"}
+    _, threshold = driver_settings(normalize_url("postgresql://u@h/db?prepare_threshold=none"))
+    assert threshold == type(threshold)(pgbouncer=False, connect_args={"prepare_threshold": None})
+    _, number = driver_settings(normalize_url("postgresql://u@h/db?prepare_threshold=12"))
+    assert number.connect_args == {"prepare_threshold": 12}
+    for bad in ("pgbouncer=maybe", "prepare_threshold=lots"):
+        with pytest.raises(DatabaseUnavailableError):
+            driver_settings(normalize_url(f"postgresql://u@h/db?{bad}"))
+    engine = zaphub_db.create_engine("postgresql://u@h/db?pgbouncer=1")
+    assert "pgbouncer" not in engine.url.query
+    engine.dispose()
