@@ -17,7 +17,7 @@ from sqlalchemy.orm import ORMExecuteState, Session
 
 from zaphub_db.errors import ValidationError
 from zaphub_db.models import Message, WhatsAppSession
-from zaphub_db.repositories import execution, messages, sessions
+from zaphub_db.repositories import messages, sessions
 from zaphub_db.testing.factories import MessageFactory, SessionFactory
 from zaphub_db.testing.statements import recording
 
@@ -197,26 +197,44 @@ def test_session_listeners_see_loads_and_statements(db: Session) -> None:
     assert all(state.is_orm_statement for state in executed)
 
 
-def test_only_listeners_or_sharding_send_rows_through_the_orm_loader(db: Session) -> None:
-    # Guards the fast path: a plain Session must not fall back by accident
-    # (the benchmarks would only show it as a slowdown).
-    shape = messages._BY_ID.shape
-    assert execution._loads_itself(db, shape)
+def test_the_package_uses_no_private_name_of_sqlalchemy() -> None:
+    """CONTRACT §11: no name of SQLAlchemy's that begins with an underscore."""
+    import ast
+    import re
+    from pathlib import Path
 
-    def listener(*_: Any) -> None:
-        pass
+    import sqlalchemy
 
-    event.listen(db, "do_orm_execute", listener)
-    try:
-        assert not execution._loads_itself(db, shape)
-    finally:
-        event.remove(db, "do_orm_execute", listener)
-    event.listen(Message, "refresh", listener)
-    try:
-        assert not execution._loads_itself(db, shape)
-    finally:
-        event.remove(Message, "refresh", listener)
-    assert execution._loads_itself(db, shape)
+    import zaphub_db
+
+    ours = Path(zaphub_db.__file__).parent
+    used: dict[str, str] = {}
+    defined_here: set[str] = set()
+    for path in ours.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and node.attr.startswith("_"):
+                if not node.attr.startswith("__"):
+                    used.setdefault(node.attr, str(path.relative_to(ours)))
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("sqlalchemy"):
+                for alias in node.names:
+                    if alias.name.startswith("_"):
+                        used.setdefault(alias.name, str(path.relative_to(ours)))
+            elif isinstance(node, ast.FunctionDef | ast.ClassDef):
+                defined_here.add(node.name)
+            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                defined_here.add(node.id)
+    source = "\n".join(
+        p.read_text() for p in Path(sqlalchemy.__file__).parent.rglob("*.py")
+    )
+    private = {
+        name: where
+        for name, where in used.items()
+        if name not in defined_here
+        and name != "_value2member_map_"  # the standard library's Enum, not SQLAlchemy
+        and re.search(rf"(def |self\.|\b){re.escape(name)}\b\s*[(=:]", source)
+    }
+    assert private == {}
 
 
 def test_a_failing_autoflush_raises_our_error(committed_engine: Engine) -> None:

@@ -689,7 +689,7 @@ def queue_stats(db: Session, *, session_id: uuid.UUID | str | None = None) -> Qu
     """
     key = None if session_id is None else validation.as_uuid(session_id, "session_id")
     row = execute(db, _STATS, {"session_id": key}).one()
-    return QueueStats(**row._asdict())
+    return QueueStats(*tuple(row))
 
 
 # --- Wake-ups -------------------------------------------------------------------
