@@ -224,9 +224,7 @@ def test_the_package_uses_no_private_name_of_sqlalchemy() -> None:
                 defined_here.add(node.name)
             elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
                 defined_here.add(node.id)
-    source = "\n".join(
-        p.read_text() for p in Path(sqlalchemy.__file__).parent.rglob("*.py")
-    )
+    source = "\n".join(p.read_text() for p in Path(sqlalchemy.__file__).parent.rglob("*.py"))
     private = {
         name: where
         for name, where in used.items()

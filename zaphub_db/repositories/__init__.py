@@ -23,6 +23,7 @@ from zaphub_db.repositories.messages import (
     increment_message_attempts,
     update_message_status,
     update_message_status_by_wa_id,
+    update_message_statuses,
 )
 from zaphub_db.repositories.queue import (
     QueueStats,
@@ -76,6 +77,7 @@ __all__ = [
     "requeue_message",
     "update_message_status",
     "update_message_status_by_wa_id",
+    "update_message_statuses",
     "update_session",
     "wait_for_messages",
 ]
