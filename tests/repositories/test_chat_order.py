@@ -7,29 +7,15 @@ import threading
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
-import pytest
-from sqlalchemy import Engine, create_engine, delete, text
+from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
-from zaphub_db.models import Message, WhatsAppSession
+from zaphub_db.models import Message
 from zaphub_db.repositories import messages, queue, sessions
-
-
-@pytest.fixture
-def queue_engine(committed_engine: Engine) -> Iterator[Engine]:
-    """The committed database with an empty queue before and after the test."""
-    with Session(committed_engine) as db:
-        db.execute(delete(WhatsAppSession))
-        db.commit()
-    yield committed_engine
-    with Session(committed_engine) as db:
-        db.execute(delete(WhatsAppSession))
-        db.commit()
 
 
 def jid(n: int) -> str:

@@ -8,7 +8,6 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -17,23 +16,11 @@ from sqlalchemy import Engine, delete, select, text
 from sqlalchemy.orm import Session
 
 from zaphub_db.errors import ValidationError
-from zaphub_db.models import Message, WhatsAppSession
+from zaphub_db.models import Message
 from zaphub_db.repositories import messages, queue, sessions
 from zaphub_db.testing.statements import recording
 
 SHORT = timedelta(milliseconds=300)
-
-
-@pytest.fixture
-def queue_engine(committed_engine: Engine) -> Iterator[Engine]:
-    """The committed database with an empty queue before and after the test."""
-    with Session(committed_engine) as db:
-        db.execute(delete(WhatsAppSession))
-        db.commit()
-    yield committed_engine
-    with Session(committed_engine) as db:
-        db.execute(delete(WhatsAppSession))
-        db.commit()
 
 
 def enqueue(engine: Engine, count: int, **fields: Any) -> tuple[uuid.UUID, list[uuid.UUID]]:

@@ -4,32 +4,19 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, create_engine, delete, select, text
+from sqlalchemy import Engine, create_engine, select, text
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
 from zaphub_db.errors import ValidationError
-from zaphub_db.models import Message, WhatsAppSession
+from zaphub_db.models import Message
 from zaphub_db.repositories import messages, queue, sessions
 
 JID = "5534999999999@s.whatsapp.net"
-
-
-@pytest.fixture
-def queue_engine(committed_engine: Engine) -> Iterator[Engine]:
-    """The committed database with an empty queue before and after the test."""
-    with Session(committed_engine) as db:
-        db.execute(delete(WhatsAppSession))
-        db.commit()
-    yield committed_engine
-    with Session(committed_engine) as db:
-        db.execute(delete(WhatsAppSession))
-        db.commit()
 
 
 def chat(i: int) -> str:

@@ -11,20 +11,10 @@ from datetime import timedelta
 
 import psycopg
 import pytest
-from sqlalchemy import Engine, delete, text
+from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
 
-from zaphub_db.models import WhatsAppSession
 from zaphub_db.repositories import messages, queue, sessions
-
-
-@pytest.fixture
-def queue_engine(committed_engine: Engine) -> Iterator[Engine]:
-    with Session(committed_engine) as db:
-        db.execute(delete(WhatsAppSession))
-        db.commit()
-    yield committed_engine
-    queue.stop_listening(committed_engine)
 
 
 def new_session(engine: Engine) -> uuid.UUID:
