@@ -144,3 +144,30 @@ def test_pgbouncer_and_prepare_threshold_in_urls() -> None:
     engine = zaphub_db.create_engine("postgresql://u@h/db?pgbouncer=1")
     assert "pgbouncer" not in engine.url.query
     engine.dispose()
+
+
+def test_concurrent_migrations_through_the_pooler_serialise_and_leave_no_lock(
+    server: ThrowawayServer, pooled: URL
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.processes import run_cli, url_arg
+
+    with psycopg.connect(libpq_dsn(server.url()), autocommit=True) as admin:
+        admin.execute("CREATE DATABASE pooled_migrations")
+    target = url_arg(pooled.set(database="pooled_migrations"))
+    with ThreadPoolExecutor(4) as pool:
+        runs = list(pool.map(lambda _: run_cli("migrate", "--url", target), range(4)))
+    assert [r.returncode for r in runs] == [0, 0, 0, 0], [r.stderr for r in runs]
+    applying = [r for r in runs if "applied 0001" in r.stdout]
+    assert len(applying) == 1  # one applied everything
+    assert sum(r.stdout.startswith("nothing to apply") for r in runs) == 3
+    verify = run_cli("verify", "--url", target)
+    assert verify.returncode == 0, verify.stdout
+    direct = server.url("pooled_migrations")
+    with psycopg.connect(libpq_dsn(direct)) as connection:
+        locks = connection.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'")
+        assert locks.fetchone() == (0,)
+        history = connection.execute("SELECT count(*) FROM migration_history").fetchone()
+    assert history is not None
+    assert history[0] == len(applying[0].stdout.splitlines()) - 1

@@ -13,6 +13,8 @@ from zaphub_db.config import driver_settings, resolve_url
 from zaphub_db.errors import ValidationError
 
 DEFAULT_LOCK_TIMEOUT = timedelta(seconds=5)
+# An execution option of the engines made for a URL with pgbouncer=true.
+TRANSACTION_POOLER_OPTION = "zaphub_transaction_pooler"
 DEFAULT_STATEMENT_TIMEOUT = timedelta(seconds=30)
 DEFAULT_IDLE_IN_TRANSACTION_TIMEOUT = timedelta(minutes=5)
 
@@ -98,7 +100,8 @@ def create_engine(
     def _set_timeouts(connection: Connection) -> None:
         connection.exec_driver_sql(settings_sql)
 
-    return engine
+    # Says to the migrations that no session state survives a transaction.
+    return engine.execution_options(**{TRANSACTION_POOLER_OPTION: True})
 
 
 def _per_transaction_settings(

@@ -23,7 +23,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
 from alembic.script import Script, ScriptDirectory
-from sqlalchemy import Connection, Engine, bindparam, create_engine, text
+from sqlalchemy import Connection, Engine, bindparam, text
 from sqlalchemy.dialects.postgresql import ARRAY, INTEGER, VARCHAR
 from sqlalchemy.engine import URL
 from sqlalchemy.pool import NullPool
@@ -31,6 +31,7 @@ from sqlalchemy.pool import NullPool
 import zaphub_db
 from alembic import command
 from zaphub_db.config import normalize_url, resolve_url
+from zaphub_db.engine import TRANSACTION_POOLER_OPTION
 from zaphub_db.engine import create_engine as create_safe_engine
 from zaphub_db.errors import ChecksumMismatchError, MigrationError
 from zaphub_db.models import Base
@@ -358,7 +359,7 @@ def run_env() -> None:
     if connection is not None:
         _run_online(context, config, connection)
         return
-    engine = create_engine(resolve_url(x_url), poolclass=NullPool)
+    engine = create_migration_engine(x_url)
     try:
         with engine.connect() as own_connection:
             _run_online(context, config, own_connection)
@@ -367,6 +368,31 @@ def run_env() -> None:
 
 
 def _run_online(context: Any, config: Config, connection: Connection) -> None:
+    pooled = bool(connection.get_execution_options().get(TRANSACTION_POOLER_OPTION))
+    if pooled and not connection.in_transaction():
+        # Behind a transaction pooler a session-level lock cannot span the
+        # per-revision transactions (each may land on another server
+        # connection, and the lock would stay behind on one of them). So the
+        # whole run is one transaction, holding a transaction-level lock:
+        # concurrent runs serialise, the later ones find the work done, and
+        # the lock ends with the transaction. PostgreSQL's DDL is
+        # transactional, so a failure still leaves the database as it was.
+        progress: Progress | None = config.attributes.get("progress")
+        lines: list[str] = []
+        config.attributes["progress"] = lines.append
+        connection.begin()
+        try:
+            _run_online(context, config, connection)
+            connection.commit()
+        except BaseException:
+            connection.rollback()
+            raise
+        finally:
+            config.attributes["progress"] = progress
+        for line in lines:
+            if progress is not None:
+                progress(line)
+        return
     script = ScriptDirectory.from_config(config)
     recorder = HistoryRecorder(script, config.attributes.get("progress"))
     external_transaction = connection.in_transaction()
