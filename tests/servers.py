@@ -45,7 +45,7 @@ def _free_port() -> int:
 class ThrowawayServer:
     """A PostgreSQL server of a test's own, in a temporary directory."""
 
-    def __init__(self) -> None:
+    def __init__(self, primary: ThrowawayServer | None = None) -> None:
         self.bindir = _bindir()
         self.root = Path(tempfile.mkdtemp(prefix="zaphub-fault-"))
         self.data = self.root / "data"
@@ -54,7 +54,18 @@ class ThrowawayServer:
         if self.as_postgres:
             account = pwd.getpwnam("postgres")
             os.chown(self.root, account.pw_uid, account.pw_gid)
-        self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8")
+        if primary is None:
+            self._run(
+                "initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8"
+            )
+        else:
+            # A streaming replica: a base backup with standby.signal and
+            # primary_conninfo written for it (-R).
+            self._run(
+                "pg_basebackup",
+                "-D", str(self.data), "-R", "-X", "stream",
+                "-h", "127.0.0.1", "-p", str(primary.port), "-U", "postgres",
+            )  # fmt: skip
 
     def _run(self, tool: str, *args: str) -> None:
         command = [str(self.bindir / tool), *args]
@@ -95,9 +106,9 @@ class ThrowawayServer:
 
 
 @contextmanager
-def throwaway_server() -> Iterator[ThrowawayServer]:
-    """A started server, stopped and deleted afterwards."""
-    server = ThrowawayServer()
+def throwaway_server(primary: ThrowawayServer | None = None) -> Iterator[ThrowawayServer]:
+    """A started server (a streaming replica of ``primary``, if given), removed afterwards."""
+    server = ThrowawayServer(primary)
     server.start()
     try:
         yield server
