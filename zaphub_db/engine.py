@@ -95,10 +95,11 @@ def create_engine(
     settings_sql = _per_transaction_settings(
         lock_timeout, statement_timeout, idle_in_transaction_timeout
     )
+    if (lock_timeout, statement_timeout, idle_in_transaction_timeout) != (None, None, None):
 
-    @event.listens_for(engine, "begin")
-    def _set_timeouts(connection: Connection) -> None:
-        connection.exec_driver_sql(settings_sql)
+        @event.listens_for(engine, "begin")
+        def _set_timeouts(connection: Connection) -> None:
+            connection.exec_driver_sql(settings_sql)
 
     # Says to the migrations that no session state survives a transaction.
     return engine.execution_options(**{TRANSACTION_POOLER_OPTION: True})
