@@ -193,28 +193,44 @@ def run(engine: Engine, dsn: str, *, quick: bool, autocommit: bool = False) -> s
                         db.commit()
                 return ops
 
+            def core(call: HotCall = call) -> int:
+                # SQLAlchemy Core's floor: the same compiled statement through
+                # Connection.execute, rows as Row objects, no ORM.
+                with engine.connect() as connection:
+                    for _ in range(ops):
+                        connection.execute(
+                            call.statement.statement, driver_params(call.params())
+                        ).all()
+                        connection.commit()
+                return ops
+
             def psycopg_raw(call: HotCall = call, sql: str = sql, fixed: Any = fixed) -> int:
                 for _ in range(ops):
                     raw.execute(sql, {**fixed, **driver_params(call.params())}).fetchall()
                     raw.commit()
                 return ops
 
-            timings = alternate({"ours": ours, "text": hand_written, "raw": psycopg_raw}, rounds)
+            timings = alternate(
+                {"ours": ours, "text": hand_written, "core": core, "raw": psycopg_raw}, rounds
+            )
             ours_rate = timings["ours"].per_second
             text_rate = timings["text"].per_second
+            core_rate = timings["core"].per_second
             raw_rate = timings["raw"].per_second
             count = statements_per_call(engine, call)
             say(
                 f"{call.name}: zaphub_db {ours_rate:,.0f}/s, Session+text {text_rate:,.0f}/s, "
-                f"psycopg {raw_rate:,.0f}/s"
+                f"Core {core_rate:,.0f}/s, psycopg {raw_rate:,.0f}/s"
             )
             rows.append(
                 [
                     call.name,
                     f"{ours_rate:,.0f}",
                     f"{text_rate:,.0f}",
+                    f"{core_rate:,.0f}",
                     f"{raw_rate:,.0f}",
                     f"{text_rate / ours_rate:.2f}x",
+                    f"{core_rate / ours_rate:.2f}x",
                     f"{raw_rate / ours_rate:.2f}x",
                     count,
                 ]
@@ -228,8 +244,10 @@ def run(engine: Engine, dsn: str, *, quick: bool, autocommit: bool = False) -> s
             "call (autocommit)" if autocommit else "call (one transaction each)",
             "zaphub_db ops/s",
             "(b) Session+text ops/s",
+            "(c) Core ops/s",
             "(a) raw psycopg ops/s",
             "time vs (b)",
+            "time vs (c)",
             "time vs (a)",
             "statements/call",
         ],
