@@ -197,3 +197,17 @@ def test_an_idle_worker_wakes_up_for_new_messages_without_polling(engine: Engine
         thread.join(timeout=30)
     assert len(sent) == 1
     assert sent[0] - enqueued < 1.0  # woken by the notification, not the 60 s poll
+
+
+def test_bad_worker_arguments_are_refused_before_anything_runs(engine: Engine) -> None:
+    from zaphub_db.errors import ValidationError
+
+    for kwargs in ({"poll_interval": 0}, {"poll_interval": "soon"}):
+        with pytest.raises(ValidationError):
+            run_worker(engine, lambda m: None, **kwargs)
+    with pytest.raises(ValidationError):
+        run_worker(engine, "send")  # type: ignore[arg-type]
+    stop = threading.Event()
+    for batch_size in (-1, 0):
+        with pytest.raises(ValidationError, match="batch_size"):
+            run_worker(engine, lambda m: None, batch_size=batch_size, stop=stop)

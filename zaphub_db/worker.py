@@ -26,9 +26,9 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from zaphub_db.errors import TransientError, translate_db_error
+from zaphub_db.errors import TransientError, ValidationError, translate_db_error
 from zaphub_db.models import Message
-from zaphub_db.repositories import queue
+from zaphub_db.repositories import queue, validation
 
 logger = logging.getLogger(__name__)
 
@@ -161,8 +161,17 @@ def run_worker(
     ``retry_in`` sets the delay before a failed message is retried (default:
     ``mark_message_failed``'s exponential backoff).
     """
-    if isinstance(poll_interval, bool) or not isinstance(poll_interval, int | float):
-        raise TypeError(f"poll_interval must be a number of seconds, got {poll_interval!r}")
+    if (
+        isinstance(poll_interval, bool)
+        or not isinstance(poll_interval, int | float)
+        or not poll_interval > 0
+    ):
+        raise ValidationError(
+            f"poll_interval must be a positive number of seconds, got {poll_interval!r}"
+        )
+    validation.integer(batch_size, "batch_size", minimum=1, maximum=queue.CLAIM_LIMIT_MAX)
+    if not callable(handler):
+        raise ValidationError(f"handler must be callable, got {handler!r}")
     stop = stop if stop is not None else threading.Event()
     name = worker if worker is not None else default_worker_name()
     summary = WorkerSummary()

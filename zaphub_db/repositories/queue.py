@@ -703,7 +703,10 @@ class _Listener:
         connection = pooled.driver_connection
         if not isinstance(connection, psycopg.Connection):
             pooled.close()
-            raise TypeError("wait_for_messages needs a psycopg (postgresql+psycopg) engine")
+            raise ValidationError(
+                "wait_for_messages needs a psycopg engine (postgresql+psycopg://), got "
+                f"{engine.dialect.driver}"
+            )
         # Out of the pool: it LISTENs for as long as the thread waits, and must
         # never be handed to another user with the registration still on it.
         pooled.detach()
