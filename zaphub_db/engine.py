@@ -92,7 +92,7 @@ def create_engine(
         connect_args["options"] = options
         return sqlalchemy.create_engine(bare, connect_args=connect_args, **kwargs)
     engine = sqlalchemy.create_engine(bare, connect_args=connect_args, **kwargs)
-    settings_sql = _per_transaction_settings(
+    settings_sql = per_transaction_settings(
         lock_timeout, statement_timeout, idle_in_transaction_timeout
     )
     if (lock_timeout, statement_timeout, idle_in_transaction_timeout) != (None, None, None):
@@ -105,11 +105,12 @@ def create_engine(
     return engine.execution_options(**{TRANSACTION_POOLER_OPTION: True})
 
 
-def _per_transaction_settings(
+def per_transaction_settings(
     lock_timeout: timedelta | None,
     statement_timeout: timedelta | None,
     idle_in_transaction_timeout: timedelta | None,
 ) -> str:
+    """One statement that sets the three timeouts for the current transaction only."""
     values = {
         "lock_timeout": _milliseconds(lock_timeout, "lock_timeout"),
         "statement_timeout": _milliseconds(statement_timeout, "statement_timeout"),

@@ -115,7 +115,11 @@ def translate_db_error(exc: DBAPIError) -> ZaphubDBError | None:
     orig = exc.orig
     sqlstate: str | None = getattr(orig, "sqlstate", None)
     diag = getattr(orig, "diag", None)
-    constraint: str | None = getattr(diag, "constraint_name", None)
+    # psycopg reports the constraint in diag; asyncpg on its own exception,
+    # which SQLAlchemy's adapter keeps as the cause.
+    constraint: str | None = getattr(diag, "constraint_name", None) or getattr(
+        getattr(orig, "__cause__", None), "constraint_name", None
+    )
     detail: str | None = getattr(diag, "message_primary", None) or str(orig)
     transient = _TRANSIENT_SQLSTATES.get(sqlstate or "")
     if transient is not None:

@@ -120,8 +120,8 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
-def _error_text(exc: BaseException) -> str:
-    """A handler's exception as text the error_message column can store."""
+def failure_text(exc: BaseException) -> str:
+    """A handler's exception as the text ``error_message`` keeps (storable, at most 2,000 chars)."""
     described = f"{type(exc).__name__}: {exc}".replace("\x00", "\\x00")
     # Lone surrogates cannot be encoded for the server.
     return described.encode("utf-8", "replace").decode("utf-8")[:2000]
@@ -253,7 +253,7 @@ def _work(
         except PermanentFailure as exc:
             _record_failure(engine, message, exc, False, retry_in, summary)
         except Exception as exc:
-            logger.warning("send of message %s failed: %s", message.id, _error_text(exc))
+            logger.warning("send of message %s failed: %s", message.id, failure_text(exc))
             _record_failure(engine, message, exc, True, retry_in, summary)
         else:
             ack: dict[str, Any] = {"id": message.id}
@@ -290,7 +290,7 @@ def _record_failure(
         return queue.mark_message_failed(
             db,
             message.id,
-            _error_text(exc),
+            failure_text(exc),
             retryable=retryable,
             retry_in=retry_in,
             attempt=message.attempts,

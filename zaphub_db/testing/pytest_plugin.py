@@ -5,14 +5,26 @@ per test run and dropped at the end. ``zaphub_session``: a ``Session`` whose
 work is rolled back after each test, even when the code under test commits
 (it runs inside an outer transaction and commits only release savepoints).
 The zaphub_db factories are bound to it.
+
+``zaphub_async_engine`` and ``zaphub_async_session`` are their async twins
+(``zaphub_db.aio``, psycopg's async connection), run by pytest-asyncio in
+the session's event loop: mark async tests that use them with
+``@pytest.mark.asyncio(loop_scope="session")``, or set
+``asyncio_default_test_loop_scope = "session"``. The async Session is rolled
+back after each test as the sync one is. To use the factories with it, build
+objects with
+``Factory.build(...)`` and ``zaphub_async_session.add(...)``, or call the
+``zaphub_db.aio`` functions.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
+import pytest_asyncio
 from sqlalchemy import Engine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
 
 from zaphub_db.testing.databases import migrated_database
@@ -40,3 +52,28 @@ def zaphub_session(zaphub_engine: Engine) -> Iterator[Session]:
             factories.bind_session(None)
             session.close()
             outer.rollback()
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def zaphub_async_engine(zaphub_engine: Engine) -> AsyncIterator[AsyncEngine]:
+    """An ``AsyncEngine`` (psycopg async) on ``zaphub_engine``'s database."""
+    from zaphub_db.aio import create_async_engine
+
+    engine = create_async_engine(zaphub_engine.url)
+    try:
+        yield engine
+    finally:
+        await engine.dispose()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def zaphub_async_session(zaphub_async_engine: AsyncEngine) -> AsyncIterator[AsyncSession]:
+    """An ``AsyncSession`` rolled back after the test, even when the code commits."""
+    async with zaphub_async_engine.connect() as connection:
+        outer = await connection.begin()
+        session = AsyncSession(bind=connection, join_transaction_mode="create_savepoint")
+        try:
+            yield session
+        finally:
+            await session.close()
+            await outer.rollback()
