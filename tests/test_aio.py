@@ -28,6 +28,7 @@ from zaphub_db.repositories import messages, queue, sessions
 from zaphub_db.testing.databases import migrated_database
 from zaphub_db.testing.statements import recording
 
+
 @pytest.fixture(scope="module")
 def database() -> Iterator[Engine]:
     with migrated_database() as engine:

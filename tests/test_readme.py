@@ -97,3 +97,29 @@ def test_the_hand_written_loop(engine: Engine) -> None:
     exec(loop_example, {"engine": engine, "send": send, "Session": Session})
     assert [s for s, _ in statuses(engine)] == ["sent", "queued", "sent"]
     assert [wa for _, wa in statuses(engine)] == ["wamid.1", None, "wamid.2"]
+
+
+async def test_the_fastapi_example(monkeypatch: pytest.MonkeyPatch) -> None:
+    import httpx
+
+    (example,) = section_code("### Async (asyncio)")
+    with migrated_database() as migrated:
+        url = migrated.url.render_as_string(hide_password=False)
+        monkeypatch.setenv("ZAPHUB_DATABASE_URL", url)
+        with Session(migrated) as db:
+            session_id = sessions.create_session(db, label="api").id
+            db.commit()
+        namespace: dict[str, Any] = {}
+        exec(example, namespace)
+        transport = httpx.ASGITransport(app=namespace["app"])
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+            body = {"id": "client-1", "to": "5534999999999@s.whatsapp.net", "text": "Olá"}
+            first = await client.post(f"/sessions/{session_id}/messages", json=body)
+            again = await client.post(f"/sessions/{session_id}/messages", json=body)
+            bad = await client.post("/sessions/not-a-uuid/messages", json=body)
+        await namespace["engine"].dispose()
+        assert first.status_code == 200, first.text
+        assert first.json()["status"] == "queued"
+        assert again.json() == first.json()  # the same message: idempotent
+        assert bad.status_code == 422
+        assert "session_id must be a UUID" in bad.json()["error"]
