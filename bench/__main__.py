@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import argparse
 
-from bench import bulk, calls, queue, receipts
+from bench import aio, bulk, calls, queue, receipts
 from bench.harness import benchmark_database, machine, say, server_version
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("--quick", action="store_true", help="fewer rows and rounds")
-    parser.add_argument("--only", nargs="*", default=None, help="calls, bulk, queue, receipts")
+    parser.add_argument("--only", nargs="*", default=None, help="calls, bulk, queue, receipts, aio")
     args = parser.parse_args()
-    wanted = set(args.only or ["calls", "bulk", "queue", "receipts"])
+    wanted = set(args.only or ["calls", "bulk", "queue", "receipts", "aio"])
     with benchmark_database() as (engine, dsn):
         say(f"# zaphub_db benchmarks\n\n{machine()}; {server_version(dsn)}\n")
         if "calls" in wanted:
@@ -24,6 +24,9 @@ def main() -> None:
         if "bulk" in wanted:
             say("## Bulk insert\n")
             say(bulk.run(engine, dsn, quick=args.quick) + "\n")
+        if "aio" in wanted:
+            say("## The async face\n")
+            say(aio.run(engine, dsn, quick=args.quick) + "\n")
         if "receipts" in wanted:
             say("## Receipts: a burst applied in one statement\n")
             say(receipts.run(engine, dsn, quick=args.quick) + "\n")
