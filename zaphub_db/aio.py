@@ -46,7 +46,12 @@ from zaphub_db.engine import (
     DEFAULT_STATEMENT_TIMEOUT,
     TRANSACTION_POOLER_OPTION,
 )
-from zaphub_db.errors import TransientError, ValidationError, translate_db_error
+from zaphub_db.errors import (
+    ConnectionLostError,
+    TransientError,
+    ValidationError,
+    translate_db_error,
+)
 from zaphub_db.models import Message, WhatsAppSession
 from zaphub_db.repositories import events, messages, queue, sessions, validation
 from zaphub_db.repositories.messages import BulkResult
@@ -66,9 +71,33 @@ def _twin(
 
     @functools.wraps(function)
     async def twin(db: AsyncSession, /, *args: P.args, **kwargs: P.kwargs) -> R:
-        return await db.run_sync(function, *args, **kwargs)
+        try:
+            return await db.run_sync(function, *args, **kwargs)
+        except _ASYNCPG_CONNECTION_ERRORS as exc:
+            raise _connection_lost(exc) from exc
 
     return twin
+
+
+def _asyncpg_connection_errors() -> tuple[type[Exception], ...]:
+    try:
+        from asyncpg import exceptions
+    except ImportError:
+        return ()
+    return (exceptions.InternalClientError, exceptions.InterfaceError)
+
+
+# Some SQLAlchemy 2.0 releases let these asyncpg errors through unwrapped when
+# the server ended the connection (a killed backend shows as "another
+# operation is in progress"): they mean the connection is gone.
+_ASYNCPG_CONNECTION_ERRORS = _asyncpg_connection_errors()
+
+
+def _connection_lost(exc: Exception) -> ConnectionLostError:
+    return ConnectionLostError(
+        f"no connection to the server (lost or refused): {exc}; "
+        "roll back and retry in a new transaction"
+    )
 
 
 # sessions
