@@ -171,3 +171,36 @@ def test_concurrent_migrations_through_the_pooler_serialise_and_leave_no_lock(
         history = connection.execute("SELECT count(*) FROM migration_history").fetchone()
     assert history is not None
     assert history[0] == len(applying[0].stdout.splitlines()) - 1
+
+
+@pytest.mark.parametrize("driver", ["psycopg", "asyncpg"])
+async def test_the_async_face_through_the_pooler(pooled: URL, driver: str) -> None:
+    import asyncio
+
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+    from zaphub_db import aio
+
+    engine = aio.create_async_engine(
+        pooled.set(drivername=f"postgresql+{driver}"), lock_timeout=timedelta(seconds=2)
+    )
+    try:
+        # More executions of each statement than any prepare threshold, from
+        # concurrent tasks sharing PgBouncer's two server connections.
+        async def calls(n: int) -> None:
+            for i in range(20):
+                async with AsyncSession(engine) as db:
+                    session = await aio.create_session(db, label=f"{driver}-{n}-{i}")
+                    await aio.create_message(
+                        db, session_id=session.id, message_id="k", jid="j", type="text", payload={}
+                    )
+                    assert len(await aio.get_messages_by_session(db, session.id)) == 1
+                    timeout = (
+                        await db.execute(text("SELECT current_setting('lock_timeout')"))
+                    ).scalar()
+                    assert timeout == "2s"
+                    await db.commit()
+
+        await asyncio.gather(*(calls(n) for n in range(4)))
+    finally:
+        await engine.dispose()
