@@ -278,3 +278,25 @@ def test_sync_and_async_share_the_statements() -> None:
     assert aio.create_message.__wrapped__ is messages.create_message  # type: ignore[attr-defined]
     assert aio.claim_queued_messages.__wrapped__ is queue.claim_queued_messages  # type: ignore[attr-defined]
     assert aio.get_session_by_id.__wrapped__ is sessions.get_session_by_id  # type: ignore[attr-defined]
+
+
+def _bad_input_cases() -> list[str]:
+    from tests.repositories.test_bad_input import CASES
+
+    return sorted(CASES)
+
+
+@pytest.mark.parametrize("case", _bad_input_cases())
+async def test_every_bad_input_is_refused_on_the_async_face_too(
+    engine: AsyncEngine, case: str
+) -> None:
+    """The bad-input suite of the sync face, run on an AsyncSession of each driver."""
+    from tests.repositories.test_bad_input import CASES
+
+    async with AsyncSession(engine) as db:
+        earlier = await aio.create_session(db, label="earlier work")
+        earlier_id = earlier.id
+        with pytest.raises(ValidationError):
+            await db.run_sync(CASES[case], earlier_id)
+        await db.commit()
+        assert await aio.get_session_by_id(db, earlier_id) is not None

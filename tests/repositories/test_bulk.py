@@ -4,9 +4,9 @@ import uuid
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
+from tests.repositories.conftest import engine_of
 from zaphub_db.errors import NotFoundError, ValidationError
 from zaphub_db.models import WhatsAppSession
 from zaphub_db.repositories import messages
@@ -94,9 +94,9 @@ def test_a_bad_item_writes_nothing(db: Session, bad: Any) -> None:
     assert messages.get_messages_by_session(db, session.id) == []
 
 
-def test_round_trips_are_fixed_per_batch(zaphub_engine: Engine, db: Session) -> None:
+def test_round_trips_are_fixed_per_batch(db: Session) -> None:
     session: WhatsAppSession = SessionFactory.create()
-    with recording(zaphub_engine) as sent:
+    with recording(engine_of(db)) as sent:
         messages.bulk_create_messages(db, session.id, items(3000))
         new_only = len(sent)
         sent.clear()

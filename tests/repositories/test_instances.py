@@ -15,6 +15,7 @@ import pytest
 from sqlalchemy import Engine, event, inspect, select, text
 from sqlalchemy.orm import ORMExecuteState, Session
 
+from tests.repositories.conftest import engine_of
 from zaphub_db.errors import ValidationError
 from zaphub_db.models import Message, WhatsAppSession
 from zaphub_db.repositories import messages, sessions
@@ -29,9 +30,7 @@ def columns_of(instance: Any) -> dict[str, Any]:
     return {attr.key: getattr(instance, attr.key) for attr in mapper.column_attrs}
 
 
-def test_an_instance_is_persistent_in_the_callers_session(
-    zaphub_engine: Engine, db: Session
-) -> None:
+def test_an_instance_is_persistent_in_the_callers_session(db: Session) -> None:
     message: Message = MessageFactory.create()
     db.expunge_all()
 
@@ -40,7 +39,7 @@ def test_an_instance_is_persistent_in_the_callers_session(
     assert found is not None
     assert inspect(found).persistent
     assert found in db
-    with recording(zaphub_engine) as sent:
+    with recording(engine_of(db)) as sent:
         # The identity map answers: no statement.
         assert db.get(Message, message.id) is found
         assert messages.get_message_by_id(db, message.id) is found
@@ -114,14 +113,12 @@ def test_a_returned_row_refreshes_the_instance_already_in_the_session(db: Sessio
     assert not inspect(message).modified
 
 
-def test_expired_instances_come_back_whole_from_one_statement(
-    zaphub_engine: Engine, db: Session
-) -> None:
+def test_expired_instances_come_back_whole_from_one_statement(db: Session) -> None:
     message: Message = MessageFactory.create()
     key = message.id
     db.expire_all()
 
-    with recording(zaphub_engine) as sent:
+    with recording(engine_of(db)) as sent:
         found = messages.get_message_by_id(db, key)
         assert found is message
         assert not inspect(message).expired_attributes

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from sqlalchemy.orm import Session
 
+from tests.repositories.conftest import engine_of
 from zaphub_db.errors import ValidationError
 from zaphub_db.models import Message
 from zaphub_db.repositories import messages, sessions
@@ -37,8 +38,7 @@ def test_a_burst_moves_each_message_forward_in_one_statement(db: Session) -> Non
         {"wa_message_id": "wamid.3", "status": "delivered"},  # after read: refused
         {"wa_message_id": "wamid.unknown", "status": "read"},  # ignored
     ]
-    engine = db.get_bind()
-    with recording(engine) as sent:  # type: ignore[arg-type]
+    with recording(engine_of(db)) as sent:
         assert messages.update_message_statuses(db, session_id, receipts) == 2
     assert len(sent) == 1
     assert (a.status, a.delivered_at, a.wa_timestamp) == ("delivered", at, 17)
@@ -97,7 +97,7 @@ def test_a_receipt_applies_to_a_failed_message_and_not_to_another_session(db: Se
 def test_10001_receipts_take_two_statements(db: Session) -> None:
     session_id, _ = sent_messages(db, 2)
     receipts = [{"wa_message_id": f"wamid.{i}", "status": "delivered"} for i in range(10_001)]
-    with recording(db.get_bind()) as sent:  # type: ignore[arg-type]
+    with recording(engine_of(db)) as sent:
         assert messages.update_message_statuses(db, session_id, receipts) == 2
     assert len(sent) == 2
 
