@@ -3,8 +3,9 @@
 Every test that takes ``db`` runs on both faces of the API: on the plugin's
 sync ``Session`` (psycopg), and on the sync ``Session`` inside an
 ``AsyncSession`` of each async driver, with the test's body run by
-``AsyncSession.run_sync``, exactly as the ``zaphub_db.aio`` twins run. The rules are then checked through psycopg's
-async connection and asyncpg, with the same assertions.
+``AsyncSession.run_sync``, exactly as the ``zaphub_db.aio`` twins run. The
+rules are then checked through psycopg's async connection and asyncpg, with
+the same assertions.
 """
 
 import asyncio
