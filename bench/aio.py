@@ -211,8 +211,16 @@ def run(engine: Engine, dsn: str, *, quick: bool) -> str:
 
     async def main() -> tuple[list[list[str]], list[list[str]]]:
         engines = {
+            # No pre-ping and no timeouts, as the sync engine it is compared
+            # with: the same statements, one round trip each.
             driver: aio.create_async_engine(
-                engine.url.set(drivername=f"postgresql+{driver}"), pool_size=10, max_overflow=0
+                engine.url.set(drivername=f"postgresql+{driver}"),
+                pool_size=10,
+                max_overflow=0,
+                pool_pre_ping=False,
+                lock_timeout=None,
+                statement_timeout=None,
+                idle_in_transaction_timeout=None,
             )
             for driver in ("psycopg", "asyncpg")
         }
