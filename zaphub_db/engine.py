@@ -60,7 +60,8 @@ def create_engine(
 
     - ``pool_pre_ping``: a connection the server dropped while it sat in the
       pool (restart, idle kill) is replaced before use instead of failing
-      the caller's first statement.
+      the caller's first statement. It costs one round trip per checkout
+      (``docs/benchmarks.md``); ``pool_pre_ping=False`` turns it off.
     - The three timeouts are in force on every connection: a repository call
       that waits on a lock longer than ``lock_timeout`` raises
       ``LockTimeoutError``, one that runs longer than ``statement_timeout``
