@@ -123,3 +123,15 @@ async def test_the_fastapi_example(monkeypatch: pytest.MonkeyPatch) -> None:
         assert again.json() == first.json()  # the same message: idempotent
         assert bad.status_code == 422
         assert "session_id must be a UUID" in bad.json()["error"]
+
+
+def test_the_python_api_example(monkeypatch: pytest.MonkeyPatch) -> None:
+    (example,) = section_code("## Python API")
+    with migrated_database() as migrated:
+        monkeypatch.setenv(
+            "ZAPHUB_DATABASE_URL", migrated.url.render_as_string(hide_password=False)
+        )
+        namespace: dict[str, Any] = {}
+        exec(example, namespace)
+        namespace["engine"].dispose()
+        assert statuses(migrated) == [("sent", "wamid.1")]
