@@ -14,7 +14,7 @@ import psycopg
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.engine import URL
 
-from zaphub_db.config import normalize_url
+from zaphub_db.config import libpq_dsn, normalize_url
 from zaphub_db.testing.databases import migrate, test_server_url, throwaway_database
 
 
@@ -22,11 +22,6 @@ def server_url() -> URL:
     """``ZAPHUB_BENCH_DATABASE_URL``, else the server the tests use."""
     configured = os.environ.get("ZAPHUB_BENCH_DATABASE_URL")
     return normalize_url(configured) if configured else test_server_url()
-
-
-def libpq_dsn(url: URL) -> str:
-    """A URL as psycopg.connect() takes it."""
-    return url.set(drivername="postgresql").render_as_string(hide_password=False)
 
 
 @contextmanager

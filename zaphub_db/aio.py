@@ -56,7 +56,17 @@ from zaphub_db.models import Message, WhatsAppSession
 from zaphub_db.repositories import events, messages, queue, sessions, validation
 from zaphub_db.repositories.messages import BulkResult
 from zaphub_db.repositories.queue import QueueStats
-from zaphub_db.worker import PermanentFailure, WorkerSummary, default_worker_name, failure_text
+from zaphub_db.worker import (
+    RETRY_CAP,
+    RETRY_FIRST,
+    STOP_CHECK,
+    WRITE_ATTEMPTS,
+    PermanentFailure,
+    WorkerSummary,
+    check_arguments,
+    default_worker_name,
+    failure_text,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -308,10 +318,6 @@ async def stop_listening(engine: AsyncEngine) -> None:
 # --- The worker -----------------------------------------------------------------
 
 Handler = Callable[[Message], "Awaitable[str | None] | str | None"]
-_RETRY_FIRST = 0.1
-_RETRY_CAP = 5.0
-_WRITE_ATTEMPTS = 5
-_STOP_CHECK = 0.25
 
 
 async def _in_transaction(engine: AsyncEngine, work: Callable[[Session], R]) -> R:
@@ -330,15 +336,15 @@ async def _in_transaction(engine: AsyncEngine, work: Callable[[Session], R]) -> 
 async def _write(
     engine: AsyncEngine, work: Callable[[Session], R], fallback: R, summary: WorkerSummary
 ) -> R:
-    delay = _RETRY_FIRST
-    for attempt in range(1, _WRITE_ATTEMPTS + 1):
+    delay = RETRY_FIRST
+    for attempt in range(1, WRITE_ATTEMPTS + 1):
         try:
             return await _in_transaction(engine, work)
         except TransientError as exc:
             summary.database_errors += 1
-            logger.warning("write failed (attempt %d of %d): %s", attempt, _WRITE_ATTEMPTS, exc)
+            logger.warning("write failed (attempt %d of %d): %s", attempt, WRITE_ATTEMPTS, exc)
             await asyncio.sleep(delay)
-            delay = min(delay * 2, _RETRY_CAP)
+            delay = min(delay * 2, RETRY_CAP)
     return fallback
 
 
@@ -363,17 +369,7 @@ async def run_worker(
     batch size); with ``ordered`` a batch never holds two messages of one
     chat, so chat order holds. ``stop`` is an ``asyncio.Event``.
     """
-    validation.integer(batch_size, "batch_size", minimum=1, maximum=queue.CLAIM_LIMIT_MAX)
-    if (
-        isinstance(poll_interval, bool)
-        or not isinstance(poll_interval, int | float)
-        or not (poll_interval > 0)
-    ):
-        raise ValidationError(
-            f"poll_interval must be a positive number of seconds, got {poll_interval!r}"
-        )
-    if not callable(handler):
-        raise ValidationError(f"handler must be callable, got {handler!r}")
+    check_arguments(handler, batch_size, poll_interval)
     sends = validation.integer(
         batch_size if max_concurrent_sends is None else max_concurrent_sends,
         "max_concurrent_sends",
@@ -386,7 +382,7 @@ async def run_worker(
     heartbeat = (
         asyncio.create_task(_heartbeat(engine, lease, in_hand)) if lease is not None else None
     )
-    backoff = _RETRY_FIRST
+    backoff = RETRY_FIRST
     last_recovery = float("-inf")
     await wait_for_messages(engine, 0)
     try:
@@ -411,14 +407,14 @@ async def run_worker(
                 logger.warning("worker %s: %s (retrying in %.1f s)", name, exc, backoff)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), backoff)
-                backoff = min(backoff * 2, _RETRY_CAP)
+                backoff = min(backoff * 2, RETRY_CAP)
                 continue
-            backoff = _RETRY_FIRST
+            backoff = RETRY_FIRST
             if not batch:
                 deadline = time.monotonic() + poll_interval
                 while not stop.is_set() and time.monotonic() < deadline:
                     remaining = deadline - time.monotonic()
-                    if await wait_for_messages(engine, min(remaining, _STOP_CHECK)):
+                    if await wait_for_messages(engine, min(remaining, STOP_CHECK)):
                         break
                 continue
             summary.claimed += len(batch)
@@ -509,12 +505,7 @@ async def _record_failure(
         None,
         summary,
     )
-    if after is None:
-        return
-    if after.status == "queued":
-        summary.retried += 1
-    elif after.status in ("failed", "dlq"):
-        summary.failed += 1
+    summary.count_failure(after)
 
 
 __all__ = [

@@ -36,13 +36,13 @@ T = TypeVar("T")
 Handler = Callable[[Message], str | None]
 
 # How long the worker backs off after a transient database error, at first and at most.
-_RETRY_FIRST = 0.1
-_RETRY_CAP = 5.0
+RETRY_FIRST = 0.1
+RETRY_CAP = 5.0
 # Attempts at writing an ack or a failure before leaving it to the lease.
-_WRITE_ATTEMPTS = 5
+WRITE_ATTEMPTS = 5
 # How long each idle wait lasts before the stop flag is checked again. Waiting
 # sends no queries; this only bounds how late a stop is noticed.
-_STOP_CHECK = 0.25
+STOP_CHECK = 0.25
 
 
 class PermanentFailure(Exception):  # noqa: N818 - it names an outcome, as the contract does
@@ -59,6 +59,31 @@ class WorkerSummary:
     failed: int = 0
     released: int = 0
     database_errors: int = 0
+
+    def count_failure(self, after: Message | None) -> None:
+        """Count a recorded failure by where it left the message (``None``: not recorded)."""
+        if after is None:
+            return
+        if after.status == "queued":
+            self.retried += 1
+        elif after.status in ("failed", "dlq"):
+            self.failed += 1
+
+
+def check_arguments(handler: object, batch_size: int, poll_interval: float) -> None:
+    """The checks both faces' ``run_worker`` make before anything runs."""
+    if (
+        isinstance(poll_interval, bool)
+        or not isinstance(poll_interval, int | float)
+        or not poll_interval > 0
+    ):
+        raise ValidationError(
+            f"poll_interval must be a positive number of seconds, got {poll_interval!r}"
+        )
+    # 0 would claim nothing and idle for ever.
+    validation.integer(batch_size, "batch_size", minimum=1, maximum=queue.CLAIM_LIMIT_MAX)
+    if not callable(handler):
+        raise ValidationError(f"handler must be callable, got {handler!r}")
 
 
 def default_worker_name() -> str:
@@ -161,22 +186,12 @@ def run_worker(
     ``retry_in`` sets the delay before a failed message is retried (default:
     ``mark_message_failed``'s exponential backoff).
     """
-    if (
-        isinstance(poll_interval, bool)
-        or not isinstance(poll_interval, int | float)
-        or not poll_interval > 0
-    ):
-        raise ValidationError(
-            f"poll_interval must be a positive number of seconds, got {poll_interval!r}"
-        )
-    validation.integer(batch_size, "batch_size", minimum=1, maximum=queue.CLAIM_LIMIT_MAX)
-    if not callable(handler):
-        raise ValidationError(f"handler must be callable, got {handler!r}")
+    check_arguments(handler, batch_size, poll_interval)
     stop = stop if stop is not None else threading.Event()
     name = worker if worker is not None else default_worker_name()
     summary = WorkerSummary()
     heartbeat = _Heartbeat(engine, lease) if lease is not None else None
-    backoff = _RETRY_FIRST
+    backoff = RETRY_FIRST
     last_recovery = float("-inf")
     # Listen before the first claim: a message enqueued after that claim
     # finds the worker listening.
@@ -185,9 +200,7 @@ def run_worker(
         while not stop.is_set():
             try:
                 if time.monotonic() - last_recovery >= poll_interval:
-                    _in_transaction(
-                        engine, lambda db: queue.recover_stalled_messages(db), commit=True
-                    )
+                    _in_transaction(engine, lambda db: queue.recover_stalled_messages(db))
                     last_recovery = time.monotonic()
                 batch = _in_transaction(
                     engine,
@@ -199,15 +212,14 @@ def run_worker(
                         ordered=ordered,
                         max_in_flight_per_session=max_in_flight_per_session,
                     ),
-                    commit=True,
                 )
             except TransientError as exc:
                 summary.database_errors += 1
                 logger.warning("worker %s: %s (retrying in %.1f s)", name, exc, backoff)
                 stop.wait(backoff)
-                backoff = min(backoff * 2, _RETRY_CAP)
+                backoff = min(backoff * 2, RETRY_CAP)
                 continue
-            backoff = _RETRY_FIRST
+            backoff = RETRY_FIRST
             if not batch:
                 _idle(engine, stop, poll_interval)
                 continue
@@ -227,7 +239,7 @@ def _idle(engine: Engine, stop: threading.Event, poll_interval: float) -> None:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return
-        if queue.wait_for_messages(engine, min(remaining, _STOP_CHECK)):
+        if queue.wait_for_messages(engine, min(remaining, STOP_CHECK)):
             return
 
 
@@ -296,13 +308,7 @@ def _record_failure(
             attempt=message.attempts,
         )
 
-    after = _write(engine, fail, None, summary)
-    if after is None:
-        return
-    if after.status == "queued":
-        summary.retried += 1
-    elif after.status in ("failed", "dlq"):
-        summary.failed += 1
+    summary.count_failure(_write(engine, fail, None, summary))
 
 
 def _write(engine: Engine, work: Callable[[Session], T], fallback: T, summary: WorkerSummary) -> T:
@@ -311,26 +317,25 @@ def _write(engine: Engine, work: Callable[[Session], T], fallback: T, summary: W
     What cannot be written is left to the lease: the message is recovered
     and sent again (at least once).
     """
-    delay = _RETRY_FIRST
-    for attempt in range(1, _WRITE_ATTEMPTS + 1):
+    delay = RETRY_FIRST
+    for attempt in range(1, WRITE_ATTEMPTS + 1):
         try:
-            return _in_transaction(engine, work, commit=True)
+            return _in_transaction(engine, work)
         except TransientError as exc:
             summary.database_errors += 1
-            logger.warning("write failed (attempt %d of %d): %s", attempt, _WRITE_ATTEMPTS, exc)
+            logger.warning("write failed (attempt %d of %d): %s", attempt, WRITE_ATTEMPTS, exc)
             time.sleep(delay)
-            delay = min(delay * 2, _RETRY_CAP)
+            delay = min(delay * 2, RETRY_CAP)
     logger.error("giving up a write after %d attempts; the lease will bring it back", attempt)
     return fallback
 
 
-def _in_transaction(engine: Engine, work: Callable[[Session], T], *, commit: bool) -> T:
-    """``work`` in a Session of its own; driver errors around it become our errors."""
+def _in_transaction(engine: Engine, work: Callable[[Session], T]) -> T:
+    """``work`` in a Session of its own, committed; driver errors around it become ours."""
     try:
         with Session(engine, expire_on_commit=False) as db:
             result = work(db)
-            if commit:
-                db.commit()
+            db.commit()
             return result
     except DBAPIError as exc:
         # Raised outside the repositories' translation: connecting, committing.

@@ -10,6 +10,7 @@ the same assertions.
 
 import asyncio
 import inspect
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,8 +21,8 @@ from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
 from zaphub_db import aio
-from zaphub_db.models import WhatsAppSession
-from zaphub_db.repositories import queue
+from zaphub_db.models import Message, WhatsAppSession
+from zaphub_db.repositories import messages, queue, sessions
 from zaphub_db.testing import factories
 from zaphub_db.testing.databases import migrated_database
 
@@ -110,3 +111,39 @@ def queue_engine(committed_engine: Engine) -> Iterator[Engine]:
     yield committed_engine
     queue.stop_listening(committed_engine)
     _empty(committed_engine)
+
+
+# Helpers of the queue tests.
+
+
+def chat(i: int) -> str:
+    return f"55349{i:08d}@s.whatsapp.net"
+
+
+def enqueue(engine: Engine, count: int, **fields: Any) -> tuple[uuid.UUID, list[uuid.UUID]]:
+    """A new session with ``count`` queued messages made in one transaction.
+
+    Each message goes to a chat of its own unless ``jid`` is given.
+    """
+    with Session(engine) as db:
+        session = sessions.create_session(db, label="queue")
+        ids = [
+            messages.create_message(
+                db,
+                session_id=session.id,
+                message_id=f"m{i}",
+                type="text",
+                payload={"n": i},
+                **{"jid": chat(i), **fields},
+            ).id
+            for i in range(count)
+        ]
+        db.commit()
+        return session.id, ids
+
+
+def claim(engine: Engine, limit: int = 100, **kwargs: Any) -> list[Message]:
+    with Session(engine, expire_on_commit=False) as db:
+        claimed = queue.claim_queued_messages(db, limit=limit, **kwargs)
+        db.commit()
+        return claimed

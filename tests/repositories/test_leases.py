@@ -15,39 +15,13 @@ import pytest
 from sqlalchemy import Engine, delete, select, text
 from sqlalchemy.orm import Session
 
+from tests.repositories.conftest import claim, enqueue
 from zaphub_db.errors import ValidationError
 from zaphub_db.models import Message
-from zaphub_db.repositories import messages, queue, sessions
+from zaphub_db.repositories import messages, queue
 from zaphub_db.testing.statements import recording
 
 SHORT = timedelta(milliseconds=300)
-
-
-def enqueue(engine: Engine, count: int, **fields: Any) -> tuple[uuid.UUID, list[uuid.UUID]]:
-    """A new session with ``count`` queued messages, each in a chat of its own."""
-    with Session(engine) as db:
-        session = sessions.create_session(db, label="leases")
-        ids = [
-            messages.create_message(
-                db,
-                session_id=session.id,
-                message_id=f"m{i}",
-                jid=f"55349{i:08d}@s.whatsapp.net",
-                type="text",
-                payload={"n": i},
-                **fields,
-            ).id
-            for i in range(count)
-        ]
-        db.commit()
-        return session.id, ids
-
-
-def claim(engine: Engine, **kwargs: Any) -> list[Message]:
-    with Session(engine, expire_on_commit=False) as db:
-        claimed = queue.claim_queued_messages(db, **kwargs)
-        db.commit()
-        return claimed
 
 
 def recover(engine: Engine, **kwargs: Any) -> int:

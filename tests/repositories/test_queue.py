@@ -12,44 +12,11 @@ from sqlalchemy import Engine, create_engine, select, text
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
+from tests.repositories.conftest import claim, enqueue
 from zaphub_db.errors import ValidationError
 from zaphub_db.models import Message
-from zaphub_db.repositories import messages, queue, sessions
+from zaphub_db.repositories import messages, queue
 
-JID = "5534999999999@s.whatsapp.net"
-
-
-def chat(i: int) -> str:
-    return f"55349{i:08d}@s.whatsapp.net"
-
-
-def enqueue(engine: Engine, count: int, **fields: Any) -> tuple[uuid.UUID, list[uuid.UUID]]:
-    """A new session with ``count`` queued messages made in one transaction.
-
-    Each message goes to a chat of its own unless ``jid`` is given.
-    """
-    with Session(engine) as db:
-        session = sessions.create_session(db, label="queue")
-        ids = [
-            messages.create_message(
-                db,
-                session_id=session.id,
-                message_id=f"m{i}",
-                type="text",
-                payload={"n": i},
-                **{"jid": chat(i), **fields},
-            ).id
-            for i in range(count)
-        ]
-        db.commit()
-        return session.id, ids
-
-
-def claim(engine: Engine, limit: int = 100, **kwargs: Any) -> list[Message]:
-    with Session(engine, expire_on_commit=False) as db:
-        claimed = queue.claim_queued_messages(db, limit=limit, **kwargs)
-        db.commit()
-        return claimed
 
 
 def fail(engine: Engine, message_id: uuid.UUID, **kwargs: Any) -> Message:
