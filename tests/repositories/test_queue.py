@@ -18,7 +18,6 @@ from zaphub_db.models import Message
 from zaphub_db.repositories import messages, queue
 
 
-
 def fail(engine: Engine, message_id: uuid.UUID, **kwargs: Any) -> Message:
     with Session(engine, expire_on_commit=False) as db:
         failed = queue.mark_message_failed(db, message_id, "gateway timeout", **kwargs)
