@@ -1,14 +1,17 @@
 """nox sessions: tests on PostgreSQL 15 and the embedded 18, both SQLAlchemy lines,
-lint, type checks and migration checks. Plain `nox` runs them all."""
+the tests again through PgBouncer's transaction pooling, lint, type checks and
+migration checks. Plain `nox` runs them all."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import nox
 
@@ -17,7 +20,8 @@ nox.options.default_venv_backend = "uv|virtualenv"
 # bytecode (uv skips it, and PYTHONDONTWRITEBYTECODE may be set) every start
 # re-compiles SQLAlchemy and Alembic, tripling the suite's time.
 os.environ.setdefault("UV_COMPILE_BYTECODE", "1")
-nox.options.sessions = ["tests", "lint", "typecheck", "migrations"]
+nox.options.sessions = ["tests", "pgbouncer", "lint", "typecheck", "migrations"]
+ROOT = Path(__file__).resolve().parent
 
 PYPROJECT = nox.project.load_toml("pyproject.toml")
 SQLALCHEMY = next(
@@ -78,6 +82,29 @@ def tests(session: nox.Session, server: str, sqlalchemy: str) -> None:
     session.run("python", "-c", "import sqlalchemy; print('SQLAlchemy', sqlalchemy.__version__)")
     with _server_env(server) as env:
         session.run("pytest", *session.posargs, env=env)
+
+
+@nox.session
+def pgbouncer(session: nox.Session) -> None:
+    """The test suite through a real PgBouncer (transaction pooling) in front of the local server.
+
+    The suite's URL says ``pgbouncer=true``, so every engine it makes (the
+    plugin's, the CLI's, Alembic's) works as a user's would behind PgBouncer.
+    Tests of LISTEN are skipped here (a transaction pooler cannot carry it;
+    tests/test_pgbouncer.py tests the polling used instead).
+    """
+    _ensure_pgbouncer(session)
+    session.install("-e", ".[embedded,testing]", *TEST_TOOLS)
+    sys.path.insert(0, str(ROOT))
+    from tests.pgbouncers import running_pgbouncer
+
+    server = urlsplit(LOCAL_POSTGRES)
+    # Enough server connections for the suite's widest race (32 connections
+    # at once, each in a transaction) beside the test's own.
+    with running_pgbouncer(server.hostname or "127.0.0.1", server.port or 5432, 40) as port:
+        session.log(f"PgBouncer (transaction pooling) on 127.0.0.1:{port}")
+        url = f"postgresql://postgres@127.0.0.1:{port}/postgres?pgbouncer=true"
+        session.run("pytest", *session.posargs, env={"ZAPHUB_TEST_DATABASE_URL": url})
 
 
 @nox.session

@@ -7,10 +7,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine, create_engine
+from sqlalchemy import Engine
 from sqlalchemy.engine import URL
 
-from zaphub_db.testing.databases import test_server_url, throwaway_database
+import zaphub_db
+from zaphub_db.config import driver_settings, libpq_dsn, normalize_url
+from zaphub_db.testing.databases import TEST_URL_VARIABLE, test_server_url, throwaway_database
 
 pytest_plugins = ["zaphub_db.testing.pytest_plugin", "pytester"]
 
@@ -33,9 +35,23 @@ def empty_database(server_url: URL) -> Iterator[URL]:
 @pytest.fixture
 def empty_engine(empty_database: URL) -> Iterator[Engine]:
     """An engine on ``empty_database``."""
-    engine = create_engine(empty_database)
+    engine = zaphub_db.create_engine(empty_database)
     yield engine
     engine.dispose()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Behind PgBouncer's transaction pooling, skip what only a direct connection can do."""
+    configured = os.environ.get(TEST_URL_VARIABLE)
+    if not configured or not driver_settings(normalize_url(configured))[1].pgbouncer:
+        return
+    skip = pytest.mark.skip(
+        reason="LISTEN needs a direct connection; behind PgBouncer waits poll "
+        "(tests/test_pgbouncer.py tests that)"
+    )
+    for item in items:
+        if item.get_closest_marker("listen"):
+            item.add_marker(skip)
 
 
 def pytest_report_header() -> str:
@@ -44,8 +60,7 @@ def pytest_report_header() -> str:
     import sqlalchemy
 
     server = test_server_url()
-    dsn = server.set(drivername="postgresql").render_as_string(hide_password=False)
-    with psycopg.connect(dsn) as connection:
+    with psycopg.connect(libpq_dsn(server)) as connection:
         version = connection.execute("SHOW server_version").fetchone()
     where = "embedded" if not os.environ.get("ZAPHUB_TEST_DATABASE_URL") else server.host
     return f"PostgreSQL {version[0] if version else '?'} ({where}), SQLAlchemy {sqlalchemy.__version__}"

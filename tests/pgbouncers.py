@@ -2,6 +2,8 @@
 
 It runs as the ``postgres`` user when the tests run as root (PgBouncer
 refuses root), listens on a free loopback port, and stops with the test.
+The noxfile uses :func:`running_pgbouncer` too, to run the whole suite
+through one; that needs nothing beyond the standard library.
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from sqlalchemy.engine import URL
+if TYPE_CHECKING:
+    from sqlalchemy.engine import URL
 
 
 def _free_port() -> int:
@@ -30,6 +34,21 @@ def _free_port() -> int:
 @contextmanager
 def pgbouncer(host: str, port: int, pool_size: int = 2) -> Iterator[URL]:
     """PgBouncer in front of ``host:port``; yields a URL template (database unset)."""
+    from sqlalchemy.engine import URL
+
+    with running_pgbouncer(host, port, pool_size) as listen:
+        yield URL.create(
+            "postgresql+psycopg",
+            username="postgres",
+            host="127.0.0.1",
+            port=listen,
+            query={"pgbouncer": "true"},
+        )
+
+
+@contextmanager
+def running_pgbouncer(host: str, port: int, pool_size: int) -> Iterator[int]:
+    """PgBouncer in front of ``host:port`` for user ``postgres``; yields its loopback port."""
     binary = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
     if not Path(binary).exists():
         raise RuntimeError("pgbouncer is not installed (Debian package pgbouncer)")
@@ -52,6 +71,11 @@ max_client_conn = 200
 logfile = {root / "pgbouncer.log"}
 pidfile = {root / "pgbouncer.pid"}
 server_reset_query =
+; Server connections left idle by a finished test go soon, so that the
+; pools of many throwaway databases stay within the server's max_connections.
+server_idle_timeout = 5
+log_connections = 0
+log_disconnections = 0
 """
     )
     command = [binary, str(root / "pgbouncer.ini")]
@@ -60,7 +84,9 @@ server_reset_query =
         for path in (root, *root.iterdir()):
             os.chown(path, account.pw_uid, account.pw_gid)
         command = ["runuser", "-u", "postgres", "--", *command]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # Its log goes to the log file; a pipe nobody reads would fill up and
+    # stop PgBouncer in the middle of a long run.
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 15
         while True:
@@ -76,13 +102,7 @@ server_reset_query =
                     )
                     raise RuntimeError(f"pgbouncer did not start: {log[-2000:]}") from None
                 time.sleep(0.05)
-        yield URL.create(
-            "postgresql+psycopg",
-            username="postgres",
-            host="127.0.0.1",
-            port=listen,
-            query={"pgbouncer": "true"},
-        )
+        yield listen
     finally:
         process.terminate()
         process.wait(timeout=10)

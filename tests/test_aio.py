@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 
 import zaphub_db.repositories
 from zaphub_db import aio, seed, worker
+from zaphub_db.engine import engine_url
 from zaphub_db.errors import (
     ConnectionLostError,
     IdempotencyConflictError,
@@ -41,7 +42,7 @@ async def engine(request: pytest.FixtureRequest, database: Engine) -> AsyncItera
     with Session(database) as db:
         db.execute(text("DELETE FROM sessions"))
         db.commit()
-    url = database.url.set(drivername=f"postgresql+{request.param}")
+    url = engine_url(database).set(drivername=f"postgresql+{request.param}")
     async_engine = aio.create_async_engine(url, lock_timeout=timedelta(milliseconds=500))
     yield async_engine
     await async_engine.dispose()
@@ -180,6 +181,7 @@ async def test_24_concurrent_tasks_creating_one_key_make_one_row(engine: AsyncEn
     assert count == 1
 
 
+@pytest.mark.listen
 async def test_an_async_waiter_wakes_on_the_enqueuing_commit(engine: AsyncEngine) -> None:
     async with AsyncSession(engine) as db:
         session_id = (await aio.create_session(db, label="wake")).id

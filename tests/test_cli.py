@@ -9,9 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import text
 from sqlalchemy.engine import URL
 
+import zaphub_db
 from tests.processes import ROOT, run_cli, url_arg
 from zaphub_db.migrations import script_location
 
@@ -61,7 +62,7 @@ def test_migrate_to_a_revision_then_downgrade(empty_database: URL) -> None:
 def test_verify_fails_on_model_drift(empty_database: URL) -> None:
     url = url_arg(empty_database)
     assert run_cli("migrate", "--url", url).returncode == 0
-    engine = create_engine(empty_database)
+    engine = zaphub_db.create_engine(empty_database)
     with engine.begin() as connection:
         connection.execute(text("DROP INDEX idx_messages_jid"))
         connection.execute(text("ALTER TABLE messages DROP CONSTRAINT messages_type_check"))
@@ -192,7 +193,7 @@ def test_seed_command_reports_inserted_then_existing(empty_database: URL) -> Non
 def test_cleanup_events_deletes_in_batches(empty_database: URL) -> None:
     url = url_arg(empty_database)
     assert run_cli("migrate", "--url", url).returncode == 0
-    engine = create_engine(empty_database)
+    engine = zaphub_db.create_engine(empty_database)
     with engine.begin() as connection:
         connection.execute(
             text(
@@ -235,7 +236,7 @@ def test_queue_commands_show_recover_and_requeue(empty_database: URL) -> None:
 
     url = url_arg(empty_database)
     assert run_cli("migrate", "--url", url).returncode == 0
-    engine = create_engine(empty_database)
+    engine = zaphub_db.create_engine(empty_database)
     with Session(engine) as db:
         session_id = sessions.create_session(db, label="cli").id
         for i in range(4):

@@ -17,9 +17,13 @@ import zaphub_db
 from tests.pgbouncers import pgbouncer
 from tests.servers import ThrowawayServer, throwaway_server
 from zaphub_db.config import libpq_dsn
+from zaphub_db.engine import behind_transaction_pooler, engine_url
 from zaphub_db.errors import LockTimeoutError
-from zaphub_db.repositories import messages, sessions
+from zaphub_db.models import Message
+from zaphub_db.repositories import messages, queue, sessions
 from zaphub_db.testing.databases import migrate
+from zaphub_db.testing.statements import recording
+from zaphub_db.worker import run_worker
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +139,8 @@ def test_pgbouncer_and_prepare_threshold_in_urls() -> None:
     assert settings.connect_args == {"prepare_threshold": None}
     assert dict(bare.query) == {"sslmode": "disable"}
     _, threshold = driver_settings(normalize_url("postgresql://u@h/db?prepare_threshold=none"))
-    assert threshold == type(threshold)(pgbouncer=False, connect_args={"prepare_threshold": None})
+    assert threshold.pgbouncer is False
+    assert threshold.connect_args == {"prepare_threshold": None}
     _, number = driver_settings(normalize_url("postgresql://u@h/db?prepare_threshold=12"))
     assert number.connect_args == {"prepare_threshold": 12}
     for bad in ("pgbouncer=maybe", "prepare_threshold=lots"):
@@ -143,7 +148,20 @@ def test_pgbouncer_and_prepare_threshold_in_urls() -> None:
             driver_settings(normalize_url(f"postgresql://u@h/db?{bad}"))
     engine = zaphub_db.create_engine("postgresql://u@h/db?pgbouncer=1")
     assert "pgbouncer" not in engine.url.query
+    # engine_url gives them back, so that an engine made from another is alike.
+    assert engine_url(engine).query == {"pgbouncer": "1"}
+    assert behind_transaction_pooler(zaphub_db.create_engine(engine_url(engine)))
     engine.dispose()
+    direct = zaphub_db.create_engine("postgresql://u@h/db?sslmode=disable&prepare_threshold=none")
+    assert engine_url(direct).query == {"sslmode": "disable", "prepare_threshold": "none"}
+    assert not behind_transaction_pooler(direct)
+    assert engine_url(zaphub_db.create_engine("postgresql://u@h/db")).query == {}
+    from zaphub_db import aio
+
+    for url in ("postgresql+asyncpg://u@h/db?pgbouncer=true", "postgresql://u@h/db?pgbouncer=true"):
+        async_engine = aio.create_async_engine(url)
+        assert behind_transaction_pooler(async_engine)
+        assert engine_url(async_engine).query == {"pgbouncer": "true"}
 
 
 def test_concurrent_migrations_through_the_pooler_serialise_and_leave_no_lock(
@@ -202,5 +220,68 @@ async def test_the_async_face_through_the_pooler(pooled: URL, driver: str) -> No
                     await db.commit()
 
         await asyncio.gather(*(calls(n) for n in range(4)))
+    finally:
+        await engine.dispose()
+
+
+def test_workers_behind_the_pooler_poll_instead_of_listening(pooled: URL) -> None:
+    """LISTEN cannot work through transaction pooling: waits poll, and workers still drain."""
+    engine = zaphub_db.create_engine(pooled)
+    try:
+        started = time.monotonic()
+        assert queue.wait_for_messages(engine, 0.05) is False  # shorter than one poll
+        assert queue.wait_for_messages(engine, 10) is True  # "maybe": the claim finds out
+        waited = time.monotonic() - started
+        assert 0.05 + queue.POOLER_POLL_INTERVAL <= waited < 0.05 + queue.POOLER_POLL_INTERVAL + 1
+        with recording(engine) as sent:
+            queue.wait_for_messages(engine, 10)
+        assert sent == []  # the wait itself sends nothing; the caller's claim is the poll
+        with Session(engine) as db:
+            db.execute(text("DELETE FROM sessions"))  # the earlier tests' queued messages
+            session_id = sessions.create_session(db, label="pooled worker").id
+            db.commit()
+        handled: list[str] = []
+        stop = threading.Event()
+
+        def send(message: Message) -> None:
+            handled.append(message.message_id)
+
+        worker = threading.Thread(
+            target=run_worker,
+            args=(engine, send),
+            kwargs={"stop": stop, "poll_interval": 30.0},
+        )
+        worker.start()
+        time.sleep(0.5)  # idle, past its first empty claim
+        enqueued = time.monotonic()
+        with Session(engine) as db:
+            for i in range(3):
+                messages.create_message(
+                    db, session_id=session_id, message_id=f"m{i}", jid="j", type="text", payload={}
+                )
+            db.commit()
+        while len(handled) < 3 and time.monotonic() - enqueued < 10:
+            time.sleep(0.01)
+        latency = time.monotonic() - enqueued
+        stop.set()
+        worker.join(timeout=10)
+        # Sent in order well before the 30 s poll_interval: the wait polled.
+        assert handled == ["m0", "m1", "m2"]
+        assert latency < 3
+        with Session(engine) as db:
+            assert queue.queue_stats(db, session_id=session_id).queued == 0
+    finally:
+        engine.dispose()
+
+
+async def test_async_waits_behind_the_pooler_poll_too(pooled: URL) -> None:
+    from zaphub_db import aio
+
+    engine = aio.create_async_engine(pooled.set(drivername="postgresql+asyncpg"))
+    try:
+        started = time.monotonic()
+        assert await aio.wait_for_messages(engine, 0.05) is False
+        assert await aio.wait_for_messages(engine, 10) is True
+        assert time.monotonic() - started < 0.05 + queue.POOLER_POLL_INTERVAL + 1
     finally:
         await engine.dispose()

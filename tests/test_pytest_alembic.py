@@ -12,9 +12,10 @@ from pytest_alembic.tests import (
     test_up_down_consistency,
     test_upgrade,
 )
-from sqlalchemy import Engine, create_engine
+from sqlalchemy import Engine
 from sqlalchemy.engine import URL
 
+import zaphub_db
 from zaphub_db.migrations import alembic_config as zaphub_alembic_config
 from zaphub_db.testing.databases import throwaway_database
 
@@ -36,7 +37,7 @@ def alembic_config() -> Config:
 def alembic_engine(server_url: URL) -> Iterator[Engine]:
     """An empty throwaway database (pytest-alembic's fixture); it hands env.py this Engine."""
     with throwaway_database(server_url) as url:
-        engine = create_engine(url)
+        engine = zaphub_db.create_engine(url)
         try:
             yield engine
         finally:

@@ -13,6 +13,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from tests.processes import ROOT
+from zaphub_db.engine import engine_url
 from zaphub_db.models import Message
 from zaphub_db.repositories import messages, queue, sessions
 from zaphub_db.testing.databases import migrated_database
@@ -104,7 +105,7 @@ async def test_the_fastapi_example(monkeypatch: pytest.MonkeyPatch) -> None:
 
     (example,) = section_code("### Async (asyncio)")
     with migrated_database() as migrated:
-        url = migrated.url.render_as_string(hide_password=False)
+        url = engine_url(migrated).render_as_string(hide_password=False)
         monkeypatch.setenv("ZAPHUB_DATABASE_URL", url)
         with Session(migrated) as db:
             session_id = sessions.create_session(db, label="api").id
@@ -129,7 +130,7 @@ def test_the_python_api_example(monkeypatch: pytest.MonkeyPatch) -> None:
     (example,) = section_code("## Python API")
     with migrated_database() as migrated:
         monkeypatch.setenv(
-            "ZAPHUB_DATABASE_URL", migrated.url.render_as_string(hide_password=False)
+            "ZAPHUB_DATABASE_URL", engine_url(migrated).render_as_string(hide_password=False)
         )
         namespace: dict[str, Any] = {}
         exec(example, namespace)

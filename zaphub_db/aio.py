@@ -205,7 +205,9 @@ def create_async_engine(
             if connect_args.get("options"):
                 options = f"{options} {connect_args['options']}"
             connect_args["options"] = options
-        return sqlalchemy_create_async_engine(bare, connect_args=connect_args, **kwargs)
+        engine = sqlalchemy_create_async_engine(bare, connect_args=connect_args, **kwargs)
+        remembered = sync_engine.url_parameters_option(settings)
+        return engine.execution_options(**remembered) if remembered else engine
     engine = sqlalchemy_create_async_engine(bare, connect_args=connect_args, **kwargs)
     if timeouts != (None, None, None):
         settings_sql = sync_engine.per_transaction_settings(*timeouts)
@@ -214,7 +216,9 @@ def create_async_engine(
         def _set_timeouts(connection: Connection) -> None:
             connection.exec_driver_sql(settings_sql)
 
-    return engine.execution_options(**{TRANSACTION_POOLER_OPTION: True})
+    return engine.execution_options(
+        **{TRANSACTION_POOLER_OPTION: True}, **sync_engine.url_parameters_option(settings)
+    )
 
 
 # --- Wake-ups -------------------------------------------------------------------
@@ -288,10 +292,15 @@ async def wait_for_messages(engine: AsyncEngine, timeout: float) -> bool:
 
     The first call in a task starts listening on a connection of that task's
     own; a notification that arrives between two calls is kept for the next.
-    Waiting sends no queries and uses no thread.
+    Waiting sends no queries and uses no thread. Behind PgBouncer's
+    transaction pooling it polls, as the sync one does.
     """
     if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout < 0:
         raise ValidationError(f"timeout must be a non-negative number of seconds, got {timeout!r}")
+    if sync_engine.behind_transaction_pooler(engine):
+        seconds, result = queue.pooler_wait_seconds(timeout)
+        await asyncio.sleep(seconds)
+        return result
     listeners = _task_listeners()
     listener = listeners.get(id(engine))
     if listener is None:

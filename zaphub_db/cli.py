@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 
 import zaphub_db
 from zaphub_db import embedded, migrations
-from zaphub_db.config import configured_url, display_url, resolve_url
+from zaphub_db.config import configured_url, display_url, libpq_dsn, resolve_url
 from zaphub_db.errors import ZaphubDBError
 from zaphub_db.repositories import queue
 from zaphub_db.repositories.events import delete_old_events
@@ -203,7 +203,8 @@ def cmd_psql(args: argparse.Namespace) -> int:
     # where any user of the machine could read it.
     if url.password is not None:
         environment["PGPASSWORD"] = str(url.password)
-    conninfo = url.set(drivername="postgresql", password=None).render_as_string(hide_password=False)
+    # libpq_dsn drops pgbouncer= and prepare_threshold=, which psql refuses.
+    conninfo = libpq_dsn(url.set(password=None))
     extra = args.psql_args[1:] if args.psql_args[:1] == ["--"] else args.psql_args
     sys.stdout.flush()
     # The user's own psql with the user's own arguments, as they would type them.

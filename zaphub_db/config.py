@@ -70,6 +70,8 @@ class DriverSettings:
     pgbouncer: bool = False
     # psycopg's prepare_threshold: None turns prepared statements off.
     connect_args: dict[str, Any] = field(default_factory=dict)
+    # The parameters as the URL gave them, to put back in an engine's URL.
+    query: dict[str, str] = field(default_factory=dict)
 
 
 def driver_settings(url: URL) -> tuple[URL, DriverSettings]:
@@ -105,7 +107,17 @@ def driver_settings(url: URL) -> tuple[URL, DriverSettings]:
             raise DatabaseUnavailableError(
                 f"prepare_threshold= must be none or a whole number, got {value!r}"
             )
-    return url.set(query=query), DriverSettings(pgbouncer=pgbouncer, connect_args=connect_args)
+    ours = {
+        name: str(value)
+        for name, value in (
+            (PGBOUNCER_PARAMETER, raw_pgbouncer),
+            (PREPARE_THRESHOLD_PARAMETER, raw_threshold),
+        )
+        if value is not None
+    }
+    return url.set(query=query), DriverSettings(
+        pgbouncer=pgbouncer, connect_args=connect_args, query=ours
+    )
 
 
 def libpq_dsn(url: str | URL) -> str:

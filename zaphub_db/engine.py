@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy
 from sqlalchemy import Connection, Engine, event
 from sqlalchemy.engine import URL
 
-from zaphub_db.config import driver_settings, resolve_url
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+from zaphub_db.config import DriverSettings, driver_settings, resolve_url
 from zaphub_db.errors import ValidationError
 
 DEFAULT_LOCK_TIMEOUT = timedelta(seconds=5)
 # An execution option of the engines made for a URL with pgbouncer=true.
 TRANSACTION_POOLER_OPTION = "zaphub_transaction_pooler"
+# An execution option holding the URL parameters of ours that an engine was
+# made with (libpq refuses them, so engine.url cannot keep them).
+URL_PARAMETERS_OPTION = "zaphub_url_parameters"
 DEFAULT_STATEMENT_TIMEOUT = timedelta(seconds=30)
 DEFAULT_IDLE_IN_TRANSACTION_TIMEOUT = timedelta(minutes=5)
 
@@ -91,7 +97,9 @@ def create_engine(
         if connect_args.get("options"):
             options = f"{options} {connect_args['options']}"
         connect_args["options"] = options
-        return sqlalchemy.create_engine(bare, connect_args=connect_args, **kwargs)
+        engine = sqlalchemy.create_engine(bare, connect_args=connect_args, **kwargs)
+        remembered = url_parameters_option(settings)
+        return engine.execution_options(**remembered) if remembered else engine
     engine = sqlalchemy.create_engine(bare, connect_args=connect_args, **kwargs)
     settings_sql = per_transaction_settings(
         lock_timeout, statement_timeout, idle_in_transaction_timeout
@@ -102,8 +110,35 @@ def create_engine(
         def _set_timeouts(connection: Connection) -> None:
             connection.exec_driver_sql(settings_sql)
 
-    # Says to the migrations that no session state survives a transaction.
-    return engine.execution_options(**{TRANSACTION_POOLER_OPTION: True})
+    # The first option says to the migrations and the queue's wake-ups that no
+    # session state survives a transaction.
+    return engine.execution_options(
+        **{TRANSACTION_POOLER_OPTION: True}, **url_parameters_option(settings)
+    )
+
+
+def url_parameters_option(settings: DriverSettings) -> dict[str, Any]:
+    """The execution option that lets :func:`engine_url` give back the URL's parameters of ours."""
+    return {URL_PARAMETERS_OPTION: dict(settings.query)} if settings.query else {}
+
+
+def behind_transaction_pooler(engine: Engine | AsyncEngine | Connection) -> bool:
+    """Whether ``engine`` was made for a URL with ``pgbouncer=true`` (transaction pooling)."""
+    return bool(engine.get_execution_options().get(TRANSACTION_POOLER_OPTION))
+
+
+def engine_url(engine: Engine | AsyncEngine) -> URL:
+    """The URL that makes another engine like ``engine``.
+
+    ``engine.url`` lacks ``pgbouncer=true`` and ``prepare_threshold=``: they
+    are ours, not libpq's, and are taken out before the driver sees the URL.
+    An engine made from ``engine.url`` would then prepare statements and set
+    its timeouts in the startup packet, both of which PgBouncer's transaction
+    pooling refuses. This URL has them back (the password too, so do not
+    print it; :func:`zaphub_db.config.display_url` masks it).
+    """
+    parameters = engine.get_execution_options().get(URL_PARAMETERS_OPTION) or {}
+    return engine.url.update_query_dict(parameters)
 
 
 def per_transaction_settings(

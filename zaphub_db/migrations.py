@@ -31,7 +31,7 @@ from sqlalchemy.pool import NullPool
 import zaphub_db
 from alembic import command
 from zaphub_db.config import normalize_url, resolve_url
-from zaphub_db.engine import TRANSACTION_POOLER_OPTION
+from zaphub_db.engine import behind_transaction_pooler
 from zaphub_db.engine import create_engine as create_safe_engine
 from zaphub_db.errors import ChecksumMismatchError, MigrationError
 from zaphub_db.models import Base
@@ -368,7 +368,7 @@ def run_env() -> None:
 
 
 def _run_online(context: Any, config: Config, connection: Connection) -> None:
-    pooled = bool(connection.get_execution_options().get(TRANSACTION_POOLER_OPTION))
+    pooled = behind_transaction_pooler(connection)
     if pooled and not connection.in_transaction():
         # Behind a transaction pooler a session-level lock cannot span the
         # per-revision transactions (each may land on another server

@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
 from zaphub_db import aio
+from zaphub_db.engine import engine_url
 from zaphub_db.models import Message, WhatsAppSession
 from zaphub_db.repositories import messages, queue, sessions
 from zaphub_db.testing import factories
@@ -40,7 +41,7 @@ def db(
     driver = request.param.split("-")[1]
     loop = asyncio.new_event_loop()
     engine = aio.create_async_engine(
-        zaphub_engine.url.set(drivername=f"postgresql+{driver}"), poolclass=NullPool
+        engine_url(zaphub_engine).set(drivername=f"postgresql+{driver}"), poolclass=NullPool
     )
 
     async def begin() -> tuple[Any, Any, AsyncSession]:

@@ -10,10 +10,12 @@ from collections import defaultdict
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, text
+from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
+import zaphub_db
+from zaphub_db.engine import engine_url
 from zaphub_db.models import Message
 from zaphub_db.repositories import messages, queue, sessions
 
@@ -111,7 +113,7 @@ def test_racing_claimers_keep_every_chat_in_order_with_one_in_flight(
     order = enqueue_chats(queue_engine, 4, 6, 12)
     total = sum(len(ids) for ids in order.values())
     chat_of = {id: chat for chat, ids in order.items() for id in ids}
-    own = create_engine(queue_engine.url, poolclass=NullPool)
+    own = zaphub_db.create_engine(engine_url(queue_engine), poolclass=NullPool)
     lock = threading.Lock()
     in_flight: dict[tuple[uuid.UUID, str], int] = defaultdict(int)
     sent: dict[tuple[uuid.UUID, str], list[uuid.UUID]] = defaultdict(list)
@@ -175,7 +177,7 @@ def test_max_in_flight_per_session_caps_one_batch(queue_engine: Engine) -> None:
 
 def test_racing_claimers_never_exceed_max_in_flight_per_session(queue_engine: Engine) -> None:
     enqueue_chats(queue_engine, 3, 20, 2)
-    own = create_engine(queue_engine.url, poolclass=NullPool)
+    own = zaphub_db.create_engine(engine_url(queue_engine), poolclass=NullPool)
     limit = 3
     highest: dict[uuid.UUID, int] = defaultdict(int)
     lock = threading.Lock()

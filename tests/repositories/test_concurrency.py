@@ -6,10 +6,12 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import pytest
-from sqlalchemy import Engine, create_engine, func, select
+from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
+import zaphub_db
+from zaphub_db.engine import engine_url
 from zaphub_db.errors import IdempotencyConflictError
 from zaphub_db.models import Message
 from zaphub_db.repositories import messages, sessions
@@ -20,7 +22,9 @@ JID = "5534999999999@s.whatsapp.net"
 
 def race(engine: Engine, workers: int, work: Callable[[Session, int], T]) -> list[T | Exception]:
     """Run ``work`` on ``workers`` connections released at the same instant, each committing."""
-    own = create_engine(engine.url, poolclass=NullPool)  # one real connection per worker
+    own = zaphub_db.create_engine(
+        engine_url(engine), poolclass=NullPool
+    )  # one real connection per worker
     barrier = threading.Barrier(workers)
 
     def run(index: int) -> T | Exception:

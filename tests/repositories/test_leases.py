@@ -16,6 +16,7 @@ from sqlalchemy import Engine, delete, select, text
 from sqlalchemy.orm import Session
 
 from tests.repositories.conftest import claim, enqueue
+from zaphub_db.engine import engine_url
 from zaphub_db.errors import ValidationError
 from zaphub_db.models import Message
 from zaphub_db.repositories import messages, queue
@@ -50,11 +51,11 @@ def test_a_claim_records_its_lease_and_worker(queue_engine: Engine) -> None:
 def test_a_killed_worker_loses_nothing_and_its_attempt_counts(queue_engine: Engine) -> None:
     """A real process claims, commits and is killed while "sending"."""
     _, (id,) = enqueue(queue_engine, 1)
-    url = queue_engine.url.render_as_string(hide_password=False)
+    url = engine_url(queue_engine).render_as_string(hide_password=False)
     script = (
         "import sys, time\n"
         "from datetime import timedelta\n"
-        "from sqlalchemy import create_engine\n"
+        "from zaphub_db import create_engine\n"
         "from sqlalchemy.orm import Session\n"
         "from zaphub_db.repositories import queue\n"
         f"engine = create_engine({url!r})\n"
@@ -239,9 +240,11 @@ def test_queue_stats_are_exact_on_a_known_mix(queue_engine: Engine) -> None:
         queue.mark_message_failed(db, ids[6], "out of attempts")
         db.commit()
     time.sleep(SHORT.total_seconds() + 0.05)
-    with Session(queue_engine) as db, recording(queue_engine) as sent:
-        stats = queue.queue_stats(db, session_id=session_id)
-        everything = queue.queue_stats(db)
+    with Session(queue_engine) as db:
+        db.connection()  # begun: behind PgBouncer a transaction starts with its timeouts
+        with recording(queue_engine) as sent:
+            stats = queue.queue_stats(db, session_id=session_id)
+            everything = queue.queue_stats(db)
     assert len(sent) == 2
     assert (
         stats.queued,

@@ -8,11 +8,13 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, create_engine, select, text
+from sqlalchemy import Engine, select, text
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
+import zaphub_db
 from tests.repositories.conftest import claim, enqueue
+from zaphub_db.engine import engine_url
 from zaphub_db.errors import ValidationError
 from zaphub_db.models import Message
 from zaphub_db.repositories import messages, queue
@@ -30,7 +32,7 @@ def test_four_workers_drain_2000_messages_each_claimed_once(queue_engine: Engine
     _, ids = enqueue(queue_engine, 2000)
     seen: list[uuid.UUID] = []
     lock = threading.Lock()
-    own = create_engine(queue_engine.url, poolclass=NullPool)
+    own = zaphub_db.create_engine(engine_url(queue_engine), poolclass=NullPool)
     start = threading.Barrier(4)
 
     def worker() -> None:

@@ -16,6 +16,8 @@ from sqlalchemy.orm import Session
 
 from zaphub_db.repositories import messages, queue, sessions
 
+pytestmark = pytest.mark.listen
+
 
 def new_session(engine: Engine) -> uuid.UUID:
     with Session(engine) as db:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 import weakref
 from collections.abc import Iterable, Mapping
@@ -57,6 +58,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.util import identity_key
 
+from zaphub_db.engine import behind_transaction_pooler
 from zaphub_db.errors import ValidationError
 from zaphub_db.models import Message, MessageStatus
 from zaphub_db.repositories import validation
@@ -728,6 +730,20 @@ class _Listener:
         self.connection.close()
 
 
+# Behind a transaction pooler no notification can reach a listener: LISTEN is
+# session state, and the server connection it ran on serves other clients
+# once the statement ends. A wait there ends after this long with "maybe",
+# and the caller's claim (one indexed statement) finds out.
+POOLER_POLL_INTERVAL = 0.25
+
+
+def pooler_wait_seconds(timeout: float) -> tuple[float, bool]:
+    """How long a wait behind a transaction pooler sleeps, and what it then returns."""
+    if timeout < POOLER_POLL_INTERVAL:
+        return timeout, False
+    return POOLER_POLL_INTERVAL, True
+
+
 _listeners: weakref.WeakKeyDictionary[Engine, threading.local] = weakref.WeakKeyDictionary()
 _listeners_lock = threading.Lock()
 
@@ -743,9 +759,18 @@ def wait_for_messages(engine: Engine, timeout: float) -> bool:
     waits misses nothing. Waiting sends no queries. If the listening
     connection breaks, the call returns ``True`` (something may have been
     missed) and the next one listens again.
+
+    Behind PgBouncer's transaction pooling (an engine made for a URL with
+    ``pgbouncer=true``) LISTEN cannot work, so the wait polls instead: it
+    returns ``True`` after ``POOLER_POLL_INTERVAL`` seconds (``False`` if
+    ``timeout`` is shorter), and the caller's next claim is the poll.
     """
     if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout < 0:
         raise ValidationError(f"timeout must be a non-negative number of seconds, got {timeout!r}")
+    if behind_transaction_pooler(engine):
+        seconds, result = pooler_wait_seconds(timeout)
+        time.sleep(seconds)
+        return result
     with _listeners_lock:
         local = _listeners.setdefault(engine, threading.local())
     listener: _Listener | None = getattr(local, "listener", None)
@@ -779,6 +804,7 @@ __all__ = [
     "BACKOFF_CAP",
     "CHANNEL",
     "DEFAULT_LEASE",
+    "POOLER_POLL_INTERVAL",
     "QueueStats",
     "claim_queued_messages",
     "extend_lease",

@@ -27,6 +27,7 @@ from sqlalchemy import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
 
+from zaphub_db.engine import engine_url
 from zaphub_db.testing.databases import migrated_database
 
 
@@ -59,7 +60,7 @@ async def zaphub_async_engine(zaphub_engine: Engine) -> AsyncIterator[AsyncEngin
     """An ``AsyncEngine`` (psycopg async) on ``zaphub_engine``'s database."""
     from zaphub_db.aio import create_async_engine
 
-    engine = create_async_engine(zaphub_engine.url)
+    engine = create_async_engine(engine_url(zaphub_engine))
     try:
         yield engine
     finally:
