@@ -18,6 +18,7 @@ from zaphub_db.engine import engine_url
 from zaphub_db.errors import ValidationError
 from zaphub_db.models import Message
 from zaphub_db.repositories import messages, queue
+from zaphub_db.testing.statements import recording
 
 
 def fail(engine: Engine, message_id: uuid.UUID, **kwargs: Any) -> Message:
@@ -110,6 +111,33 @@ def test_default_backoff_is_exponential_with_jitter_and_a_cap(queue_engine: Engi
             full = min(queue.BACKOFF_CAP.total_seconds(), 5 * 2 ** (attempts - 1))
             assert full / 2 <= delay <= full, (attempts, delay)
         db.rollback()
+
+
+def test_the_jitter_spreads_retries_and_the_update_calls_no_volatile_function(
+    queue_engine: Engine,
+) -> None:
+    """Drawn in Python: Citus refuses volatile functions in a distributed UPDATE."""
+    _, ids = enqueue(queue_engine, 1, max_attempts=50)
+    delays = set()
+    with Session(queue_engine) as db, recording(queue_engine) as sent:
+        for _ in range(10):
+            db.execute(
+                text("UPDATE messages SET status = 'processing', attempts = 3 WHERE id = :i"),
+                {"i": ids[0]},
+            )
+            failed = queue.mark_message_failed(db, ids[0], "boom")
+            assert failed is not None
+            assert failed.available_at is not None
+            assert failed.failed_at is not None
+            delays.add(round((failed.available_at - failed.failed_at).total_seconds(), 3))
+        db.rollback()
+    assert len(delays) >= 5  # ten draws of a 10-20 s delay, not one value
+    assert all(10 <= delay <= 20 for delay in delays)
+    updates = [
+        sql for sql, _ in sent if sql.lstrip().upper().startswith("UPDATE MESSAGES SET STATUS=CASE")
+    ]
+    assert updates
+    assert not any("random(" in sql.lower() for sql in updates)
 
 
 def test_the_last_failed_attempt_lands_in_dlq(queue_engine: Engine) -> None:
