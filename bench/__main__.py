@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import argparse
 
-from bench import aio, bulk, calls, queue, receipts
+from bench import aio, bulk, calls, pooler, queue, receipts
 from bench.harness import benchmark_database, machine, say, server_version
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("--quick", action="store_true", help="fewer rows and rounds")
-    parser.add_argument("--only", nargs="*", default=None, help="calls, bulk, queue, receipts, aio")
+    parser.add_argument(
+        "--only", nargs="*", default=None, help="calls, bulk, queue, receipts, aio, pooler"
+    )
     args = parser.parse_args()
-    wanted = set(args.only or ["calls", "bulk", "queue", "receipts", "aio"])
+    wanted = set(args.only or ["calls", "bulk", "queue", "receipts", "aio", "pooler"])
     with benchmark_database() as (engine, dsn):
         say(f"# zaphub_db benchmarks\n\n{machine()}; {server_version(dsn)}\n")
         if "calls" in wanted:
@@ -30,6 +32,10 @@ def main() -> None:
         if "receipts" in wanted:
             say("## Receipts: a burst applied in one statement\n")
             say(receipts.run(engine, dsn, quick=args.quick) + "\n")
+        if "pooler" in wanted:
+            say("## Through PgBouncer (transaction pooling) against direct\n")
+            url = engine.url.render_as_string(hide_password=False)
+            say(pooler.run(url, quick=args.quick) + "\n")
         if "queue" in wanted:
             say(
                 "## Queue: 4 worker processes claim a batch of B, commit, ack it in one statement\n"
