@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from bench import aio, bulk, calls, pooler, queue, receipts
+from bench import aio, bulk, calls, citus_prep, pooler, queue, receipts
 from bench.harness import benchmark_database, machine, say, server_version
 
 
@@ -12,10 +12,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("--quick", action="store_true", help="fewer rows and rounds")
     parser.add_argument(
-        "--only", nargs="*", default=None, help="calls, bulk, queue, receipts, aio, pooler"
+        "--only", nargs="*", default=None, help="calls, bulk, queue, receipts, aio, pooler, citus"
     )
     args = parser.parse_args()
-    wanted = set(args.only or ["calls", "bulk", "queue", "receipts", "aio", "pooler"])
+    everything = ["calls", "bulk", "queue", "receipts", "aio", "pooler", "citus"]
+    wanted = set(args.only or everything)
     with benchmark_database() as (engine, dsn):
         say(f"# zaphub_db benchmarks\n\n{machine()}; {server_version(dsn)}\n")
         if "calls" in wanted:
@@ -36,6 +37,9 @@ def main() -> None:
             say("## Through PgBouncer (transaction pooling) against direct\n")
             url = engine.url.render_as_string(hide_password=False)
             say(pooler.run(url, quick=args.quick) + "\n")
+        if "citus" in wanted:
+            say("## Preparing messages for Citus: a unique (session_id, id) index today\n")
+            say(citus_prep.run(engine, dsn, quick=args.quick) + "\n")
         if "queue" in wanted:
             say(
                 "## Queue: 4 worker processes claim a batch of B, commit, ack it in one statement\n"
