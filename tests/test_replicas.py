@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 from sqlalchemy import Engine, func, select
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
 import zaphub_db
@@ -111,3 +112,52 @@ def test_a_write_on_the_replica_raises_read_only_error(servers: tuple[Engine, En
             sessions.create_session(db, label="nowhere")
         db.rollback()
         assert sessions.get_all_sessions(db, limit=1) is not None  # the Session goes on
+
+
+@pytest.mark.parametrize("driver", ["psycopg", "asyncpg"])
+async def test_async_sessions_route_by_the_same_rules(
+    servers: tuple[Engine, Engine], driver: str
+) -> None:
+    from zaphub_db import aio
+    from zaphub_db.engine import engine_url
+
+    primary, replica = (
+        aio.create_async_engine(engine_url(engine).set(drivername=f"postgresql+{driver}"))
+        for engine in servers
+    )
+    make = aio.routing_sessionmaker(primary, replica, expire_on_commit=False)
+    in_recovery = select(func.pg_is_in_recovery())
+    try:
+        async with make() as db:
+            assert (await db.execute(in_recovery)).scalar() is True  # a read: the replica
+            with aio.use_primary(db):
+                assert (await db.execute(in_recovery)).scalar() is False
+            session_id = (await aio.create_session(db, label=f"async {driver}")).id
+            assert (await db.execute(in_recovery)).scalar() is False  # after a write: primary
+            await db.commit()
+            # The look-up after a duplicate create reads the primary, before the
+            # replica has the row.
+            for i in range(50):
+                async with AsyncSession(primary) as other:  # another process, first
+                    await aio.create_message(
+                        other,
+                        session_id=session_id,
+                        message_id=f"a{i}",
+                        jid="j",
+                        type="text",
+                        payload={},
+                    )
+                    await other.commit()
+                again, created = await aio.get_or_create_message(
+                    db, session_id=session_id, message_id=f"a{i}", jid="j", type="text", payload={}
+                )
+                assert created is False
+                assert again.message_id == f"a{i}"
+                await db.commit()
+        async with AsyncSession(replica) as db:
+            with pytest.raises(ReadOnlyError, match="read-only"):
+                await aio.create_session(db, label="nowhere")
+            await db.rollback()
+    finally:
+        await primary.dispose()
+        await replica.dispose()

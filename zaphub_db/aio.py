@@ -10,6 +10,8 @@ extension itself works (the sync ORM runs in a greenlet whose I/O awaits the
 async driver). The statements, the validation and the error translation are
 the same objects for both faces.
 
+:func:`routing_sessionmaker` and :func:`use_primary` route an ``AsyncSession``
+between a primary and a replica with the sync rules (:mod:`zaphub_db.routing`).
 :func:`wait_for_messages` and :func:`run_worker` are async in their own right
 (an async LISTEN with no thread and no polling; a worker loop with an
 ``asyncio.Event`` to stop, coroutine handlers and a bounded number of sends
@@ -33,11 +35,12 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from sqlalchemy import Connection, event
 from sqlalchemy.exc import DBAPIError, OperationalError
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.ext.asyncio import create_async_engine as sqlalchemy_create_async_engine
 from sqlalchemy.orm import Session
 
 from zaphub_db import engine as sync_engine
+from zaphub_db import routing
 from zaphub_db import seed as sync_seed
 from zaphub_db.config import driver_settings, resolve_url
 from zaphub_db.engine import (
@@ -219,6 +222,35 @@ def create_async_engine(
     return engine.execution_options(
         **{TRANSACTION_POOLER_OPTION: True}, **sync_engine.url_parameters_option(settings)
     )
+
+
+# --- Read replicas --------------------------------------------------------------
+
+
+def routing_sessionmaker(
+    primary: AsyncEngine, replica: AsyncEngine, **kwargs: Any
+) -> async_sessionmaker[AsyncSession]:
+    """The async twin of :func:`zaphub_db.routing.routing_sessionmaker`.
+
+    Its ``AsyncSession``s route each statement as the sync ones do: their
+    sync ``Session`` is a :class:`zaphub_db.routing.RoutingSession` over the
+    two engines' sync faces (SQLAlchemy's ``sync_session_class``), so the
+    rules are the same code. ``kwargs`` go to ``async_sessionmaker``.
+    """
+    return async_sessionmaker(
+        sync_session_class=routing.RoutingSession,
+        primary=primary.sync_engine,
+        replica=replica.sync_engine,
+        **kwargs,
+    )
+
+
+def use_primary(db: AsyncSession) -> contextlib.AbstractContextManager[Session]:
+    """Within the block, ``db`` reads from the primary as well (read-your-writes).
+
+    A plain ``with`` block: it only marks the Session, and awaits nothing.
+    """
+    return routing.use_primary(db.sync_session)
 
 
 # --- Wake-ups -------------------------------------------------------------------
@@ -549,6 +581,7 @@ __all__ = [
     "release_messages",
     "requeue_dead_letters",
     "requeue_message",
+    "routing_sessionmaker",
     "run_worker",
     "seed",
     "stop_listening",
@@ -556,5 +589,6 @@ __all__ = [
     "update_message_status_by_wa_id",
     "update_message_statuses",
     "update_session",
+    "use_primary",
     "wait_for_messages",
 ]
