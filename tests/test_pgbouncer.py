@@ -252,7 +252,7 @@ def test_workers_behind_the_pooler_poll_instead_of_listening(pooled: URL) -> Non
             kwargs={"stop": stop, "poll_interval": 30.0},
         )
         worker.start()
-        time.sleep(0.5)  # idle, past its first empty claim
+        time.sleep(0.6)  # idle, past its first empty claims, mid-way through a wait
         enqueued = time.monotonic()
         with Session(engine) as db:
             for i in range(3):
@@ -263,6 +263,7 @@ def test_workers_behind_the_pooler_poll_instead_of_listening(pooled: URL) -> Non
         while len(handled) < 3 and time.monotonic() - enqueued < 10:
             time.sleep(0.01)
         latency = time.monotonic() - enqueued
+        print(f"behind PgBouncer, 3 messages sent {latency * 1000:.0f} ms after the enqueue")
         stop.set()
         worker.join(timeout=10)
         # Sent in order well before the 30 s poll_interval: the wait polled.
