@@ -11,6 +11,7 @@ import psycopg
 import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import URL
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
 import zaphub_db
@@ -18,7 +19,7 @@ from tests.pgbouncers import pgbouncer
 from tests.servers import ThrowawayServer, throwaway_server
 from zaphub_db.config import libpq_dsn
 from zaphub_db.engine import behind_transaction_pooler, engine_url
-from zaphub_db.errors import LockTimeoutError
+from zaphub_db.errors import LockTimeoutError, ValidationError
 from zaphub_db.models import Message
 from zaphub_db.repositories import messages, queue, sessions
 from zaphub_db.testing.databases import migrate
@@ -284,5 +285,101 @@ async def test_async_waits_behind_the_pooler_poll_too(pooled: URL) -> None:
         assert await aio.wait_for_messages(engine, 0.05) is False
         assert await aio.wait_for_messages(engine, 10) is True
         assert time.monotonic() - started < 0.05 + queue.POOLER_POLL_INTERVAL + 1
+    finally:
+        await engine.dispose()
+
+
+def test_a_listen_url_brings_back_notifications_behind_the_pooler(
+    server: ThrowawayServer, pooled: URL
+) -> None:
+    """Queue work through PgBouncer, wake-ups on a direct connection: no polling."""
+    with pytest.raises(ValidationError, match="transaction pooling"):
+        zaphub_db.create_engine(pooled, listen_url=pooled)
+    engine = zaphub_db.create_engine(pooled, listen_url=server.url())
+    trials = 5
+    listening, go, done = threading.Event(), threading.Event(), threading.Event()
+    waits: list[tuple[float, bool]] = []
+
+    def waiter() -> None:
+        # One thread throughout, as a worker: it listens on its own connection.
+        queue.wait_for_messages(engine, 0)
+        listening.set()
+        for _ in range(trials):
+            go.wait(timeout=10)
+            go.clear()
+            started = time.monotonic()
+            woken = queue.wait_for_messages(engine, 5)
+            waits.append((time.monotonic() - started, woken))
+            done.set()
+        queue.stop_listening(engine)
+
+    try:
+        with Session(engine) as db:
+            session_id = sessions.create_session(db, label="listened").id
+            db.commit()
+        thread = threading.Thread(target=waiter)
+        thread.start()
+        assert listening.wait(timeout=10)
+        with Session(engine) as db:  # the listener is a direct backend, idle in its LISTEN
+            idle_listeners = db.execute(
+                text("SELECT count(*) FROM pg_stat_activity WHERE query = :q AND state = 'idle'"),
+                {"q": f"LISTEN {queue.CHANNEL}"},
+            ).scalar()
+        assert idle_listeners == 1
+        for trial in range(trials):
+            done.clear()
+            go.set()
+            time.sleep(0.02)  # the waiter is in its wait
+            with Session(engine) as db:  # enqueued through PgBouncer
+                messages.create_message(
+                    db,
+                    session_id=session_id,
+                    message_id=f"l{trial}",
+                    jid="j",
+                    type="text",
+                    payload={},
+                )
+                db.commit()
+            assert done.wait(timeout=10), f"trial {trial}: the wait did not end"
+        thread.join(timeout=10)
+    finally:
+        engine.dispose()
+    # A poll would end each wait at POOLER_POLL_INTERVAL; the notification ends it first.
+    assert [woken for _, woken in waits] == [True] * trials
+    assert max(seconds for seconds, _ in waits) < queue.POOLER_POLL_INTERVAL * 0.8
+
+
+async def test_an_async_listen_url_brings_back_notifications_too(
+    server: ThrowawayServer, pooled: URL
+) -> None:
+    import asyncio
+
+    from zaphub_db import aio
+
+    engine = aio.create_async_engine(
+        pooled.set(drivername="postgresql+asyncpg"), listen_url=server.url()
+    )
+    try:
+        async with AsyncSession(engine) as db:
+            session_id = (await aio.create_session(db, label="async listened")).id
+            await db.commit()
+        await aio.wait_for_messages(engine, 0)
+        for trial in range(5):
+            started = time.monotonic()
+            waiting = asyncio.ensure_future(aio.wait_for_messages(engine, 5))
+            await asyncio.sleep(0.02)
+            async with AsyncSession(engine) as db:
+                await aio.create_message(
+                    db,
+                    session_id=session_id,
+                    message_id=f"al{trial}",
+                    jid="j",
+                    type="text",
+                    payload={},
+                )
+                await db.commit()
+            assert await waiting is True
+            assert time.monotonic() - started < queue.POOLER_POLL_INTERVAL * 0.8
+        await aio.stop_listening(engine)
     finally:
         await engine.dispose()

@@ -38,6 +38,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.ext.asyncio import create_async_engine as sqlalchemy_create_async_engine
 from sqlalchemy.orm import Session
+from sqlalchemy.pool import NullPool
 
 from zaphub_db import engine as sync_engine
 from zaphub_db import routing
@@ -168,6 +169,7 @@ def create_async_engine(
     lock_timeout: timedelta | None = DEFAULT_LOCK_TIMEOUT,
     statement_timeout: timedelta | None = DEFAULT_STATEMENT_TIMEOUT,
     idle_in_transaction_timeout: timedelta | None = DEFAULT_IDLE_IN_TRANSACTION_TIMEOUT,
+    listen_url: Any = None,
     **kwargs: Any,
 ) -> AsyncEngine:
     """An ``AsyncEngine`` with :func:`zaphub_db.create_engine`'s defaults.
@@ -178,8 +180,11 @@ def create_async_engine(
     ``options``, asyncpg's ``server_settings``), or, behind PgBouncer
     (``pgbouncer=true``), set per transaction. Behind PgBouncer asyncpg's
     statement caches are turned off, as its transaction pooling requires.
+    ``listen_url`` is :func:`zaphub_db.create_engine`'s: where the async
+    wake-ups LISTEN (with this engine's driver) instead of polling.
     """
     bare, settings = driver_settings(resolve_url(url))
+    ours = sync_engine.our_options(settings, listen_url)  # checked before anything is made
     connect_args = dict(kwargs.pop("connect_args", {}))
     asyncpg = bare.drivername == "postgresql+asyncpg"
     if asyncpg:
@@ -209,8 +214,7 @@ def create_async_engine(
                 options = f"{options} {connect_args['options']}"
             connect_args["options"] = options
         engine = sqlalchemy_create_async_engine(bare, connect_args=connect_args, **kwargs)
-        remembered = sync_engine.url_parameters_option(settings)
-        return engine.execution_options(**remembered) if remembered else engine
+        return engine.execution_options(**ours) if ours else engine
     engine = sqlalchemy_create_async_engine(bare, connect_args=connect_args, **kwargs)
     if timeouts != (None, None, None):
         settings_sql = sync_engine.per_transaction_settings(*timeouts)
@@ -219,9 +223,7 @@ def create_async_engine(
         def _set_timeouts(connection: Connection) -> None:
             connection.exec_driver_sql(settings_sql)
 
-    return engine.execution_options(
-        **{TRANSACTION_POOLER_OPTION: True}, **sync_engine.url_parameters_option(settings)
-    )
+    return engine.execution_options(**{TRANSACTION_POOLER_OPTION: True}, **ours)
 
 
 # --- Read replicas --------------------------------------------------------------
@@ -325,11 +327,13 @@ async def wait_for_messages(engine: AsyncEngine, timeout: float) -> bool:
     The first call in a task starts listening on a connection of that task's
     own; a notification that arrives between two calls is kept for the next.
     Waiting sends no queries and uses no thread. Behind PgBouncer's
-    transaction pooling it polls, as the sync one does.
+    transaction pooling it polls, as the sync one does, unless the engine
+    was made with a ``listen_url``.
     """
     if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout < 0:
         raise ValidationError(f"timeout must be a non-negative number of seconds, got {timeout!r}")
-    if sync_engine.behind_transaction_pooler(engine):
+    listen_url = sync_engine.listen_url_of(engine)
+    if listen_url is None and sync_engine.behind_transaction_pooler(engine):
         seconds, result = queue.pooler_wait_seconds(timeout)
         await asyncio.sleep(seconds)
         return result
@@ -337,7 +341,13 @@ async def wait_for_messages(engine: AsyncEngine, timeout: float) -> bool:
     listener = listeners.get(id(engine))
     if listener is None:
         try:
-            listener = listeners[id(engine)] = await _AsyncListener.start(engine)
+            listener = listeners[id(engine)] = await _AsyncListener.start(
+                engine
+                if listen_url is None
+                else sqlalchemy_create_async_engine(
+                    listen_url.set(drivername=engine.url.drivername), poolclass=NullPool
+                )
+            )
         except (OSError, OperationalError, DBAPIError):
             return True
     try:

@@ -12,7 +12,7 @@ from sqlalchemy.engine import URL
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
 
-from zaphub_db.config import DriverSettings, driver_settings, resolve_url
+from zaphub_db.config import DriverSettings, driver_settings, normalize_url, resolve_url
 from zaphub_db.errors import ValidationError
 
 DEFAULT_LOCK_TIMEOUT = timedelta(seconds=5)
@@ -21,6 +21,8 @@ TRANSACTION_POOLER_OPTION = "zaphub_transaction_pooler"
 # An execution option holding the URL parameters of ours that an engine was
 # made with (libpq refuses them, so engine.url cannot keep them).
 URL_PARAMETERS_OPTION = "zaphub_url_parameters"
+# An execution option: where the queue's wake-ups LISTEN, if not on the engine.
+LISTEN_URL_OPTION = "zaphub_listen_url"
 DEFAULT_STATEMENT_TIMEOUT = timedelta(seconds=30)
 DEFAULT_IDLE_IN_TRANSACTION_TIMEOUT = timedelta(minutes=5)
 
@@ -60,6 +62,7 @@ def create_engine(
     lock_timeout: timedelta | None = DEFAULT_LOCK_TIMEOUT,
     statement_timeout: timedelta | None = DEFAULT_STATEMENT_TIMEOUT,
     idle_in_transaction_timeout: timedelta | None = DEFAULT_IDLE_IN_TRANSACTION_TIMEOUT,
+    listen_url: str | URL | None = None,
     **kwargs: Any,
 ) -> Engine:
     """A SQLAlchemy engine on ``url`` (else CONTRACT §2's order) with safe defaults.
@@ -86,10 +89,18 @@ def create_engine(
     holds whatever the pool's other clients do. ``pgbouncer=true`` also
     turns off psycopg's prepared statements.
 
+    ``listen_url``: where the queue's wake-ups (``wait_for_messages``,
+    ``run_worker``) LISTEN, when the engine's own URL cannot carry it.
+    Behind a transaction pooler LISTEN cannot work and the wake-ups poll
+    every 0.25 s; given a URL that reaches PostgreSQL directly (or through a
+    session pooler), they listen there instead, one connection per waiting
+    thread, and wake within milliseconds of the enqueuing commit.
+
     Other keyword arguments go to :func:`sqlalchemy.create_engine`; an
     ``options`` entry of ``connect_args`` is kept, after ours.
     """
     bare, settings = driver_settings(resolve_url(url))
+    ours = our_options(settings, listen_url)  # checked before anything is made
     connect_args = {**settings.connect_args, **dict(kwargs.pop("connect_args", {}))}
     kwargs.setdefault("pool_pre_ping", True)
     if not settings.pgbouncer:
@@ -98,8 +109,7 @@ def create_engine(
             options = f"{options} {connect_args['options']}"
         connect_args["options"] = options
         engine = sqlalchemy.create_engine(bare, connect_args=connect_args, **kwargs)
-        remembered = url_parameters_option(settings)
-        return engine.execution_options(**remembered) if remembered else engine
+        return engine.execution_options(**ours) if ours else engine
     engine = sqlalchemy.create_engine(bare, connect_args=connect_args, **kwargs)
     settings_sql = per_transaction_settings(
         lock_timeout, statement_timeout, idle_in_transaction_timeout
@@ -112,14 +122,30 @@ def create_engine(
 
     # The first option says to the migrations and the queue's wake-ups that no
     # session state survives a transaction.
-    return engine.execution_options(
-        **{TRANSACTION_POOLER_OPTION: True}, **url_parameters_option(settings)
-    )
+    return engine.execution_options(**{TRANSACTION_POOLER_OPTION: True}, **ours)
 
 
-def url_parameters_option(settings: DriverSettings) -> dict[str, Any]:
-    """The execution option that lets :func:`engine_url` give back the URL's parameters of ours."""
-    return {URL_PARAMETERS_OPTION: dict(settings.query)} if settings.query else {}
+def our_options(settings: DriverSettings, listen_url: str | URL | None) -> dict[str, Any]:
+    """The execution options that carry what an engine's URL cannot: our URL parameters
+    (for :func:`engine_url`) and the ``listen_url`` (for :func:`listen_url_of`)."""
+    options: dict[str, Any] = {}
+    if settings.query:
+        options[URL_PARAMETERS_OPTION] = dict(settings.query)
+    if listen_url is not None:
+        bare, listen_settings = driver_settings(normalize_url(listen_url))
+        if listen_settings.pgbouncer:
+            raise ValidationError(
+                "listen_url must reach PostgreSQL directly (or through a session pooler): "
+                "LISTEN cannot work through transaction pooling (pgbouncer=true)"
+            )
+        options[LISTEN_URL_OPTION] = bare
+    return options
+
+
+def listen_url_of(engine: Engine | AsyncEngine) -> URL | None:
+    """The ``listen_url`` ``engine`` was made with, if any."""
+    url: URL | None = engine.get_execution_options().get(LISTEN_URL_OPTION)
+    return url
 
 
 def behind_transaction_pooler(engine: Engine | AsyncEngine | Connection) -> bool:

@@ -46,6 +46,7 @@ from sqlalchemy import (
     bindparam,
     case,
     cast,
+    create_engine,
     exists,
     func,
     literal_column,
@@ -59,8 +60,9 @@ from sqlalchemy.dialects.postgresql import ARRAY, UUID
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.util import identity_key
+from sqlalchemy.pool import NullPool
 
-from zaphub_db.engine import behind_transaction_pooler
+from zaphub_db.engine import behind_transaction_pooler, listen_url_of
 from zaphub_db.errors import ValidationError
 from zaphub_db.models import Message, MessageStatus
 from zaphub_db.repositories import validation
@@ -769,11 +771,14 @@ def wait_for_messages(engine: Engine, timeout: float) -> bool:
     Behind PgBouncer's transaction pooling (an engine made for a URL with
     ``pgbouncer=true``) LISTEN cannot work, so the wait polls instead: it
     returns ``True`` after ``POOLER_POLL_INTERVAL`` seconds (``False`` if
-    ``timeout`` is shorter), and the caller's next claim is the poll.
+    ``timeout`` is shorter), and the caller's next claim is the poll. An
+    engine made with ``listen_url`` (``zaphub_db.create_engine``) listens
+    on a connection to that URL instead, and so does not poll.
     """
     if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout < 0:
         raise ValidationError(f"timeout must be a non-negative number of seconds, got {timeout!r}")
-    if behind_transaction_pooler(engine):
+    listen_url = listen_url_of(engine)
+    if listen_url is None and behind_transaction_pooler(engine):
         seconds, result = pooler_wait_seconds(timeout)
         time.sleep(seconds)
         return result
@@ -782,7 +787,9 @@ def wait_for_messages(engine: Engine, timeout: float) -> bool:
     listener: _Listener | None = getattr(local, "listener", None)
     if listener is None:
         try:
-            listener = local.listener = _Listener(engine)
+            listener = local.listener = _Listener(
+                engine if listen_url is None else create_engine(listen_url, poolclass=NullPool)
+            )
         except (psycopg.OperationalError, OperationalError):
             # No server to listen to: the caller's next query will say why.
             return True
