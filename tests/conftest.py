@@ -47,7 +47,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         return
     skip = pytest.mark.skip(
         reason="LISTEN needs a direct connection; behind PgBouncer waits poll "
-        "(tests/test_pgbouncer.py tests that)"
+        "or use listen_url (tests/test_pgbouncer.py tests both)"
     )
     for item in items:
         if item.get_closest_marker("listen"):
