@@ -33,7 +33,6 @@ from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
-from sqlalchemy import Connection, event
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.ext.asyncio import create_async_engine as sqlalchemy_create_async_engine
@@ -68,6 +67,7 @@ from zaphub_db.worker import (
     PermanentFailure,
     WorkerSummary,
     check_arguments,
+    claim_round,
     default_worker_name,
     failure_text,
 )
@@ -199,30 +199,20 @@ def create_async_engine(
     kwargs.setdefault("pool_pre_ping", True)
     timeouts = (lock_timeout, statement_timeout, idle_in_transaction_timeout)
     if not settings.pgbouncer:
-        options = sync_engine.timeout_options(*timeouts)
         if asyncpg:
-            server_settings = {
-                part.split("=")[0]: part.split("=")[1]
-                for part in options.replace("-c ", "").split()
+            startup = {
+                name: str(value) for name, value in sync_engine.timeout_settings(*timeouts).items()
             }
             connect_args["server_settings"] = {
-                **server_settings,
+                **startup,
                 **connect_args.get("server_settings", {}),
             }
         else:
-            if connect_args.get("options"):
-                options = f"{options} {connect_args['options']}"
-            connect_args["options"] = options
+            sync_engine.add_startup_options(connect_args, timeouts)
         engine = sqlalchemy_create_async_engine(bare, connect_args=connect_args, **kwargs)
         return engine.execution_options(**ours) if ours else engine
     engine = sqlalchemy_create_async_engine(bare, connect_args=connect_args, **kwargs)
-    if timeouts != (None, None, None):
-        settings_sql = sync_engine.per_transaction_settings(*timeouts)
-
-        @event.listens_for(engine.sync_engine, "begin")
-        def _set_timeouts(connection: Connection) -> None:
-            connection.exec_driver_sql(settings_sql)
-
+    sync_engine.set_timeouts_per_transaction(engine.sync_engine, timeouts)
     return engine.execution_options(**{TRANSACTION_POOLER_OPTION: True}, **ours)
 
 
@@ -435,24 +425,15 @@ async def run_worker(
     )
     backoff = RETRY_FIRST
     last_recovery = float("-inf")
+    claim = claim_round(batch_size, lease, name, ordered, max_in_flight_per_session)
     await wait_for_messages(engine, 0)
     try:
         while not stop.is_set():
             try:
                 if time.monotonic() - last_recovery >= poll_interval:
-                    await _in_transaction(engine, lambda db: queue.recover_stalled_messages(db))
+                    await _in_transaction(engine, queue.recover_stalled_messages)
                     last_recovery = time.monotonic()
-                batch = await _in_transaction(
-                    engine,
-                    lambda db: queue.claim_queued_messages(
-                        db,
-                        limit=batch_size,
-                        lease=lease,
-                        worker=name,
-                        ordered=ordered,
-                        max_in_flight_per_session=max_in_flight_per_session,
-                    ),
-                )
+                batch = await _in_transaction(engine, claim)
             except TransientError as exc:
                 summary.database_errors += 1
                 logger.warning("worker %s: %s (retrying in %.1f s)", name, exc, backoff)

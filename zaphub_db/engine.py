@@ -40,20 +40,42 @@ def _milliseconds(value: timedelta | None, name: str) -> int:
     return milliseconds
 
 
-def timeout_options(
+Timeouts = tuple[timedelta | None, timedelta | None, timedelta | None]
+
+
+def timeout_settings(
     lock_timeout: timedelta | None,
     statement_timeout: timedelta | None,
     idle_in_transaction_timeout: timedelta | None,
-) -> str:
-    """The libpq ``options`` string that sets the three timeouts at connection start."""
-    settings = {
+) -> dict[str, int]:
+    """The three timeouts as PostgreSQL settings in milliseconds (0 is off), checked."""
+    return {
         "lock_timeout": _milliseconds(lock_timeout, "lock_timeout"),
         "statement_timeout": _milliseconds(statement_timeout, "statement_timeout"),
         "idle_in_transaction_session_timeout": _milliseconds(
             idle_in_transaction_timeout, "idle_in_transaction_timeout"
         ),
     }
-    return " ".join(f"-c {name}={value}" for name, value in settings.items())
+
+
+def add_startup_options(connect_args: dict[str, Any], timeouts: Timeouts) -> None:
+    """Put the timeouts in libpq's ``options`` of ``connect_args``, before the caller's own."""
+    settings = timeout_settings(*timeouts)
+    options = " ".join(f"-c {name}={value}" for name, value in settings.items())
+    if connect_args.get("options"):
+        options = f"{options} {connect_args['options']}"
+    connect_args["options"] = options
+
+
+def set_timeouts_per_transaction(engine: Engine, timeouts: Timeouts) -> None:
+    """Behind a transaction pooler: begin each of ``engine``'s transactions by setting them."""
+    settings_sql = per_transaction_settings(*timeouts)  # checked even when all are off
+    if timeouts == (None, None, None):
+        return
+
+    @event.listens_for(engine, "begin")
+    def _set_timeouts(connection: Connection) -> None:
+        connection.exec_driver_sql(settings_sql)
 
 
 def create_engine(
@@ -103,23 +125,13 @@ def create_engine(
     ours = our_options(settings, listen_url)  # checked before anything is made
     connect_args = {**settings.connect_args, **dict(kwargs.pop("connect_args", {}))}
     kwargs.setdefault("pool_pre_ping", True)
+    timeouts = (lock_timeout, statement_timeout, idle_in_transaction_timeout)
     if not settings.pgbouncer:
-        options = timeout_options(lock_timeout, statement_timeout, idle_in_transaction_timeout)
-        if connect_args.get("options"):
-            options = f"{options} {connect_args['options']}"
-        connect_args["options"] = options
+        add_startup_options(connect_args, timeouts)
         engine = sqlalchemy.create_engine(bare, connect_args=connect_args, **kwargs)
         return engine.execution_options(**ours) if ours else engine
     engine = sqlalchemy.create_engine(bare, connect_args=connect_args, **kwargs)
-    settings_sql = per_transaction_settings(
-        lock_timeout, statement_timeout, idle_in_transaction_timeout
-    )
-    if (lock_timeout, statement_timeout, idle_in_transaction_timeout) != (None, None, None):
-
-        @event.listens_for(engine, "begin")
-        def _set_timeouts(connection: Connection) -> None:
-            connection.exec_driver_sql(settings_sql)
-
+    set_timeouts_per_transaction(engine, timeouts)
     # The first option says to the migrations and the queue's wake-ups that no
     # session state survives a transaction.
     return engine.execution_options(**{TRANSACTION_POOLER_OPTION: True}, **ours)
@@ -173,13 +185,7 @@ def per_transaction_settings(
     idle_in_transaction_timeout: timedelta | None,
 ) -> str:
     """One statement that sets the three timeouts for the current transaction only."""
-    values = {
-        "lock_timeout": _milliseconds(lock_timeout, "lock_timeout"),
-        "statement_timeout": _milliseconds(statement_timeout, "statement_timeout"),
-        "idle_in_transaction_session_timeout": _milliseconds(
-            idle_in_transaction_timeout, "idle_in_transaction_timeout"
-        ),
-    }
+    values = timeout_settings(lock_timeout, statement_timeout, idle_in_transaction_timeout)
     # One statement, so one round trip; literal values, so nothing to bind.
     calls = ", ".join(f"set_config('{name}', '{value}', true)" for name, value in values.items())
     return f"SELECT {calls}"

@@ -11,6 +11,7 @@ cleanly. Delivery is at least once (see :mod:`zaphub_db.repositories.queue`).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
@@ -84,6 +85,24 @@ def check_arguments(handler: object, batch_size: int, poll_interval: float) -> N
     validation.integer(batch_size, "batch_size", minimum=1, maximum=queue.CLAIM_LIMIT_MAX)
     if not callable(handler):
         raise ValidationError(f"handler must be callable, got {handler!r}")
+
+
+def claim_round(
+    batch_size: int,
+    lease: timedelta | None,
+    worker: str,
+    ordered: bool,
+    max_in_flight_per_session: int | None,
+) -> Callable[[Session], list[Message]]:
+    """What a worker claims each round, as a function of a Session (both faces run it)."""
+    return functools.partial(
+        queue.claim_queued_messages,
+        limit=batch_size,
+        lease=lease,
+        worker=worker,
+        ordered=ordered,
+        max_in_flight_per_session=max_in_flight_per_session,
+    )
 
 
 def default_worker_name() -> str:
@@ -193,6 +212,7 @@ def run_worker(
     heartbeat = _Heartbeat(engine, lease) if lease is not None else None
     backoff = RETRY_FIRST
     last_recovery = float("-inf")
+    claim = claim_round(batch_size, lease, name, ordered, max_in_flight_per_session)
     # Listen before the first claim: a message enqueued after that claim
     # finds the worker listening.
     queue.wait_for_messages(engine, 0)
@@ -200,19 +220,9 @@ def run_worker(
         while not stop.is_set():
             try:
                 if time.monotonic() - last_recovery >= poll_interval:
-                    _in_transaction(engine, lambda db: queue.recover_stalled_messages(db))
+                    _in_transaction(engine, queue.recover_stalled_messages)
                     last_recovery = time.monotonic()
-                batch = _in_transaction(
-                    engine,
-                    lambda db: queue.claim_queued_messages(
-                        db,
-                        limit=batch_size,
-                        lease=lease,
-                        worker=name,
-                        ordered=ordered,
-                        max_in_flight_per_session=max_in_flight_per_session,
-                    ),
-                )
+                batch = _in_transaction(engine, claim)
             except TransientError as exc:
                 summary.database_errors += 1
                 logger.warning("worker %s: %s (retrying in %.1f s)", name, exc, backoff)
