@@ -13,8 +13,9 @@ import pytest
 from sqlalchemy import Engine, delete
 from sqlalchemy.orm import Session
 
+import tests.repositories.conftest as queue_helpers
 from zaphub_db.models import Message, WhatsAppSession
-from zaphub_db.repositories import messages, queue, sessions
+from zaphub_db.repositories import messages, queue
 from zaphub_db.testing.databases import migrated_database
 from zaphub_db.worker import PermanentFailure, WorkerSummary, run_worker
 
@@ -34,21 +35,9 @@ def engine(worker_engine: Engine) -> Engine:
 
 
 def enqueue(engine: Engine, kinds: list[str], chats: int = 3) -> list[uuid.UUID]:
-    with Session(engine) as db:
-        session = sessions.create_session(db, label="worker")
-        ids = [
-            messages.create_message(
-                db,
-                session_id=session.id,
-                message_id=f"m{i}",
-                jid=f"55349{i % chats:08d}@s.whatsapp.net",
-                type="text",
-                payload={"kind": kind},
-            ).id
-            for i, kind in enumerate(kinds)
-        ]
-        db.commit()
-    return ids
+    """Messages whose payload tells the test handler what to do, over ``chats`` chats."""
+    payloads = [{"kind": kind} for kind in kinds]
+    return queue_helpers.enqueue(engine, len(kinds), chats=chats, payloads=payloads)[1]
 
 
 def in_thread(

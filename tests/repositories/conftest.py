@@ -121,10 +121,18 @@ def chat(i: int) -> str:
     return f"55349{i:08d}@s.whatsapp.net"
 
 
-def enqueue(engine: Engine, count: int, **fields: Any) -> tuple[uuid.UUID, list[uuid.UUID]]:
+def enqueue(
+    engine: Engine,
+    count: int,
+    *,
+    chats: int | None = None,
+    payloads: list[dict[str, Any]] | None = None,
+    **fields: Any,
+) -> tuple[uuid.UUID, list[uuid.UUID]]:
     """A new session with ``count`` queued messages made in one transaction.
 
-    Each message goes to a chat of its own unless ``jid`` is given.
+    Each message goes to a chat of its own, or message i to chat ``i % chats``,
+    unless ``jid`` is given; message i carries ``payloads[i]`` if given.
     """
     with Session(engine) as db:
         session = sessions.create_session(db, label="queue")
@@ -134,8 +142,8 @@ def enqueue(engine: Engine, count: int, **fields: Any) -> tuple[uuid.UUID, list[
                 session_id=session.id,
                 message_id=f"m{i}",
                 type="text",
-                payload={"n": i},
-                **{"jid": chat(i), **fields},
+                payload=payloads[i] if payloads is not None else {"n": i},
+                **{"jid": chat(i if chats is None else i % chats), **fields},
             ).id
             for i in range(count)
         ]

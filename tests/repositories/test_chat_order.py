@@ -7,6 +7,7 @@ import threading
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -106,18 +107,10 @@ def test_failed_and_dead_letters_do_not_hold_their_chat(queue_engine: Engine) ->
     assert [m.id for m in claim(queue_engine)] == [ids[2]]
 
 
-def test_racing_claimers_keep_every_chat_in_order_with_one_in_flight(
-    queue_engine: Engine,
-) -> None:
-    """4 workers with random send times drain 4 sessions x 6 chats x 12 messages."""
-    order = enqueue_chats(queue_engine, 4, 6, 12)
-    total = sum(len(ids) for ids in order.values())
-    chat_of = {id: chat for chat, ids in order.items() for id in ids}
-    own = zaphub_db.create_engine(engine_url(queue_engine), poolclass=NullPool)
-    lock = threading.Lock()
-    in_flight: dict[tuple[uuid.UUID, str], int] = defaultdict(int)
-    sent: dict[tuple[uuid.UUID, str], list[uuid.UUID]] = defaultdict(list)
-    violations: list[str] = []
+def race_claimers(engine: Engine, work: Callable[[Session, random.Random], bool]) -> None:
+    """4 workers, each on its own connection and with its own seeded random, run
+    ``work`` (a round: True if it claimed something) until the queue stays empty."""
+    own = zaphub_db.create_engine(engine_url(engine), poolclass=NullPool)
     start = threading.Barrier(4)
 
     def worker(seed: int) -> None:
@@ -126,26 +119,11 @@ def test_racing_claimers_keep_every_chat_in_order_with_one_in_flight(
         idle_rounds = 0
         while idle_rounds < 20:
             with Session(own, expire_on_commit=False) as db:
-                batch = queue.claim_queued_messages(db, limit=rng.randint(1, 8))
-                db.commit()
-                if not batch:
+                if work(db, rng):
+                    idle_rounds = 0
+                else:
                     idle_rounds += 1
                     time.sleep(0.01)
-                    continue
-                idle_rounds = 0
-                with lock:
-                    for message in batch:
-                        key = chat_of[message.id]
-                        in_flight[key] += 1
-                        if in_flight[key] > 1:
-                            violations.append(f"two in flight in {key}")
-                for message in batch:
-                    time.sleep(rng.uniform(0, 0.004))  # "sending"
-                    with lock:
-                        sent[chat_of[message.id]].append(message.id)
-                        in_flight[chat_of[message.id]] -= 1
-                queue.mark_messages_sent(db, [{"id": m.id} for m in batch])
-                db.commit()
 
     threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
     for thread in threads:
@@ -153,6 +131,41 @@ def test_racing_claimers_keep_every_chat_in_order_with_one_in_flight(
     for thread in threads:
         thread.join(timeout=180)
     own.dispose()
+
+
+def test_racing_claimers_keep_every_chat_in_order_with_one_in_flight(
+    queue_engine: Engine,
+) -> None:
+    """4 workers with random send times drain 4 sessions x 6 chats x 12 messages."""
+    order = enqueue_chats(queue_engine, 4, 6, 12)
+    total = sum(len(ids) for ids in order.values())
+    chat_of = {id: chat for chat, ids in order.items() for id in ids}
+    lock = threading.Lock()
+    in_flight: dict[tuple[uuid.UUID, str], int] = defaultdict(int)
+    sent: dict[tuple[uuid.UUID, str], list[uuid.UUID]] = defaultdict(list)
+    violations: list[str] = []
+
+    def work(db: Session, rng: random.Random) -> bool:
+        batch = queue.claim_queued_messages(db, limit=rng.randint(1, 8))
+        db.commit()
+        if not batch:
+            return False
+        with lock:
+            for message in batch:
+                key = chat_of[message.id]
+                in_flight[key] += 1
+                if in_flight[key] > 1:
+                    violations.append(f"two in flight in {key}")
+        for message in batch:
+            time.sleep(rng.uniform(0, 0.004))  # "sending"
+            with lock:
+                sent[chat_of[message.id]].append(message.id)
+                in_flight[chat_of[message.id]] -= 1
+        queue.mark_messages_sent(db, [{"id": m.id} for m in batch])
+        db.commit()
+        return True
+
+    race_claimers(queue_engine, work)
     assert violations == []
     assert sum(len(ids) for ids in sent.values()) == total
     assert dict(sent) == dict(order)  # every chat sent in creation order
@@ -177,47 +190,30 @@ def test_max_in_flight_per_session_caps_one_batch(queue_engine: Engine) -> None:
 
 def test_racing_claimers_never_exceed_max_in_flight_per_session(queue_engine: Engine) -> None:
     enqueue_chats(queue_engine, 3, 20, 2)
-    own = zaphub_db.create_engine(engine_url(queue_engine), poolclass=NullPool)
     limit = 3
     highest: dict[uuid.UUID, int] = defaultdict(int)
     lock = threading.Lock()
-    start = threading.Barrier(4)
 
-    def worker(seed: int) -> None:
-        rng = random.Random(seed)
-        start.wait(timeout=30)
-        idle_rounds = 0
-        while idle_rounds < 20:
-            with Session(own, expire_on_commit=False) as db:
-                batch = queue.claim_queued_messages(
-                    db, limit=rng.randint(1, 5), max_in_flight_per_session=limit
-                )
-                db.commit()
-                busy = db.execute(
-                    text(
-                        "SELECT session_id, count(*) FROM messages "
-                        "WHERE status = 'processing' GROUP BY 1"
-                    )
-                ).all()
-                db.commit()
-                with lock:
-                    for session_id, count in busy:
-                        highest[session_id] = max(highest[session_id], count)
-                if not batch:
-                    idle_rounds += 1
-                    time.sleep(0.01)
-                    continue
-                idle_rounds = 0
-                time.sleep(rng.uniform(0, 0.01))
-                queue.mark_messages_sent(db, [{"id": m.id} for m in batch])
-                db.commit()
+    def work(db: Session, rng: random.Random) -> bool:
+        batch = queue.claim_queued_messages(
+            db, limit=rng.randint(1, 5), max_in_flight_per_session=limit
+        )
+        db.commit()
+        busy = db.execute(
+            text("SELECT session_id, count(*) FROM messages WHERE status = 'processing' GROUP BY 1")
+        ).all()
+        db.commit()
+        with lock:
+            for session_id, count in busy:
+                highest[session_id] = max(highest[session_id], count)
+        if not batch:
+            return False
+        time.sleep(rng.uniform(0, 0.01))
+        queue.mark_messages_sent(db, [{"id": m.id} for m in batch])
+        db.commit()
+        return True
 
-    threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=180)
-    own.dispose()
+    race_claimers(queue_engine, work)
     assert len(highest) == 3
     assert max(highest.values()) <= limit
     assert max(highest.values()) == limit  # the limit was reached, so it was tested
