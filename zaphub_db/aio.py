@@ -47,7 +47,6 @@ from zaphub_db.engine import (
     DEFAULT_IDLE_IN_TRANSACTION_TIMEOUT,
     DEFAULT_LOCK_TIMEOUT,
     DEFAULT_STATEMENT_TIMEOUT,
-    TRANSACTION_POOLER_OPTION,
 )
 from zaphub_db.errors import (
     ConnectionLostError,
@@ -209,11 +208,10 @@ def create_async_engine(
             }
         else:
             sync_engine.add_startup_options(connect_args, timeouts)
-        engine = sqlalchemy_create_async_engine(bare, connect_args=connect_args, **kwargs)
-        return engine.execution_options(**ours) if ours else engine
     engine = sqlalchemy_create_async_engine(bare, connect_args=connect_args, **kwargs)
-    sync_engine.set_timeouts_per_transaction(engine.sync_engine, timeouts)
-    return engine.execution_options(**{TRANSACTION_POOLER_OPTION: True}, **ours)
+    if settings.pgbouncer:
+        sync_engine.set_timeouts_per_transaction(engine.sync_engine, timeouts)
+    return engine.execution_options(**ours) if ours else engine
 
 
 # --- Read replicas --------------------------------------------------------------

@@ -16,11 +16,11 @@ from zaphub_db.config import DriverSettings, driver_settings, normalize_url, res
 from zaphub_db.errors import ValidationError
 
 DEFAULT_LOCK_TIMEOUT = timedelta(seconds=5)
-# An execution option of the engines made for a URL with pgbouncer=true.
-TRANSACTION_POOLER_OPTION = "zaphub_transaction_pooler"
-# An execution option holding the URL parameters of ours that an engine was
-# made with (libpq refuses them, so engine.url cannot keep them).
-URL_PARAMETERS_OPTION = "zaphub_url_parameters"
+# An execution option: what the URL's parameters of ours asked (DriverSettings),
+# which engine.url cannot keep (libpq refuses them). Read by the migrations and
+# the queue's wake-ups (behind a transaction pooler no session state survives a
+# transaction) and by engine_url.
+URL_SETTINGS_OPTION = "zaphub_url_settings"
 # An execution option: where the queue's wake-ups LISTEN, if not on the engine.
 LISTEN_URL_OPTION = "zaphub_listen_url"
 DEFAULT_STATEMENT_TIMEOUT = timedelta(seconds=30)
@@ -128,21 +128,18 @@ def create_engine(
     timeouts = (lock_timeout, statement_timeout, idle_in_transaction_timeout)
     if not settings.pgbouncer:
         add_startup_options(connect_args, timeouts)
-        engine = sqlalchemy.create_engine(bare, connect_args=connect_args, **kwargs)
-        return engine.execution_options(**ours) if ours else engine
     engine = sqlalchemy.create_engine(bare, connect_args=connect_args, **kwargs)
-    set_timeouts_per_transaction(engine, timeouts)
-    # The first option says to the migrations and the queue's wake-ups that no
-    # session state survives a transaction.
-    return engine.execution_options(**{TRANSACTION_POOLER_OPTION: True}, **ours)
+    if settings.pgbouncer:
+        set_timeouts_per_transaction(engine, timeouts)
+    return engine.execution_options(**ours) if ours else engine
 
 
 def our_options(settings: DriverSettings, listen_url: str | URL | None) -> dict[str, Any]:
-    """The execution options that carry what an engine's URL cannot: our URL parameters
-    (for :func:`engine_url`) and the ``listen_url`` (for :func:`listen_url_of`)."""
+    """The execution options that carry what an engine's URL cannot: what our URL
+    parameters asked, and the ``listen_url`` (for :func:`listen_url_of`)."""
     options: dict[str, Any] = {}
     if settings.query:
-        options[URL_PARAMETERS_OPTION] = dict(settings.query)
+        options[URL_SETTINGS_OPTION] = settings
     if listen_url is not None:
         bare, listen_settings = driver_settings(normalize_url(listen_url))
         if listen_settings.pgbouncer:
@@ -162,7 +159,8 @@ def listen_url_of(engine: Engine | AsyncEngine) -> URL | None:
 
 def behind_transaction_pooler(engine: Engine | AsyncEngine | Connection) -> bool:
     """Whether ``engine`` was made for a URL with ``pgbouncer=true`` (transaction pooling)."""
-    return bool(engine.get_execution_options().get(TRANSACTION_POOLER_OPTION))
+    settings: DriverSettings | None = engine.get_execution_options().get(URL_SETTINGS_OPTION)
+    return settings is not None and settings.pgbouncer
 
 
 def engine_url(engine: Engine | AsyncEngine) -> URL:
@@ -175,8 +173,8 @@ def engine_url(engine: Engine | AsyncEngine) -> URL:
     pooling refuses. This URL has them back (the password too, so do not
     print it; :func:`zaphub_db.config.display_url` masks it).
     """
-    parameters = engine.get_execution_options().get(URL_PARAMETERS_OPTION) or {}
-    return engine.url.update_query_dict(parameters)
+    settings: DriverSettings | None = engine.get_execution_options().get(URL_SETTINGS_OPTION)
+    return engine.url if settings is None else engine.url.update_query_dict(settings.query)
 
 
 def per_transaction_settings(
