@@ -186,20 +186,26 @@ async def test_an_async_waiter_wakes_on_the_enqueuing_commit(engine: AsyncEngine
     async with AsyncSession(engine) as db:
         session_id = (await aio.create_session(db, label="wake")).id
         await db.commit()
-    assert await aio.wait_for_messages(engine, 0) is False  # listening from here on
-    woken = asyncio.create_task(aio.wait_for_messages(engine, 5))
-    await asyncio.sleep(0.05)
-    assert not woken.done()
+    listening = asyncio.Event()
+
+    async def waiter() -> tuple[bool, bool]:
+        # Listening belongs to a task: the waiting task starts its own.
+        first = await aio.wait_for_messages(engine, 0)  # starts listening: "maybe"
+        quiet = await aio.wait_for_messages(engine, 0)
+        listening.set()
+        woken = await aio.wait_for_messages(engine, 30)
+        await aio.stop_listening(engine)
+        return first and not quiet, woken
+
+    task = asyncio.create_task(waiter())
+    await asyncio.wait_for(listening.wait(), 10)
     async with AsyncSession(engine) as db:
         await aio.create_message(
             db, session_id=session_id, message_id="w", jid="j", type="text", payload={}
         )
         await db.commit()
-    loop = asyncio.get_running_loop()
-    committed = loop.time()
-    assert await asyncio.wait_for(woken, 5) is True
-    assert loop.time() - committed < 0.5
-    await aio.stop_listening(engine)
+    # Well before its 30 s: the notification ended the wait.
+    assert await asyncio.wait_for(task, 15) == (True, True)
 
 
 async def test_the_async_worker_sends_retries_and_stops(engine: AsyncEngine) -> None:

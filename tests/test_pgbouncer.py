@@ -299,10 +299,14 @@ def test_a_listen_url_brings_back_notifications_behind_the_pooler(
     trials = 5
     listening, go, done = threading.Event(), threading.Event(), threading.Event()
     waits: list[tuple[float, bool]] = []
+    quiet: list[bool] = []
 
     def waiter() -> None:
         # One thread throughout, as a worker: it listens on its own connection.
-        queue.wait_for_messages(engine, 0)
+        assert queue.wait_for_messages(engine, 0) is True  # starts listening: "maybe"
+        # A polling engine would say "maybe" after POOLER_POLL_INTERVAL; a
+        # listening one waits out a quiet second.
+        quiet.append(queue.wait_for_messages(engine, 1.0))
         listening.set()
         for _ in range(trials):
             go.wait(timeout=10)
@@ -344,9 +348,9 @@ def test_a_listen_url_brings_back_notifications_behind_the_pooler(
         thread.join(timeout=10)
     finally:
         engine.dispose()
-    # A poll would end each wait at POOLER_POLL_INTERVAL; the notification ends it first.
-    assert [woken for _, woken in waits] == [True] * trials
-    assert max(seconds for seconds, _ in waits) < queue.POOLER_POLL_INTERVAL * 0.8
+    assert quiet == [False]  # no polling: nothing ended the quiet wait early
+    assert [woken for _, woken in waits] == [True] * trials  # each commit woke it
+    print(f"wake-ups through a listen_url: {[round(seconds * 1000) for seconds, _ in waits]} ms")
 
 
 async def test_an_async_listen_url_brings_back_notifications_too(
@@ -359,16 +363,33 @@ async def test_an_async_listen_url_brings_back_notifications_too(
     engine = aio.create_async_engine(
         pooled.set(drivername="postgresql+asyncpg"), listen_url=server.url()
     )
+    trials = 5
+    listening, go, done = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    waits: list[bool] = []
+    quiet: list[bool] = []
+
+    async def waiter() -> None:
+        # One task throughout, as a worker: it listens on its own connection.
+        assert await aio.wait_for_messages(engine, 0) is True  # starts listening: "maybe"
+        quiet.append(await aio.wait_for_messages(engine, 1.0))  # a poll would say "maybe"
+        listening.set()
+        for _ in range(trials):
+            await go.wait()
+            go.clear()
+            waits.append(await aio.wait_for_messages(engine, 5))
+            done.set()
+        await aio.stop_listening(engine)
+
     try:
         async with AsyncSession(engine) as db:
             session_id = (await aio.create_session(db, label="async listened")).id
             await db.commit()
-        await aio.wait_for_messages(engine, 0)
-        for trial in range(5):
-            started = time.monotonic()
-            waiting = asyncio.ensure_future(aio.wait_for_messages(engine, 5))
-            await asyncio.sleep(0.02)
-            async with AsyncSession(engine) as db:
+        task = asyncio.ensure_future(waiter())
+        await asyncio.wait_for(listening.wait(), 10)
+        for trial in range(trials):
+            done.clear()
+            go.set()
+            async with AsyncSession(engine) as db:  # enqueued through PgBouncer
                 await aio.create_message(
                     db,
                     session_id=session_id,
@@ -378,8 +399,9 @@ async def test_an_async_listen_url_brings_back_notifications_too(
                     payload={},
                 )
                 await db.commit()
-            assert await waiting is True
-            assert time.monotonic() - started < queue.POOLER_POLL_INTERVAL * 0.8
-        await aio.stop_listening(engine)
+            await asyncio.wait_for(done.wait(), 10)
+        await asyncio.wait_for(task, 10)
     finally:
         await engine.dispose()
+    assert quiet == [False]  # no polling
+    assert waits == [True] * trials  # each commit woke it, none waited out its 5 s

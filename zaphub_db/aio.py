@@ -50,6 +50,7 @@ from zaphub_db.engine import (
 )
 from zaphub_db.errors import (
     ConnectionLostError,
+    DatabaseUnavailableError,
     TransientError,
     ValidationError,
     translate_db_error,
@@ -313,7 +314,9 @@ async def wait_for_messages(engine: AsyncEngine, timeout: float) -> bool:
     """The async twin of :func:`zaphub_db.repositories.queue.wait_for_messages`.
 
     The first call in a task starts listening on a connection of that task's
-    own; a notification that arrives between two calls is kept for the next.
+    own and returns ``True`` at once (a commit made before the ``LISTEN`` was
+    heard by nobody: look at the queue); from then on a notification that
+    arrives between two calls is kept for the next.
     Waiting sends no queries and uses no thread. Behind PgBouncer's
     transaction pooling it polls, as the sync one does, unless the engine
     was made with a ``listen_url``.
@@ -328,16 +331,18 @@ async def wait_for_messages(engine: AsyncEngine, timeout: float) -> bool:
     listeners = _task_listeners()
     listener = listeners.get(id(engine))
     if listener is None:
-        try:
-            listener = listeners[id(engine)] = await _AsyncListener.start(
+        with contextlib.suppress(
+            OSError, OperationalError, DBAPIError, TransientError, DatabaseUnavailableError
+        ):  # no server to listen to: the caller's next query will say why
+            listeners[id(engine)] = await _AsyncListener.start(
                 engine
                 if listen_url is None
                 else sqlalchemy_create_async_engine(
                     listen_url.set(drivername=engine.url.drivername), poolclass=NullPool
                 )
             )
-        except (OSError, OperationalError, DBAPIError):
-            return True
+        # Not listening until now: a commit may have gone unheard (see the sync twin).
+        return True
     try:
         return await listener.wait(timeout)
     except Exception:  # a broken listening connection: something may have been missed

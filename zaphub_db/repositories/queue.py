@@ -20,6 +20,7 @@ is counted in ``attempts``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import threading
@@ -63,7 +64,7 @@ from sqlalchemy.orm.util import identity_key
 from sqlalchemy.pool import NullPool
 
 from zaphub_db.engine import behind_transaction_pooler, listen_url_of
-from zaphub_db.errors import ValidationError
+from zaphub_db.errors import DatabaseUnavailableError, TransientError, ValidationError
 from zaphub_db.models import Message, MessageStatus
 from zaphub_db.repositories import validation
 from zaphub_db.repositories.execution import Loading, all_of, execute, first, loading
@@ -762,11 +763,13 @@ def wait_for_messages(engine: Engine, timeout: float) -> bool:
     Returns ``True`` on a notification on channel ``zaphub_messages``: a
     commit that inserted queued messages, requeued or recovered some. The
     first call in a thread starts listening on a connection of that thread's
-    own, outside the engine's pool; notifications that arrive between two
-    calls are kept for the next one, so a worker that claims, works and then
-    waits misses nothing. Waiting sends no queries. If the listening
-    connection breaks, the call returns ``True`` (something may have been
-    missed) and the next one listens again.
+    own, outside the engine's pool, and returns ``True`` at once without
+    waiting: a commit made before the ``LISTEN`` was heard by nobody, so the
+    caller should look at the queue. From then on notifications that arrive
+    between two calls are kept for the next one, so a worker that claims,
+    works and then waits misses nothing. Waiting sends no queries. If the
+    listening connection breaks, the call returns ``True`` (something may
+    have been missed) and the next one listens again.
 
     Behind PgBouncer's transaction pooling (an engine made for a URL with
     ``pgbouncer=true``) LISTEN cannot work, so the wait polls instead: it
@@ -786,13 +789,16 @@ def wait_for_messages(engine: Engine, timeout: float) -> bool:
         local = _listeners.setdefault(engine, threading.local())
     listener: _Listener | None = getattr(local, "listener", None)
     if listener is None:
-        try:
-            listener = local.listener = _Listener(
+        with contextlib.suppress(
+            psycopg.OperationalError, OperationalError, TransientError, DatabaseUnavailableError
+        ):
+            # No server to listen to: the caller's next query will say why.
+            local.listener = _Listener(
                 engine if listen_url is None else create_engine(listen_url, poolclass=NullPool)
             )
-        except (psycopg.OperationalError, OperationalError):
-            # No server to listen to: the caller's next query will say why.
-            return True
+        # Not listening until now, so a commit may have gone unheard: "maybe",
+        # at once. The caller's claim finds out, and later waits miss nothing.
+        return True
     try:
         return listener.wait(timeout)
     except psycopg.Error:
