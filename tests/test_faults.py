@@ -133,7 +133,7 @@ def test_a_row_lock_held_elsewhere_raises_lock_timeout_error(safe_engine: Engine
         started = time.monotonic()
         with pytest.raises(LockTimeoutError, match="retry in a new transaction"):
             sessions.update_session(waiter, session_id, label="waiter")
-        assert time.monotonic() - started < 2
+        assert time.monotonic() - started < 15  # the lock timeout, not the holder, ended it
         waiter.rollback()  # a transient error: roll back and retry
         holder.commit()
         assert sessions.update_session(waiter, session_id, label="waiter") is not None

@@ -123,7 +123,7 @@ def test_repository_calls_and_lock_timeouts_through_the_pooler(pooled: URL) -> N
             started = time.monotonic()
             with pytest.raises(LockTimeoutError):
                 sessions.update_session(waiter, target, label="waiter")
-            assert time.monotonic() - started < 5
+            assert time.monotonic() - started < 20  # ended by lock_timeout
             holder.rollback()
     finally:
         engine.dispose()
@@ -233,7 +233,8 @@ def test_workers_behind_the_pooler_poll_instead_of_listening(pooled: URL) -> Non
         assert queue.wait_for_messages(engine, 0.05) is False  # shorter than one poll
         assert queue.wait_for_messages(engine, 10) is True  # "maybe": the claim finds out
         waited = time.monotonic() - started
-        assert 0.05 + queue.POOLER_POLL_INTERVAL <= waited < 0.05 + queue.POOLER_POLL_INTERVAL + 1
+        # One poll, not the 10 s timeout (the upper bound leaves room for a busy machine).
+        assert 0.05 + queue.POOLER_POLL_INTERVAL <= waited < 5
         with recording(engine) as sent:
             queue.wait_for_messages(engine, 10)
         assert sent == []  # the wait itself sends nothing; the caller's claim is the poll
@@ -269,7 +270,7 @@ def test_workers_behind_the_pooler_poll_instead_of_listening(pooled: URL) -> Non
         worker.join(timeout=10)
         # Sent in order well before the 30 s poll_interval: the wait polled.
         assert handled == ["m0", "m1", "m2"]
-        assert latency < 3
+        assert latency < 15
         with Session(engine) as db:
             assert queue.queue_stats(db, session_id=session_id).queued == 0
     finally:
@@ -284,7 +285,7 @@ async def test_async_waits_behind_the_pooler_poll_too(pooled: URL) -> None:
         started = time.monotonic()
         assert await aio.wait_for_messages(engine, 0.05) is False
         assert await aio.wait_for_messages(engine, 10) is True
-        assert time.monotonic() - started < 0.05 + queue.POOLER_POLL_INTERVAL + 1
+        assert time.monotonic() - started < 5  # one poll, not the 10 s timeout
     finally:
         await engine.dispose()
 

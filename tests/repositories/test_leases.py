@@ -32,6 +32,21 @@ def recover(engine: Engine, **kwargs: Any) -> int:
         return count
 
 
+def lapse_leases(engine: Engine, ids: list[uuid.UUID]) -> None:
+    """Move the leases of ``ids`` into the past: their time has come, without sleeping
+    through it (a sleep longer than a lease is exact on any machine; a step
+    that must finish *within* a lease is not, on a busy one)."""
+    with Session(engine) as db:
+        db.execute(
+            text(
+                "UPDATE messages SET lease_expires_at = now() - interval '1 second' "
+                "WHERE id = ANY(:ids)"
+            ),
+            {"ids": ids},
+        )
+        db.commit()
+
+
 def row(engine: Engine, id: uuid.UUID) -> Message:
     with Session(engine, expire_on_commit=False) as db:
         found = messages.get_message_by_id(db, id)
@@ -60,7 +75,7 @@ def test_a_killed_worker_loses_nothing_and_its_attempt_counts(queue_engine: Engi
         "from zaphub_db.repositories import queue\n"
         f"engine = create_engine({url!r})\n"
         "with Session(engine) as db:\n"
-        "    claimed = queue.claim_queued_messages(db, lease=timedelta(milliseconds=300))\n"
+        "    claimed = queue.claim_queued_messages(db, lease=timedelta(minutes=10))\n"
         "    db.commit()\n"
         "print(len(claimed), flush=True)\n"
         "time.sleep(60)\n"
@@ -72,7 +87,7 @@ def test_a_killed_worker_loses_nothing_and_its_attempt_counts(queue_engine: Engi
     worker.wait(timeout=10)
     assert row(queue_engine, id).status == "processing"
     assert recover(queue_engine) == 0  # the lease has not lapsed yet
-    time.sleep(SHORT.total_seconds() + 0.1)
+    lapse_leases(queue_engine, [id])  # ten minutes later
     assert recover(queue_engine) == 1
     back = row(queue_engine, id)
     assert (back.status, back.attempts, back.lease_expires_at) == ("queued", 1, None)
@@ -133,13 +148,15 @@ def test_extend_lease_keeps_a_long_send(queue_engine: Engine) -> None:
     with Session(queue_engine) as db:
         assert queue.mark_messages_sent(db, [{"id": ids[1]}]) == 1
         db.commit()
-    for _ in range(3):
-        time.sleep(SHORT.total_seconds() / 2)
-        with Session(queue_engine) as db:
-            # Only the one still in processing is extended.
-            assert queue.extend_lease(db, [m.id for m in claimed], lease=SHORT) == 1
-            db.commit()
-        assert recover(queue_engine) == 0
+    with Session(queue_engine) as db:
+        # Only the one still in processing is extended.
+        assert queue.extend_lease(db, [m.id for m in claimed], lease=timedelta(hours=1)) == 1
+        db.commit()
+    time.sleep(SHORT.total_seconds() + 0.05)  # the first lease would have lapsed by now
+    assert recover(queue_engine) == 0
+    with Session(queue_engine) as db:  # a last, short extension, then silence
+        assert queue.extend_lease(db, [m.id for m in claimed], lease=SHORT) == 1
+        db.commit()
     time.sleep(SHORT.total_seconds() + 0.05)
     assert recover(queue_engine) == 1
 
