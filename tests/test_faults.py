@@ -177,3 +177,158 @@ def test_pre_ping_replaces_connections_killed_while_idle(safe_engine: Engine) ->
     for _ in range(3):
         with Session(safe_engine) as db:
             assert sessions.get_all_sessions(db) == []
+
+
+def kill_own_backend(db: Session, engine: Engine) -> None:
+    """Terminate ``db``'s server backend from another connection, as a crash or an admin would."""
+    pid = db.execute(text("SELECT pg_backend_pid()")).scalar()
+    with engine.connect() as killer:
+        killer.execute(text("SELECT pg_terminate_backend(:p)"), {"p": pid})
+
+
+def test_a_connection_lost_at_commit_raises_connection_lost(safe_engine: Engine) -> None:
+    """The README's retry loop catches TransientError: the commit must raise one too."""
+    with Session(safe_engine) as db:
+        sessions.create_session(db, label="lost at commit")
+        kill_own_backend(db, safe_engine)
+        with pytest.raises(ConnectionLostError, match="retry in a new transaction"):
+            db.commit()
+        db.rollback()
+    with Session(safe_engine) as db:
+        transaction = db.begin()
+        sessions.create_session(db, label="lost at the end of begin()")
+        kill_own_backend(db, safe_engine)
+        with pytest.raises(ConnectionLostError):
+            transaction.__exit__(None, None, None)  # what the end of `with db.begin():` does
+    with Session(safe_engine) as db:  # the engine serves the next transaction
+        assert sessions.get_all_sessions(db) == []
+
+
+def test_a_connection_lost_at_flush_and_at_rollback_raises_connection_lost(
+    safe_engine: Engine,
+) -> None:
+    from zaphub_db.models import WhatsAppSession
+
+    with Session(safe_engine) as db:
+        db.execute(text("SELECT 1"))
+        kill_own_backend(db, safe_engine)
+        db.add(WhatsAppSession(label="added, flushed on a dead connection"))
+        with pytest.raises(ConnectionLostError):
+            db.flush()
+        db.rollback()  # the Session is usable again
+        assert sessions.get_all_sessions(db) == []
+
+
+@pytest.mark.parametrize("driver", ["psycopg", "asyncpg"])
+def test_an_async_commit_on_a_lost_connection_raises_connection_lost(
+    safe_engine: Engine, driver: str
+) -> None:
+    import asyncio
+
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+    from zaphub_db import aio
+    from zaphub_db.engine import engine_url
+
+    async def scenario() -> None:
+        engine = aio.create_async_engine(
+            engine_url(safe_engine).set(drivername=f"postgresql+{driver}")
+        )
+        try:
+            async with AsyncSession(engine) as db:
+                await aio.create_session(db, label="lost at an async commit")
+                pid = (await db.execute(text("SELECT pg_backend_pid()"))).scalar()
+                with safe_engine.connect() as killer:
+                    killer.execute(text("SELECT pg_terminate_backend(:p)"), {"p": pid})
+                with pytest.raises(ConnectionLostError):
+                    await db.commit()
+                await db.rollback()
+            async with AsyncSession(engine) as db:
+                assert await aio.get_all_sessions(db) == []
+        finally:
+            await engine.dispose()
+
+    asyncio.run(scenario())
+
+
+def test_a_server_restart_between_write_and_commit_raises_connection_lost(
+    server: ThrowawayServer,
+) -> None:
+    url = server.url()
+    migrate(url)
+    engine = zaphub_db.create_engine(url)
+    try:
+        for mode in ("fast", "immediate"):
+            with Session(engine) as db:
+                sessions.create_session(db, label=f"before a {mode} restart")
+                server.restart(mode)
+                with pytest.raises(ConnectionLostError):
+                    db.commit()
+                db.rollback()
+        with Session(engine) as db:  # the pool's dead connections are replaced
+            labels = [s.label for s in sessions.get_all_sessions(db)]
+        assert not any(label.startswith("before a") for label in labels)
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ("problem", "change"),
+    [
+        ("wrong password", {"username": "zaphub_fault_role", "password": "wrong"}),
+        ("unknown role", {"username": "no_such_role_here"}),
+        ("missing database", {"database": "no_such_database_here"}),
+        ("unknown host", {"host": "no-such-host.invalid"}),
+        ("bad sslmode", {"query": {"sslmode": "bogus"}}),
+    ],
+)
+def test_misconfiguration_is_not_transient(
+    server: ThrowawayServer, problem: str, change: dict[str, object]
+) -> None:
+    """No retry cures these: DatabaseUnavailableError, and a worker stops at once."""
+    from zaphub_db.errors import DatabaseUnavailableError, TransientError
+
+    hba = server.data / "pg_hba.conf"
+    rule = "host all zaphub_fault_role 127.0.0.1/32 scram-sha-256\n"
+    if rule not in hba.read_text():  # this role alone needs its password
+        hba.write_text(rule + hba.read_text())
+    with zaphub_db.create_engine(server.url()).connect() as admin:
+        admin.execute(
+            text(
+                "DO $$ BEGIN CREATE ROLE zaphub_fault_role LOGIN PASSWORD 'right'; "
+                "EXCEPTION WHEN duplicate_object THEN NULL; END $$"
+            )
+        )
+        admin.execute(text("SELECT pg_reload_conf()"))
+        admin.commit()
+    url = server.url()
+    query = change.pop("query", None)
+    bad = url.set(**change)  # type: ignore[arg-type]
+    if problem == "unknown host":
+        bad = bad.set(query={"port": str(server.port)})
+    if isinstance(query, dict):
+        bad = bad.update_query_dict(query)
+    engine = zaphub_db.create_engine(bad)
+    try:
+        with pytest.raises(DatabaseUnavailableError) as caught, Session(engine) as db:
+            sessions.get_all_sessions(db)
+        assert not isinstance(caught.value, TransientError)
+        assert "\n" not in str(caught.value)
+        assert "wrong" not in str(caught.value)  # the password, never shown
+        stop = threading.Event()
+        finished: list[BaseException] = []
+
+        def worker() -> None:
+            try:
+                run_worker(engine, lambda m: None, stop=stop)
+            except BaseException as exc:
+                finished.append(exc)
+
+        thread = threading.Thread(target=worker)
+        thread.start()
+        thread.join(timeout=60)
+        stop.set()
+        assert not thread.is_alive(), "the worker kept retrying a misconfiguration"
+        assert [type(exc) for exc in finished] == [DatabaseUnavailableError]
+    finally:
+        engine.dispose()

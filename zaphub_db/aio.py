@@ -53,6 +53,7 @@ from zaphub_db.errors import (
     DatabaseUnavailableError,
     TransientError,
     ValidationError,
+    one_line,
     translate_db_error,
 )
 from zaphub_db.models import Message, WhatsAppSession
@@ -108,10 +109,7 @@ _ASYNCPG_CONNECTION_ERRORS = _asyncpg_connection_errors()
 
 
 def _connection_lost(exc: Exception) -> ConnectionLostError:
-    return ConnectionLostError(
-        f"no connection to the server (lost or refused): {exc}; "
-        "roll back and retry in a new transaction"
-    )
+    return ConnectionLostError(one_line(exc))
 
 
 # sessions
@@ -198,7 +196,8 @@ def create_async_engine(
         connect_args = {**settings.connect_args, **connect_args}
     kwargs.setdefault("pool_pre_ping", True)
     timeouts = (lock_timeout, statement_timeout, idle_in_transaction_timeout)
-    if not settings.pgbouncer:
+    own_creator = "async_creator" in kwargs  # its connections take its arguments, not ours
+    if not settings.pgbouncer and not own_creator:
         if asyncpg:
             startup = {
                 name: str(value) for name, value in sync_engine.timeout_settings(*timeouts).items()
@@ -212,6 +211,11 @@ def create_async_engine(
     engine = sqlalchemy_create_async_engine(bare, connect_args=connect_args, **kwargs)
     if settings.pgbouncer:
         sync_engine.set_timeouts_per_transaction(engine.sync_engine, timeouts)
+    elif own_creator:
+        sync_engine.set_timeouts_per_connection(engine.sync_engine, timeouts)
+    sync_engine.translate_errors(engine.sync_engine)
+    if asyncpg:
+        sync_engine.translate_socket_errors_at_connect(engine.sync_engine)
     return engine.execution_options(**ours) if ours else engine
 
 

@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 import zaphub_db
 from zaphub_db import embedded, migrations
 from zaphub_db.config import configured_url, display_url, libpq_dsn, resolve_url
-from zaphub_db.errors import ZaphubDBError
+from zaphub_db.errors import ConnectionLostError, ZaphubDBError
 from zaphub_db.repositories import queue
 from zaphub_db.repositories.events import delete_old_events
 from zaphub_db.seed import seed
@@ -382,6 +382,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger(quiet).setLevel(logging.WARNING)
     try:
         code: int = args.handler(args)
+    except ConnectionLostError as exc:
+        _say(f"error: cannot reach the database: {exc.reason}", sys.stderr)
+        return 1
     except ZaphubDBError as exc:
         _say(f"error: {exc}", sys.stderr)
         return 1

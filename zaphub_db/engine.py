@@ -7,13 +7,14 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy
 from sqlalchemy import Connection, Engine, event
-from sqlalchemy.engine import URL
+from sqlalchemy.engine import URL, Dialect, ExceptionContext
+from sqlalchemy.exc import DBAPIError
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
 
 from zaphub_db.config import DriverSettings, driver_settings, normalize_url, resolve_url
-from zaphub_db.errors import ValidationError
+from zaphub_db.errors import ValidationError, translate_engine_error, translate_socket_error
 
 DEFAULT_LOCK_TIMEOUT = timedelta(seconds=5)
 # An execution option: what the URL's parameters of ours asked (DriverSettings),
@@ -78,6 +79,50 @@ def set_timeouts_per_transaction(engine: Engine, timeouts: Timeouts) -> None:
         connection.exec_driver_sql(settings_sql)
 
 
+def set_timeouts_per_connection(engine: Engine, timeouts: Timeouts) -> None:
+    """For connections that a ``creator`` makes (its own connect arguments, not
+    ours): set the timeouts once on each new connection, one round trip each."""
+    values = timeout_settings(*timeouts)
+    calls = ", ".join(f"set_config('{name}', '{value}', false)" for name, value in values.items())
+
+    @event.listens_for(engine, "connect")
+    def _set_timeouts(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"SELECT {calls}")
+        cursor.close()
+        dbapi_connection.commit()
+
+
+def translate_errors(engine: Engine) -> None:
+    """Make ``engine`` raise our errors for the connection and the server's state
+    wherever they happen: a statement, a commit or rollback (a ``Session``'s
+    too), a flush, a checkout from the pool, a new connection.
+
+    A lost connection becomes :class:`~zaphub_db.errors.ConnectionLostError`
+    (and the other transient classes theirs), a connection that cannot be made
+    for a reason no retry cures :class:`~zaphub_db.errors.DatabaseUnavailableError`.
+    A failed ``pool_pre_ping`` is left alone: the pool replaces the connection.
+    """
+
+    @event.listens_for(engine, "handle_error")
+    def _translate(context: ExceptionContext) -> BaseException | None:
+        error = context.sqlalchemy_exception
+        if context.is_pre_ping or not isinstance(error, DBAPIError):
+            return None
+        return translate_engine_error(error, connecting=context.connection is None)
+
+
+def translate_socket_errors_at_connect(engine: Engine) -> None:
+    """For drivers that let socket errors out of their connect (asyncpg): ours instead."""
+
+    @event.listens_for(engine, "do_connect")
+    def _connect(dialect: Dialect, _record: Any, cargs: Any, cparams: Any) -> Any:
+        try:
+            return dialect.connect(*cargs, **cparams)
+        except OSError as exc:
+            raise translate_socket_error(exc) from exc
+
+
 def create_engine(
     url: str | URL | None = None,
     *,
@@ -118,19 +163,30 @@ def create_engine(
     session pooler), they listen there instead, one connection per waiting
     thread, and wake within milliseconds of the enqueuing commit.
 
+    Errors about the connection and the server's state are ours wherever
+    they happen, a ``Session.commit()`` included (:func:`translate_errors`):
+    a retry loop that catches ``TransientError`` catches them all.
+
     Other keyword arguments go to :func:`sqlalchemy.create_engine`; an
-    ``options`` entry of ``connect_args`` is kept, after ours.
+    ``options`` entry of ``connect_args`` is kept, after ours. With
+    ``creator=`` (connections made by your function) the timeouts are set
+    once on each new connection instead, at one round trip per connection.
     """
     bare, settings = driver_settings(resolve_url(url))
     ours = our_options(settings, listen_url)  # checked before anything is made
     connect_args = {**settings.connect_args, **dict(kwargs.pop("connect_args", {}))}
     kwargs.setdefault("pool_pre_ping", True)
     timeouts = (lock_timeout, statement_timeout, idle_in_transaction_timeout)
-    if not settings.pgbouncer:
+    # A creator makes its connections with its own arguments, not ours.
+    own_creator = "creator" in kwargs
+    if not settings.pgbouncer and not own_creator:
         add_startup_options(connect_args, timeouts)
     engine = sqlalchemy.create_engine(bare, connect_args=connect_args, **kwargs)
     if settings.pgbouncer:
         set_timeouts_per_transaction(engine, timeouts)
+    elif own_creator:
+        set_timeouts_per_connection(engine, timeouts)
+    translate_errors(engine)
     return engine.execution_options(**ours) if ours else engine
 
 

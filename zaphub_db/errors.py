@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import socket
 import uuid
 
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -57,7 +59,14 @@ class TransientError(ZaphubDBError):
 
 
 class ConnectionLostError(TransientError):
-    """The connection to the server broke (server restart, killed backend, network)."""
+    """The connection to the server broke (server restart, killed backend, network).
+
+    ``reason`` is the driver's account of it, on one line.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"no connection to the server (lost or refused): {reason}{_RETRY_HINT}")
+        self.reason = reason
 
 
 class LockTimeoutError(TransientError):
@@ -104,12 +113,35 @@ _VALIDATION_SQLSTATES = {
 }
 
 
-def translate_db_error(exc: DBAPIError) -> ZaphubDBError | None:
+# A connection attempt that the server or libpq refused for a reason no retry
+# can cure: the URL, the credentials or the server's configuration must change.
+# asyncpg reports the server's SQLSTATE (class 28, 3D000, 42501); libpq reports
+# a failed attempt as text alone, with no SQLSTATE reaching the client, so for
+# psycopg these are read from its message, here and nowhere else. Any other
+# failure to connect (refused, timed out, the server starting, shutting down,
+# in recovery or out of connection slots) may pass, and stays transient.
+_MISCONFIGURED_SQLSTATES = ("28", "3D000", "42501")
+_MISCONFIGURED_TEXT = re.compile(
+    r"authentication failed|no pg_hba\.conf entry|pg_hba\.conf rejects"
+    r"|(role|database) \S+ does not exist|not permitted to log in|no password supplied"
+    r"|failed to resolve host|could not translate host name"
+    r"|invalid \S+ value|invalid connection option|invalid uri|missing \"=\""
+    r"|does not support ssl|ssl was required|certificate"
+    r"|permission denied for database",
+    re.IGNORECASE,
+)
+_UNAVAILABLE_HINT = "; a retry will not help: check the URL (host, port, user, password, database)"
+
+
+def translate_db_error(exc: DBAPIError, *, connecting: bool = False) -> ZaphubDBError | None:
     """Map a database error to the zaphub_db hierarchy by SQLSTATE and constraint.
 
     Transient failures (lost connections, lock and statement timeouts,
     serialization failures and deadlocks) become :class:`TransientError`
-    subclasses. Returns ``None`` for errors with no class of ours, which
+    subclasses. ``connecting``: the error came from opening a connection,
+    where a wrong password, an unknown host, database or role, or a bad
+    connection parameter become :class:`DatabaseUnavailableError` (no retry
+    cures them). Returns ``None`` for errors with no class of ours, which
     callers re-raise as they are.
     """
     orig = exc.orig
@@ -124,6 +156,8 @@ def translate_db_error(exc: DBAPIError) -> ZaphubDBError | None:
     transient = _TRANSIENT_SQLSTATES.get(sqlstate or "")
     if transient is not None:
         return transient(f"{detail}{_RETRY_HINT}")
+    if connecting and _misconfigured(exc, sqlstate):
+        return DatabaseUnavailableError(f"cannot connect: {one_line(orig)}{_UNAVAILABLE_HINT}")
     if (
         exc.connection_invalidated
         or (sqlstate or "").startswith("08")
@@ -132,10 +166,7 @@ def translate_db_error(exc: DBAPIError) -> ZaphubDBError | None:
         # A connection that broke, or could not be made, without a word from
         # the server has no SQLSTATE; SQLAlchemy marks a broken one
         # invalidated (its pool drops it and the next call connects anew).
-        lost = _first_line(orig)
-        return ConnectionLostError(
-            f"no connection to the server (lost or refused): {lost}{_RETRY_HINT}"
-        )
+        return ConnectionLostError(one_line(orig))
     if sqlstate == "25006":
         return ReadOnlyError(f"the server or transaction is read-only: {detail}")
     if sqlstate == _FOREIGN_KEY_VIOLATION:
@@ -151,6 +182,42 @@ def translate_db_error(exc: DBAPIError) -> ZaphubDBError | None:
     return None
 
 
-def _first_line(error: BaseException | None) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+def _misconfigured(exc: DBAPIError, sqlstate: str | None) -> bool:
+    if sqlstate is not None:
+        return sqlstate.startswith(_MISCONFIGURED_SQLSTATES)
+    # No SQLSTATE: libpq's text. A parameter libpq refuses before any network
+    # traffic is a ProgrammingError (or an InterfaceError), never transient.
+    if not isinstance(exc, OperationalError):
+        return True
+    return _MISCONFIGURED_TEXT.search(str(exc.orig)) is not None
+
+
+def translate_engine_error(exc: DBAPIError, *, connecting: bool) -> ZaphubDBError | None:
+    """What an engine of ours raises instead of ``exc``, wherever it happens.
+
+    Only the errors about the connection and the server's state: transient
+    ones, a read-only server, and a connection that cannot be made. At commit,
+    rollback, flush and checkout they are what a retry loop catches, as they
+    are in a repository call. Errors about data (a constraint, a bad value)
+    stay SQLAlchemy's outside the repositories, as code written for plain
+    SQLAlchemy expects.
+    """
+    translated = translate_db_error(exc, connecting=connecting)
+    if isinstance(translated, TransientError | ReadOnlyError | DatabaseUnavailableError):
+        return translated
+    return None
+
+
+def translate_socket_error(exc: OSError) -> ZaphubDBError:
+    """A connection attempt that failed in the socket layer (asyncpg raises
+    these as they are): an unknown host is a wrong URL, anything else
+    (refused, unreachable, timed out) may pass."""
+    if isinstance(exc, socket.gaierror):
+        return DatabaseUnavailableError(f"cannot connect: {one_line(exc)}{_UNAVAILABLE_HINT}")
+    return ConnectionLostError(one_line(exc))
+
+
+def one_line(error: BaseException | None) -> str:
+    """An error's text on one line (libpq's messages span several)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return "; ".join(lines) if lines else type(error).__name__
