@@ -92,8 +92,13 @@ class ThrowawayServer:
         """Stop the server (``immediate``: like a crash, no shutdown checkpoint) and start it."""
         self._pg_ctl("-w", "-m", mode, "restart")
 
+    def promote(self) -> None:
+        """Make a streaming replica the primary (what a failover manager does)."""
+        self._run("pg_ctl", "-D", str(self.data), "-w", "promote")
+
     def stop(self) -> None:
-        self._pg_ctl("-w", "-m", "immediate", "stop")
+        if (self.data / "postmaster.pid").exists():  # a test may have stopped it already
+            self._pg_ctl("-w", "-m", "immediate", "stop")
 
     def url(self, database: str = "postgres") -> URL:
         return URL.create(

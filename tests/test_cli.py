@@ -304,6 +304,8 @@ def test_no_password_is_ever_shown(empty_database: URL) -> None:
         + f"password={secret}",
         f"postgresql://postgres:{secret}@127.0.0.1:notaport/db",
         f"postgresql://postgres:{secret}@127.0.0.1:1/nowhere",
+        f"postgresql://postgres:At@{secret}@127.0.0.1:1/nowhere",  # an unencoded @
+        f"postgresql//postgres:{secret}@127.0.0.1/x",  # does not parse
     ]
     outputs = []
     for form in forms:

@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from zaphub_db import config, embedded
+from zaphub_db.config import display_url, libpq_dsn, normalize_url
 from zaphub_db.errors import DatabaseUnavailableError
 
 
@@ -63,3 +64,81 @@ def test_data_dir_is_overridable(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("ZAPHUB_DATA_DIR")
     monkeypatch.setenv("XDG_DATA_HOME", "/home/u/.data")
     assert str(embedded.data_dir()) == "/home/u/.data/zaphub-db/pgdata"
+
+
+SECRET = "S3cretPW-planted"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"postgresql://u:At@{SECRET}@db.example/app",  # an unencoded @ in the password
+        f"postgresql://u@db.example/app?password={SECRET}",
+        f"postgresql://u:{SECRET}@h1:5432,h2:5433/app?target_session_attrs=read-write",
+        f"host=h1,h2 port=5432,5433 dbname=app user=u password={SECRET}",
+    ],
+)
+def test_no_repr_of_an_engine_or_url_shows_the_password(url: str) -> None:
+    import zaphub_db
+
+    parsed = normalize_url(url)
+    engine = zaphub_db.create_engine(parsed)
+    shown = [repr(parsed), str(parsed), repr(engine), str(engine.url), display_url(url)]
+    assert all(SECRET not in text for text in shown), shown
+    assert SECRET in (parsed.password or "")  # kept, just not shown
+
+
+def test_display_url_hides_a_password_in_text_that_does_not_parse() -> None:
+    assert display_url(f"postgresql//u:{SECRET}@h/x") == "postgresql//u:***@h/x"
+    assert display_url(f"host=h password='{SECRET} x' dbname=d") == "host=h password=*** dbname=d"
+    with pytest.raises(DatabaseUnavailableError) as caught:
+        normalize_url(f"postgresql//u:{SECRET}@h/x")
+    assert SECRET not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://u@h1:5432,h2:5433/app?target_session_attrs=read-write",
+        "host=h1,h2 port=5432,5433 dbname=app user=u target_session_attrs=read-write",
+        "postgresql://u@/app?host=h1:5432&host=h2:5433&target_session_attrs=read-write",
+    ],
+)
+def test_libpq_multi_host_forms_are_read_as_one(url: str) -> None:
+    parsed = normalize_url(url)
+    assert parsed.drivername == "postgresql+psycopg"
+    assert parsed.query["host"] == ("h1:5432", "h2:5433")
+    assert parsed.query["target_session_attrs"] == "read-write"
+    assert (parsed.username, parsed.database) == ("u", "app")
+    dsn = libpq_dsn(url)
+    assert "host=h1%2Ch2" in dsn
+    assert "port=5432%2C5433" in dsn
+
+
+def test_multi_host_urls_connect_to_the_first_host_that_answers() -> None:
+    """A real server behind a refused first host, by each form, with the timeouts kept."""
+    from urllib.parse import quote
+
+    import psycopg
+    from sqlalchemy import text
+
+    import zaphub_db
+    from zaphub_db.testing.databases import test_server_url
+
+    server = test_server_url()
+    # A TCP host, or (the embedded server) a socket directory in ?host=.
+    host = server.host or str(server.query["host"])
+    port = server.port or int(str(server.query.get("port", 5432)))
+    dead = "127.0.0.1" if server.host else "/nonexistent-zaphub-socket-dir"
+    forms = [
+        f"postgresql://{server.username}@{quote(dead, safe='')}:1,{quote(host, safe='')}:{port}"
+        f"/{server.database}",
+        f"host={dead},{host} port=1,{port} dbname={server.database} user={server.username}",
+    ]
+    for form in forms:
+        engine = zaphub_db.create_engine(form)
+        with engine.connect() as connection:
+            assert connection.execute(text("SHOW lock_timeout")).scalar() == "5s"
+        engine.dispose()
+        with psycopg.connect(libpq_dsn(form)) as raw:
+            assert raw.execute("SELECT 1").fetchone() == (1,)
