@@ -54,6 +54,7 @@ from zaphub_db.errors import (
     TransientError,
     ValidationError,
     one_line,
+    quoted,
     translate_db_error,
 )
 from zaphub_db.models import Message, WhatsAppSession
@@ -326,7 +327,9 @@ async def wait_for_messages(engine: AsyncEngine, timeout: float) -> bool:
     was made with a ``listen_url``.
     """
     if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout < 0:
-        raise ValidationError(f"timeout must be a non-negative number of seconds, got {timeout!r}")
+        raise ValidationError(
+            f"timeout must be a non-negative number of seconds, got {quoted(timeout)}"
+        )
     listen_url = sync_engine.listen_url_of(engine)
     if listen_url is None and sync_engine.behind_transaction_pooler(engine):
         seconds, result = queue.pooler_wait_seconds(timeout)

@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 import zaphub_db
 from zaphub_db import embedded, migrations
 from zaphub_db.config import configured_url, display_url, libpq_dsn, resolve_url
-from zaphub_db.errors import ConnectionLostError, ZaphubDBError
+from zaphub_db.errors import ConnectionLostError, ZaphubDBError, quoted
 from zaphub_db.repositories import queue
 from zaphub_db.repositories.events import delete_old_events
 from zaphub_db.seed import seed
@@ -259,7 +259,7 @@ def _positive(value: str) -> int:
     try:
         number = int(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {value!r}") from None
+        raise argparse.ArgumentTypeError(f"not a whole number: {quoted(value)}") from None
     if number < 0:
         raise argparse.ArgumentTypeError(f"must not be negative: {value}")
     return number
@@ -269,7 +269,7 @@ def _seconds(value: str) -> float:
     try:
         number = float(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {value!r}") from None
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {quoted(value)}") from None
     if not number >= 0:
         raise argparse.ArgumentTypeError(f"must not be negative: {value}")
     return number

@@ -17,7 +17,7 @@ from psycopg.conninfo import conninfo_to_dict
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
-from zaphub_db.errors import DatabaseUnavailableError
+from zaphub_db.errors import DatabaseUnavailableError, quoted
 
 URL_ENVIRONMENT_VARIABLES = ("ZAPHUB_DATABASE_URL", "DATABASE_URL")
 
@@ -173,7 +173,7 @@ def driver_settings(url: URL) -> tuple[URL, DriverSettings]:
     if raw_pgbouncer is not None:
         value = str(raw_pgbouncer).lower()
         if value not in _TRUE | _FALSE:
-            raise DatabaseUnavailableError(f"pgbouncer= must be true or false, got {value!r}")
+            raise DatabaseUnavailableError(f"pgbouncer= must be true or false, got {quoted(value)}")
         pgbouncer = value in _TRUE
     connect_args: dict[str, Any] = {}
     if pgbouncer:
@@ -186,7 +186,7 @@ def driver_settings(url: URL) -> tuple[URL, DriverSettings]:
             connect_args["prepare_threshold"] = int(value)
         else:
             raise DatabaseUnavailableError(
-                f"prepare_threshold= must be none or a whole number, got {value!r}"
+                f"prepare_threshold= must be none or a whole number, got {quoted(value)}"
             )
     ours = {
         name: str(value)

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
 
 from zaphub_db.config import DriverSettings, driver_settings, normalize_url, resolve_url
-from zaphub_db.errors import ValidationError, translate_engine_error, translate_socket_error
+from zaphub_db.errors import ValidationError, quoted, translate_engine_error, translate_socket_error
 
 DEFAULT_LOCK_TIMEOUT = timedelta(seconds=5)
 # An execution option: what the URL's parameters of ours asked (DriverSettings),
@@ -32,7 +32,9 @@ def _milliseconds(value: timedelta | None, name: str) -> int:
     if value is None:
         return 0  # PostgreSQL's "off"
     if not isinstance(value, timedelta) or value < timedelta(0):
-        raise ValidationError(f"{name} must be a non-negative timedelta or None, got {value!r}")
+        raise ValidationError(
+            f"{name} must be a non-negative timedelta or None, got {quoted(value)}"
+        )
     milliseconds = round(value.total_seconds() * 1000)
     if milliseconds > 2**31 - 1:
         raise ValidationError(f"{name} must be at most {timedelta(milliseconds=2**31 - 1)}")

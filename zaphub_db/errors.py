@@ -5,8 +5,24 @@ from __future__ import annotations
 import re
 import socket
 import uuid
+from typing import Any
 
 from sqlalchemy.exc import DBAPIError, OperationalError
+
+
+def quoted(value: Any, limit: int = 100) -> str:
+    """``repr(value)`` for an error message: at most ``limit`` characters of it.
+
+    A message that repeats a 10 MB bad value whole would flood every log that
+    records it.
+    """
+    try:
+        text = repr(value)
+    except ValueError:  # an int too long to print, for one
+        return f"<a {type(value).__name__} too large to show>"
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text):,} characters)"
 
 
 class ZaphubDBError(Exception):
@@ -152,7 +168,7 @@ def translate_db_error(exc: DBAPIError, *, connecting: bool = False) -> ZaphubDB
     constraint: str | None = getattr(diag, "constraint_name", None) or getattr(
         getattr(orig, "__cause__", None), "constraint_name", None
     )
-    detail: str | None = getattr(diag, "message_primary", None) or str(orig)
+    detail = _capped(getattr(diag, "message_primary", None) or str(orig))
     transient = _TRANSIENT_SQLSTATES.get(sqlstate or "")
     if transient is not None:
         return transient(f"{detail}{_RETRY_HINT}")
@@ -217,7 +233,12 @@ def translate_socket_error(exc: OSError) -> ZaphubDBError:
     return ConnectionLostError(one_line(exc))
 
 
+def _capped(text: str, limit: int = 500) -> str:
+    # A driver's text may carry the statement and its values; keep the gist.
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
+
 def one_line(error: BaseException | None) -> str:
     """An error's text on one line (libpq's messages span several)."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return "; ".join(lines) if lines else type(error).__name__
+    return _capped("; ".join(lines)) if lines else type(error).__name__

@@ -27,7 +27,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from zaphub_db.errors import TransientError, ValidationError, translate_db_error
+from zaphub_db.errors import TransientError, ValidationError, quoted, translate_db_error
 from zaphub_db.models import Message
 from zaphub_db.repositories import queue, validation
 
@@ -79,12 +79,12 @@ def check_arguments(handler: object, batch_size: int, poll_interval: float) -> N
         or not poll_interval > 0
     ):
         raise ValidationError(
-            f"poll_interval must be a positive number of seconds, got {poll_interval!r}"
+            f"poll_interval must be a positive number of seconds, got {quoted(poll_interval)}"
         )
     # 0 would claim nothing and idle for ever.
     validation.integer(batch_size, "batch_size", minimum=1, maximum=queue.CLAIM_LIMIT_MAX)
     if not callable(handler):
-        raise ValidationError(f"handler must be callable, got {handler!r}")
+        raise ValidationError(f"handler must be callable, got {quoted(handler)}")
 
 
 def claim_round(

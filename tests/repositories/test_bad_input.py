@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from zaphub_db.errors import ValidationError, ZaphubDBError
 from zaphub_db.models import WhatsAppSession
-from zaphub_db.repositories import events, messages, queue, sessions
+from zaphub_db.repositories import events, messages, queue, sessions, validation
 
 JID = "5534999999999@s.whatsapp.net"
 
@@ -139,6 +139,15 @@ CASES: dict[str, Callable[[Session, uuid.UUID], Any]] = {
     "older_than of timedelta.max": lambda db, _: queue.recover_stalled_messages(
         db, older_than=timedelta.max
     ),
+    "payload over the JSON size limit": message_call(
+        payload={"text": "x" * (validation.MAX_JSON_BYTES + 1)}
+    ),
+    "event payload over the JSON size limit": lambda db, _: events.create_event(
+        db, event_type="x", payload={"blob": "é" * (validation.MAX_JSON_BYTES // 2 + 1)}
+    ),
+    "config over the JSON size limit": lambda db, _: sessions.create_session(
+        db, label="x", config={"k": "x" * validation.MAX_JSON_BYTES}
+    ),
 }
 
 
@@ -152,6 +161,7 @@ def test_bad_input_raises_validation_error_and_keeps_earlier_work(
         CASES[case](db, earlier_id)
     assert isinstance(caught.value, ZaphubDBError)
     assert isinstance(caught.value, ValueError)
+    assert len(str(caught.value)) < 400  # a bad value is quoted, never repeated whole
     db.commit()
     db.expunge_all()
     assert db.get(WhatsAppSession, earlier_id) is not None
@@ -180,3 +190,59 @@ def test_deeply_nested_json_within_the_limit_is_accepted(zaphub_session: Session
     )
     db.expire_all()
     assert message.payload == payload
+
+
+HUGE = "z" * 10_000_000
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        message_call(type=HUGE),
+        message_call(session_id=HUGE),
+        message_call(max_attempts=HUGE),
+        lambda db, _: sessions.create_session(db, label="x", status=HUGE),
+        lambda db, _: sessions.get_all_sessions(db, limit=10**5000),
+    ],
+    ids=["type", "session_id", "max_attempts", "status", "a 5,000-digit limit"],
+)
+def test_a_huge_bad_value_is_quoted_short(
+    zaphub_session: Session, call: Callable[[Session, uuid.UUID], Any]
+) -> None:
+    session_id = sessions.create_session(zaphub_session, label="x").id
+    with pytest.raises(ValidationError) as caught:
+        call(zaphub_session, session_id)
+    assert len(str(caught.value)) < 400
+
+
+def test_older_than_may_reach_far_back(zaphub_session: Session) -> None:
+    """Only ages outside PostgreSQL's range are bad input, not the queue's 30-day lease bound."""
+    assert queue.recover_stalled_messages(zaphub_session, older_than=timedelta(days=36500)) == 0
+    assert events.delete_old_events(zaphub_session, 36500) == 0
+
+
+def test_a_payload_at_the_json_size_limit_is_accepted(zaphub_session: Session) -> None:
+    db = zaphub_session
+    session_id = sessions.create_session(db, label="x").id
+    text = "x" * (validation.MAX_JSON_BYTES - len('{"text": ""}'))
+    message = messages.create_message(
+        db, session_id=session_id, message_id="big", jid=JID, type="text", payload={"text": text}
+    )
+    assert len(message.payload["text"]) == len(text)
+
+
+def test_the_json_size_limit_is_configurable() -> None:
+    import subprocess
+
+    probe = "from zaphub_db.repositories import validation; print(validation.MAX_JSON_BYTES)"
+    environment = {**__import__("os").environ, "ZAPHUB_MAX_JSON_BYTES": "1024"}
+    shown = subprocess.run(
+        [sys.executable, "-c", probe], env=environment, capture_output=True, text=True, check=True
+    )
+    assert shown.stdout.strip() == "1024"
+    environment["ZAPHUB_MAX_JSON_BYTES"] = "a lot"
+    refused = subprocess.run(
+        [sys.executable, "-c", probe], env=environment, capture_output=True, text=True
+    )
+    assert refused.returncode != 0
+    assert "ZAPHUB_MAX_JSON_BYTES must be a whole number" in refused.stderr

@@ -164,7 +164,7 @@ def get_recent_events(
     return all_of(db, statement, params)
 
 
-MAX_DAYS_TO_KEEP = 365_000
+MAX_DAYS_TO_KEEP = validation.MAX_AGE.days
 
 
 def delete_old_events(db: Session, days_to_keep: int = 30, *, batch_size: int | None = None) -> int:
@@ -173,7 +173,7 @@ def delete_old_events(db: Session, days_to_keep: int = 30, *, batch_size: int | 
     With ``batch_size``, deletes at most that many (the oldest), so that a
     caller can clean up a large table in short transactions.
     """
-    # At most 1,000 years: now() minus more would leave PostgreSQL's timestamp range.
+    # now() minus much more would leave PostgreSQL's timestamp range.
     days = validation.integer(days_to_keep, "days_to_keep", maximum=MAX_DAYS_TO_KEEP)
     params: dict[str, Any] = {"days": days}
     statement = _DELETE_OLD

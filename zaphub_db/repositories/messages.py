@@ -34,7 +34,7 @@ from sqlalchemy.dialects.postgresql import JSONB, TIMESTAMP
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
-from zaphub_db.errors import IdempotencyConflictError, NotFoundError, ValidationError
+from zaphub_db.errors import IdempotencyConflictError, NotFoundError, ValidationError, quoted
 from zaphub_db.models import (
     Message,
     MessageDirection,
@@ -304,7 +304,7 @@ def get_or_create_message(
         differing.append("payload")
     if differing:
         raise IdempotencyConflictError(
-            f"idempotency key {message_id!r} of session {params['session_id']} is already "
+            f"idempotency key {quoted(message_id)} of session {params['session_id']} is already "
             f"used by message {existing.id} with a different {', '.join(differing)}",
             existing_id=existing.id,
         )

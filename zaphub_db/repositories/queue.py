@@ -64,7 +64,7 @@ from sqlalchemy.orm.util import identity_key
 from sqlalchemy.pool import NullPool
 
 from zaphub_db.engine import behind_transaction_pooler, listen_url_of
-from zaphub_db.errors import DatabaseUnavailableError, TransientError, ValidationError
+from zaphub_db.errors import DatabaseUnavailableError, TransientError, ValidationError, quoted
 from zaphub_db.models import Message, MessageStatus
 from zaphub_db.repositories import validation
 from zaphub_db.repositories.execution import Loading, all_of, execute, first, loading
@@ -244,7 +244,7 @@ def claim_queued_messages(
         "worker": validation.optional_text(worker, "worker", 255),
     }
     if not isinstance(ordered, bool):
-        raise ValidationError(f"ordered must be a bool, got {ordered!r}")
+        raise ValidationError(f"ordered must be a bool, got {quoted(ordered)}")
     if session_id is not None:
         params["claim_session_id"] = validation.as_uuid(session_id, "session_id")
     limited = max_in_flight_per_session is not None
@@ -501,7 +501,7 @@ def mark_message_failed(
     lease lapsed, and another worker holds the message now.
     """
     if not isinstance(retryable, bool):
-        raise ValidationError(f"retryable must be a bool, got {retryable!r}")
+        raise ValidationError(f"retryable must be a bool, got {quoted(retryable)}")
     params = {
         "locate_id": validation.as_uuid(id),
         "new_error_message": validation.text_value(error_message, "error_message"),
@@ -573,7 +573,7 @@ def recover_stalled_messages(db: Session, *, older_than: timedelta | None = None
     params = {
         "older_than": None
         if older_than is None
-        else validation.interval(older_than, "older_than", MAX_LEASE)
+        else validation.interval(older_than, "older_than", validation.MAX_AGE)
     }
     recovered: int = execute(db, _RECOVER, params).rowcount  # type: ignore[attr-defined]
     if recovered:
@@ -779,7 +779,9 @@ def wait_for_messages(engine: Engine, timeout: float) -> bool:
     on a connection to that URL instead, and so does not poll.
     """
     if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout < 0:
-        raise ValidationError(f"timeout must be a non-negative number of seconds, got {timeout!r}")
+        raise ValidationError(
+            f"timeout must be a non-negative number of seconds, got {quoted(timeout)}"
+        )
     listen_url = listen_url_of(engine)
     if listen_url is None and behind_transaction_pooler(engine):
         seconds, result = pooler_wait_seconds(timeout)

@@ -6,6 +6,7 @@ everything a transaction did once one of its statements fails).
 """
 
 import json
+import os
 import re
 import uuid
 from datetime import datetime, timedelta
@@ -15,13 +16,34 @@ from typing import Any
 from sqlalchemy import ColumnElement, Text, bindparam, cast
 from sqlalchemy.dialects.postgresql import JSONB
 
-from zaphub_db.errors import ValidationError
+from zaphub_db.errors import ValidationError, quoted
 
 INT4_MAX = 2**31 - 1
 INT8_MAX = 2**63 - 1
 # Deeper JSON is refused before it is encoded (PostgreSQL's own parser gives
 # up near its stack limit, Python's json near its recursion limit).
 MAX_JSON_DEPTH = 1000
+# The largest JSON value (payload, config, wa_response) a call accepts, in
+# bytes of its UTF-8 text: ZAPHUB_MAX_JSON_BYTES, else 16 MiB (WhatsApp's own
+# cap on media; anything larger belongs in object storage, by reference).
+# jsonb itself stops at 256 MB, after the client has spent seconds and
+# gigabytes encoding and sending it; this limit refuses it first.
+DEFAULT_MAX_JSON_BYTES = 16 * 1024 * 1024
+
+
+def _max_json_bytes() -> int:
+    configured = os.environ.get("ZAPHUB_MAX_JSON_BYTES", "").strip()
+    if not configured:
+        return DEFAULT_MAX_JSON_BYTES
+    if not configured.isdigit() or not 0 < int(configured) < 256 * 1024 * 1024:
+        raise ValidationError(
+            "ZAPHUB_MAX_JSON_BYTES must be a whole number of bytes below 256 MiB "
+            f"(jsonb's own limit), got {quoted(configured)}"
+        )
+    return int(configured)
+
+
+MAX_JSON_BYTES = _max_json_bytes()
 # A JSON escape of the NUL character: \u0000 after an even number of
 # backslashes (the text "\u0000" written out is encoded as \\u0000 and is fine).
 _JSON_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
@@ -49,7 +71,7 @@ def as_uuid(value: Any, field: str = "id") -> uuid.UUID:
             return uuid.UUID(value)
         except ValueError:
             pass
-    raise ValidationError(f"{field} must be a UUID, got {value!r}")
+    raise ValidationError(f"{field} must be a UUID, got {quoted(value)}")
 
 
 def choice(value: Any, allowed: type[StrEnum], field: str) -> str:
@@ -57,7 +79,7 @@ def choice(value: Any, allowed: type[StrEnum], field: str) -> str:
     if isinstance(value, str) and value in allowed._value2member_map_:
         return str(value)
     listed = ", ".join(member.value for member in allowed)
-    raise ValidationError(f"{field} must be one of {listed}; got {value!r}")
+    raise ValidationError(f"{field} must be one of {listed}; got {quoted(value)}")
 
 
 def text_value(value: Any, field: str, max_length: int | None = None) -> str:
@@ -100,6 +122,15 @@ def json_text(value: Any, field: str) -> str:
         ) from None
     except (TypeError, ValueError) as exc:
         raise ValidationError(f"{field} is not valid JSON: {exc}") from exc
+    # A character is 1 to 4 bytes of UTF-8: count bytes only when it matters.
+    if len(encoded) > MAX_JSON_BYTES // 4 and (
+        len(encoded) > MAX_JSON_BYTES
+        or len(encoded.encode("utf-8", "surrogatepass")) > MAX_JSON_BYTES
+    ):
+        raise ValidationError(
+            f"{field} is {len(encoded.encode('utf-8', 'surrogatepass')):,} bytes of JSON; "
+            f"the limit is {MAX_JSON_BYTES:,} (ZAPHUB_MAX_JSON_BYTES)"
+        )
     if "\\u0000" in encoded and _JSON_NUL.search(encoded):
         raise ValidationError(f"{field} contains a NUL character, which jsonb cannot store")
     _encodable(encoded, field)
@@ -131,9 +162,11 @@ def jsonb(name: str) -> ColumnElement[Any]:
 def integer(value: Any, field: str, minimum: int = 0, maximum: int = INT4_MAX) -> int:
     """An int (not a bool) within the column's range."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValidationError(f"{field} must be an integer, got {value!r}")
+        raise ValidationError(f"{field} must be an integer, got {quoted(value)}")
     if not minimum <= value <= maximum:
-        raise ValidationError(f"{field} must be between {minimum} and {maximum}, got {value}")
+        raise ValidationError(
+            f"{field} must be between {minimum} and {maximum}, got {quoted(value)}"
+        )
     return value
 
 
@@ -156,6 +189,13 @@ def limit_offset(limit: Any, offset: Any) -> tuple[int | None, int]:
     """A non-negative ``limit`` (or ``None`` for no limit) and ``offset``."""
     checked_limit = None if limit is None else integer(limit, "limit", maximum=INT8_MAX)
     return checked_limit, integer(offset, "offset", maximum=INT8_MAX)
+
+
+# How far back from now() a cut-off may reach: PostgreSQL's timestamps begin
+# in 4714 BC, so now() minus about 6,700 years is the edge; this bound stays
+# well inside it for the next few thousand years. Ages and retention periods
+# are checked against it, not against the queue's 30-day lease bound.
+MAX_AGE = timedelta(days=2_000_000)
 
 
 def interval(value: Any, field: str, maximum: timedelta) -> timedelta:
