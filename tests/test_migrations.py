@@ -211,6 +211,31 @@ def test_a_failing_revision_rolls_back_alone(empty_engine: Engine, revisions_cop
         assert head == REVISION_FILES[-1][:4]
 
 
+def test_a_revision_whose_commit_fails_is_not_reported_as_applied(
+    empty_engine: Engine, revisions_copy: Path
+) -> None:
+    add_revision(
+        revisions_copy,
+        "0900_fails_at_commit",
+        "CREATE TABLE deferred_parent (id int PRIMARY KEY);"
+        "CREATE TABLE deferred_child (parent int REFERENCES deferred_parent "
+        "DEFERRABLE INITIALLY DEFERRED);"
+        "INSERT INTO deferred_child VALUES (1)",  # checked at COMMIT, and refused there
+    )
+    lines: list[str] = []
+    config = migrations.alembic_config(location=revisions_copy, progress=lines.append)
+    with empty_engine.connect() as connection:
+        config.attributes["connection"] = connection
+        with pytest.raises(Exception, match="deferred_child"):
+            command.upgrade(config, "head")
+        connection.rollback()
+        tables = public_objects(connection)["tables"]
+    assert "deferred_child" not in tables
+    assert not any("0900" in line for line in lines), lines
+    if not behind_transaction_pooler(empty_engine):  # one transaction there: nothing applied
+        assert [line.split()[1] for line in lines] == REVISION_FILES
+
+
 def test_four_concurrent_migrate_commands_serialise(empty_database: URL) -> None:
     with ThreadPoolExecutor(max_workers=4) as pool:
         results = list(

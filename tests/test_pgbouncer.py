@@ -406,3 +406,18 @@ async def test_an_async_listen_url_brings_back_notifications_too(
         await engine.dispose()
     assert quiet == [False]  # no polling
     assert waits == [True] * trials  # each commit woke it, none waited out its 5 s
+
+
+def test_prepare_threshold_alone_through_the_pooler_says_to_add_pgbouncer_true(
+    pooled: URL,
+) -> None:
+    """Without pgbouncer=true the timeouts travel as startup options, which PgBouncer refuses."""
+    from tests.processes import run_cli, url_arg
+
+    query = {k: v for k, v in pooled.query.items() if k != "pgbouncer"}
+    bare = pooled.set(query={**query, "prepare_threshold": "none"})
+    result = run_cli("migrate", "--url", url_arg(bare))
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1
+    assert "add pgbouncer=true to the URL" in result.stderr
+    assert run_cli("status", "--url", url_arg(pooled)).returncode == 0  # with it: fine

@@ -146,6 +146,8 @@ _MISCONFIGURED_TEXT = re.compile(
     r"|permission denied for database",
     re.IGNORECASE,
 )
+# PgBouncer's answer to libpq's startup "options" (which carry our timeouts).
+_POOLER_REFUSED_OPTIONS = re.compile(r"unsupported startup parameter:\s*options", re.IGNORECASE)
 _UNAVAILABLE_HINT = "; a retry will not help: check the URL (host, port, user, password, database)"
 
 
@@ -172,6 +174,11 @@ def translate_db_error(exc: DBAPIError, *, connecting: bool = False) -> ZaphubDB
     transient = _TRANSIENT_SQLSTATES.get(sqlstate or "")
     if transient is not None:
         return transient(f"{detail}{_RETRY_HINT}")
+    if connecting and _POOLER_REFUSED_OPTIONS.search(str(orig)):
+        return DatabaseUnavailableError(
+            f"cannot connect: {one_line(orig)}; a transaction pooler (PgBouncer) refuses the "
+            "startup options that carry the timeouts: add pgbouncer=true to the URL's query"
+        )
     if connecting and _misconfigured(exc, sqlstate):
         return DatabaseUnavailableError(f"cannot connect: {one_line(orig)}{_UNAVAILABLE_HINT}")
     if (

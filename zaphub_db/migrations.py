@@ -26,6 +26,7 @@ from alembic.script import Script, ScriptDirectory
 from sqlalchemy import Connection, Engine, bindparam, text
 from sqlalchemy.dialects.postgresql import ARRAY, INTEGER, VARCHAR
 from sqlalchemy.engine import URL
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import NullPool
 
 import zaphub_db
@@ -33,7 +34,7 @@ from alembic import command
 from zaphub_db.config import normalize_url, resolve_url
 from zaphub_db.engine import behind_transaction_pooler
 from zaphub_db.engine import create_engine as create_safe_engine
-from zaphub_db.errors import ChecksumMismatchError, MigrationError
+from zaphub_db.errors import ChecksumMismatchError, MigrationError, ZaphubDBError
 from zaphub_db.models import Base
 
 logger = logging.getLogger(__name__)
@@ -210,7 +211,8 @@ class HistoryRecorder:
         self.progress = progress
         self.measured_ms: dict[str, int] = {}
         self._mark = time.perf_counter()
-        self._unreported: str | None = None
+        # The last step's line, and the heads the database has once it commits.
+        self._unreported: tuple[str, frozenset[str]] | None = None
 
     def start(self) -> None:
         """Start timing the first revision."""
@@ -224,7 +226,26 @@ class HistoryRecorder:
         revision whose transaction could still roll back.
         """
         if self._unreported is not None and self.progress is not None:
-            self.progress(self._unreported)
+            self.progress(self._unreported[0])
+        self._unreported = None
+
+    def report_if_committed(self, connection: Connection) -> None:
+        """After a failure: report the last step only if the database holds it.
+
+        The failure may have been that step's own COMMIT (a deferred
+        constraint, a lost connection): then it was never applied.
+        """
+        if self._unreported is None:
+            return
+        _line, heads = self._unreported
+        try:
+            connection.rollback()
+            current = frozenset(MigrationContext.configure(connection).get_current_heads())
+        except (DBAPIError, ZaphubDBError):  # no connection left to ask: claim nothing
+            self._unreported = None
+            return
+        if current == heads:
+            self.report()
         self._unreported = None
 
     def __call__(self, *, ctx: MigrationContext, step: Any, heads: set[str], **_: Any) -> None:
@@ -238,7 +259,7 @@ class HistoryRecorder:
         assert ctx.connection is not None
         self._sync(ctx.connection, tuple(heads))
         verb = "stamped" if step.is_stamp else "applied" if step.is_upgrade else "reverted"
-        self._unreported = f"{verb} {name} in {elapsed_ms} ms"
+        self._unreported = (f"{verb} {name} in {elapsed_ms} ms", frozenset(heads))
         self._mark = time.perf_counter()
 
     def _sync(self, connection: Connection, heads: tuple[str, ...]) -> None:
@@ -417,10 +438,11 @@ def _run_online(context: Any, config: Config, connection: Connection) -> None:
             if not external_transaction:
                 connection.commit()
         except BaseException:
-            # Each revision before the failing one committed on its own; in
-            # a caller's transaction nothing did.
+            # Each revision before the failing one committed on its own (in
+            # a caller's transaction nothing did); the last one reported may
+            # be the one whose commit failed.
             if not external_transaction:
-                recorder.report()
+                recorder.report_if_committed(connection)
             raise
         recorder.report()
 
