@@ -223,7 +223,7 @@ def test_cleanup_events_rejects_a_zero_batch(empty_database: URL) -> None:
     assert run_cli("migrate", "--url", url).returncode == 0
     result = run_cli("cleanup-events", "--days", "30", "--batch-size", "0", "--url", url)
     assert result.returncode == 1
-    assert result.stderr.startswith("error: batch_size")
+    assert result.stderr.startswith("error: zaphub-db cleanup-events: argument --batch-size")
 
 
 def test_queue_commands_show_recover_and_requeue(empty_database: URL) -> None:
@@ -268,7 +268,9 @@ def test_queue_commands_show_recover_and_requeue(empty_database: URL) -> None:
     assert (after["queued"], after["ready"], after["dlq"]) == (4, 3, 0)
     bad = run_cli("queue", "stats", "--url", url, "--session", "nope")
     assert bad.returncode == 1
-    assert bad.stderr.strip() == "error: session_id must be a UUID, got 'nope'"
+    assert bad.stderr.strip().startswith(
+        "error: zaphub-db queue stats: argument --session: not a session id (a UUID): 'nope'"
+    )
 
 
 def test_version_psql_and_a_confirmed_full_cleanup(empty_database: URL) -> None:
@@ -290,7 +292,7 @@ def test_version_psql_and_a_confirmed_full_cleanup(empty_database: URL) -> None:
     confirmed = run_cli("cleanup-events", "--days", "0", "--yes", "--url", url)
     assert confirmed.returncode == 0, confirmed.stderr
     unreadable = run_cli("cleanup-events", "--days", "abc", "--url", url)
-    assert unreadable.returncode == 2
+    assert unreadable.returncode == 1
     assert "argument --days: not a whole number: 'abc'" in unreadable.stderr
 
 
@@ -343,3 +345,86 @@ def test_three_first_runs_on_a_new_embedded_data_directory_at_once(tmp_path: Pat
     finally:
         # The last command to exit stopped the server.
         shutil.rmtree(short, ignore_errors=True)
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["cleanup-events", "--days", "-1"], "argument --days: must not be negative"),
+        (["cleanup-events", "--days", "abc"], "argument --days: not a whole number: 'abc'"),
+        (
+            ["cleanup-events", "--days", "3", "--batch-size", "0"],
+            "--batch-size: must be at least 1",
+        ),
+        (["migrate", "--lock-timeout", "-5"], "argument --lock-timeout: must not be negative"),
+        (["queue", "recover", "--older-than", "-3"], "argument --older-than: must not be negative"),
+        (["queue", "stats", "--session", "not-a-uuid"], "argument --session: not a session id"),
+        (["queue", "requeue-dlq", "--session", "x" * 5000], "argument --session: not a session id"),
+        (["no-such-command"], "invalid choice: 'no-such-command'"),
+        ([], "the following arguments are required: command"),
+    ],
+)
+def test_argument_mistakes_print_one_line_and_exit_1_before_any_server_starts(
+    args: list[str], expected: str, tmp_path: Path
+) -> None:
+    # An embedded data directory that must stay untouched: nothing starts.
+    data = tmp_path / "pgdata"
+    env = {"ZAPHUB_DATA_DIR": str(data), "ZAPHUB_DATABASE_URL": "", "DATABASE_URL": ""}
+    result = run_cli(*args, env=env)
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("error: zaphub-db")
+    assert expected in result.stderr
+    assert len(result.stderr) < 400
+    assert not data.exists()
+
+
+def test_an_unknown_target_revision_lists_the_known_ones(empty_database: URL) -> None:
+    result = run_cli("migrate", "--to", "9999", "--url", url_arg(empty_database))
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1
+    assert "unknown revision '9999'; known revisions: 0001, 0002" in result.stderr
+
+
+def test_alembic_against_an_unreachable_server_fails_without_a_traceback() -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "alembic", "-x", "url=postgresql://postgres@127.0.0.1:1/x",
+         "upgrade", "head"],
+        capture_output=True, text=True, check=False, cwd=Path(__file__).resolve().parents[1],
+    )  # fmt: skip
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "Traceback" not in output
+    assert "ConnectionLostError: no connection to the server" in output
+    assert len(output.splitlines()) <= 2  # Alembic's FAILED line, and its log line
+
+
+def test_version_and_help_import_no_database_machinery() -> None:
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys\n"
+        "from zaphub_db import cli\n"
+        "try:\n"
+        "    cli.main(['--version'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "heavy = [m for m in ('sqlalchemy', 'alembic', 'psycopg') if m in sys.modules]\n"
+        "print(heavy, file=sys.stderr)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=False
+    )
+    assert result.stdout.startswith("zaphub-db ")
+    assert result.stderr.strip() == "[]"
+
+
+def test_the_parser_default_lock_timeout_is_the_migrations_one() -> None:
+    from zaphub_db import cli, migrations
+
+    assert cli.DEFAULT_LOCK_TIMEOUT == migrations.DEFAULT_LOCK_TIMEOUT

@@ -11,36 +11,32 @@ import shutil
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
-from typing import TextIO
-
-from alembic.util import CommandError
-from sqlalchemy import Connection
-from sqlalchemy.exc import DBAPIError, OperationalError
-from sqlalchemy.orm import Session
+from typing import TYPE_CHECKING, NoReturn, TextIO
 
 import zaphub_db
-from zaphub_db import embedded, migrations
-from zaphub_db.config import configured_url, display_url, libpq_dsn, resolve_url
-from zaphub_db.errors import ConnectionLostError, ZaphubDBError, quoted
-from zaphub_db.repositories import queue
-from zaphub_db.repositories.events import delete_old_events
-from zaphub_db.seed import seed
+from zaphub_db.errors import ConnectionLostError, ZaphubDBError, one_line, quoted
+
+# SQLAlchemy, Alembic, psycopg and the package's own modules that use them
+# take most of a second to import: each command imports what it uses, so
+# that --version, --help and a refused argument answer at once.
+if TYPE_CHECKING:
+    from sqlalchemy import Connection
+
+# migrations.DEFAULT_LOCK_TIMEOUT, without importing Alembic to build the parser.
+DEFAULT_LOCK_TIMEOUT = 60.0
 
 
 def _say(line: str, stream: TextIO = sys.stdout) -> None:
     print(line, file=stream, flush=True)
 
 
-def _one_line(exc: BaseException) -> str:
-    """A driver error spread over several lines, folded into one."""
-    orig = getattr(exc, "orig", None) or exc
-    return " ".join(part.strip() for part in str(orig).splitlines() if part.strip())
-
-
 def _connect(args: argparse.Namespace, work: Callable[[Connection], int]) -> int:
+    from zaphub_db import migrations
+
     engine = migrations.create_migration_engine(args.url)
     try:
         with engine.connect() as connection:
@@ -50,6 +46,8 @@ def _connect(args: argparse.Namespace, work: Callable[[Connection], int]) -> int
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
+    from zaphub_db import migrations
+
     def work(connection: Connection) -> int:
         lines: list[str] = []
 
@@ -74,6 +72,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_downgrade(args: argparse.Namespace) -> int:
+    from zaphub_db import migrations
+
     def work(connection: Connection) -> int:
         count = 0
 
@@ -93,6 +93,9 @@ def cmd_downgrade(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from zaphub_db import embedded, migrations
+    from zaphub_db.config import configured_url, display_url
+
     def work(connection: Connection) -> int:
         state = migrations.status(connection)
         _say(f"database:         {display_url(connection.engine.url)}")
@@ -116,6 +119,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    from zaphub_db import migrations
+
     def work(connection: Connection) -> int:
         state = migrations.status(connection)
         problems = [
@@ -138,6 +143,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_seed(args: argparse.Namespace) -> int:
+    from sqlalchemy.orm import Session
+
+    from zaphub_db.seed import seed
+
     def work(connection: Connection) -> int:
         with Session(bind=connection) as db:
             counts = seed(db)
@@ -150,6 +159,10 @@ def cmd_seed(args: argparse.Namespace) -> int:
 
 
 def cmd_cleanup_events(args: argparse.Namespace) -> int:
+    from sqlalchemy.orm import Session
+
+    from zaphub_db.repositories.events import delete_old_events
+
     if args.days == 0 and not args.yes:
         _say(
             "error: --days 0 deletes every event; add --yes if that is what you want",
@@ -190,6 +203,8 @@ def _psql_binary() -> str | None:
 
 
 def cmd_psql(args: argparse.Namespace) -> int:
+    from zaphub_db.config import libpq_dsn, resolve_url
+
     url = resolve_url(args.url)
     binary = _psql_binary()
     if binary is None:
@@ -213,6 +228,10 @@ def cmd_psql(args: argparse.Namespace) -> int:
 
 
 def cmd_queue_stats(args: argparse.Namespace) -> int:
+    from sqlalchemy.orm import Session
+
+    from zaphub_db.repositories import queue
+
     def work(connection: Connection) -> int:
         with Session(bind=connection) as db:
             stats = queue.queue_stats(db, session_id=args.session)
@@ -232,6 +251,10 @@ def cmd_queue_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_queue_recover(args: argparse.Namespace) -> int:
+    from sqlalchemy.orm import Session
+
+    from zaphub_db.repositories import queue
+
     def work(connection: Connection) -> int:
         with Session(bind=connection) as db:
             older_than = None if args.older_than is None else timedelta(seconds=args.older_than)
@@ -244,6 +267,10 @@ def cmd_queue_recover(args: argparse.Namespace) -> int:
 
 
 def cmd_queue_requeue_dlq(args: argparse.Namespace) -> int:
+    from sqlalchemy.orm import Session
+
+    from zaphub_db.repositories import queue
+
     def work(connection: Connection) -> int:
         with Session(bind=connection) as db:
             requeued = queue.requeue_dead_letters(db, session_id=args.session)
@@ -255,14 +282,26 @@ def cmd_queue_requeue_dlq(args: argparse.Namespace) -> int:
     return _connect(args, work)
 
 
-def _positive(value: str) -> int:
+def _whole_number(value: str, minimum: int) -> int:
     try:
         number = int(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a whole number: {quoted(value)}") from None
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative: {value}")
+    if number < minimum:
+        raise argparse.ArgumentTypeError(
+            "must not be negative" if minimum == 0 else f"must be at least {minimum}"
+        )
     return number
+
+
+def _non_negative(value: str) -> int:
+    """A whole number, 0 or more (``--days``, ``--older-than``)."""
+    return _whole_number(value, 0)
+
+
+def _positive(value: str) -> int:
+    """A whole number, 1 or more (``--batch-size``)."""
+    return _whole_number(value, 1)
 
 
 def _seconds(value: str) -> float:
@@ -271,20 +310,32 @@ def _seconds(value: str) -> float:
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {quoted(value)}") from None
     if not number >= 0:
-        raise argparse.ArgumentTypeError(f"must not be negative: {value}")
+        raise argparse.ArgumentTypeError("must not be negative")
     return number
+
+
+def _session_id(value: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a session id (a UUID): {quoted(value)}") from None
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage mistake told in one line and exit status 1."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(1, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``zaphub-db``."""
-    url_parent = argparse.ArgumentParser(add_help=False)
+    url_parent = _Parser(add_help=False)
     url_parent.add_argument(
         "--url",
         help="database URL (default: ZAPHUB_DATABASE_URL, DATABASE_URL, else embedded)",
     )
-    parser = argparse.ArgumentParser(
-        prog="zaphub-db", description="Schema and data tools for the ZapHub database."
-    )
+    parser = _Parser(prog="zaphub-db", description="Schema and data tools for the ZapHub database.")
     parser.add_argument("--version", action="version", version=f"zaphub-db {zaphub_db.__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -293,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.add_argument(
         "--lock-timeout",
         type=_seconds,
-        default=migrations.DEFAULT_LOCK_TIMEOUT,
+        default=DEFAULT_LOCK_TIMEOUT,
         metavar="SECONDS",
         help="give up waiting for a concurrent run's migration lock after this long (60)",
     )
@@ -304,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     down.add_argument(
         "--lock-timeout",
         type=_seconds,
-        default=migrations.DEFAULT_LOCK_TIMEOUT,
+        default=DEFAULT_LOCK_TIMEOUT,
         metavar="SECONDS",
         help="give up waiting for a concurrent run's migration lock after this long (60)",
     )
@@ -322,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     cleanup = commands.add_parser(
         "cleanup-events", parents=[url_parent], help="delete old events in batches"
     )
-    cleanup.add_argument("--days", type=_positive, required=True, help="keep this many days")
+    cleanup.add_argument("--days", type=_non_negative, required=True, help="keep this many days")
     cleanup.add_argument(
         "--batch-size", type=_positive, default=1000, help="events per transaction (1000)"
     )
@@ -346,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     stats = queue_commands.add_parser(
         "stats", parents=[url_parent], help="depth and age of the queue"
     )
-    stats.add_argument("--session", help="one session's queue (its id)")
+    stats.add_argument("--session", type=_session_id, help="one session's queue (its id)")
     stats.add_argument("--json", action="store_true", help="one JSON object (ages in seconds)")
     stats.set_defaults(handler=cmd_queue_stats)
     recover = queue_commands.add_parser(
@@ -354,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     recover.add_argument(
         "--older-than",
-        type=_positive,
+        type=_non_negative,
         metavar="SECONDS",
         help="also recover claims made without a lease that are older than this",
     )
@@ -362,7 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
     requeue = queue_commands.add_parser(
         "requeue-dlq", parents=[url_parent], help="put dead-lettered messages back in the queue"
     )
-    requeue.add_argument("--session", help="only this session's dead letters (its id)")
+    requeue.add_argument(
+        "--session", type=_session_id, help="only this session's dead letters (its id)"
+    )
     requeue.set_defaults(handler=cmd_queue_requeue_dlq)
     return parser
 
@@ -380,6 +433,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Their per-call records repeat what the commands print themselves.
     for quiet in ("zaphub_db.repositories", "zaphub_db.seed"):
         logging.getLogger(quiet).setLevel(logging.WARNING)
+    from alembic.util import CommandError
+    from sqlalchemy.exc import DBAPIError, OperationalError
+
     try:
         code: int = args.handler(args)
     except ConnectionLostError as exc:
@@ -389,13 +445,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         _say(f"error: {exc}", sys.stderr)
         return 1
     except CommandError as exc:
-        _say(f"error: {exc}", sys.stderr)
+        _say(f"error: {one_line(exc)}", sys.stderr)
         return 1
     except OperationalError as exc:
-        _say(f"error: cannot reach the database: {_one_line(exc)}", sys.stderr)
+        _say(f"error: cannot reach the database: {one_line(exc.orig)}", sys.stderr)
         return 1
     except DBAPIError as exc:
-        _say(f"error: the database refused the operation: {_one_line(exc)}", sys.stderr)
+        _say(f"error: the database refused the operation: {one_line(exc.orig)}", sys.stderr)
         return 1
     return code
 

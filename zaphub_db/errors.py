@@ -5,9 +5,10 @@ from __future__ import annotations
 import re
 import socket
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy.exc import DBAPIError, OperationalError
+if TYPE_CHECKING:
+    from sqlalchemy.exc import DBAPIError
 
 
 def quoted(value: Any, limit: int = 100) -> str:
@@ -162,6 +163,8 @@ def translate_db_error(exc: DBAPIError, *, connecting: bool = False) -> ZaphubDB
     cures them). Returns ``None`` for errors with no class of ours, which
     callers re-raise as they are.
     """
+    from sqlalchemy.exc import OperationalError  # here: importing errors stays cheap
+
     orig = exc.orig
     sqlstate: str | None = getattr(orig, "sqlstate", None)
     diag = getattr(orig, "diag", None)
@@ -208,6 +211,8 @@ def translate_db_error(exc: DBAPIError, *, connecting: bool = False) -> ZaphubDB
 def _misconfigured(exc: DBAPIError, sqlstate: str | None) -> bool:
     if sqlstate is not None:
         return sqlstate.startswith(_MISCONFIGURED_SQLSTATES)
+    from sqlalchemy.exc import OperationalError
+
     # No SQLSTATE: libpq's text. A parameter libpq refuses before any network
     # traffic is a ProgrammingError (or an InterfaceError), never transient.
     if not isinstance(exc, OperationalError):

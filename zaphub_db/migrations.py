@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -23,6 +24,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
 from alembic.script import Script, ScriptDirectory
+from alembic.util import CommandError
 from sqlalchemy import Connection, Engine, bindparam, text
 from sqlalchemy.dialects.postgresql import ARRAY, INTEGER, VARCHAR
 from sqlalchemy.engine import URL
@@ -34,7 +36,7 @@ from alembic import command
 from zaphub_db.config import normalize_url, resolve_url
 from zaphub_db.engine import behind_transaction_pooler
 from zaphub_db.engine import create_engine as create_safe_engine
-from zaphub_db.errors import ChecksumMismatchError, MigrationError, ZaphubDBError
+from zaphub_db.errors import ChecksumMismatchError, MigrationError, ZaphubDBError, quoted
 from zaphub_db.models import Base
 
 logger = logging.getLogger(__name__)
@@ -352,10 +354,25 @@ def migration_lock(connection: Connection, timeout: float = DEFAULT_LOCK_TIMEOUT
 
 
 def run_env() -> None:
-    """The body of ``alembic/env.py``."""
-    # alembic.context is only usable while Alembic runs env.py.
+    """The body of ``alembic/env.py``.
+
+    Run by Alembic's own command line, an error of ours (an unreachable
+    server, an edited revision) ends it with Alembic's one-line ``FAILED:``
+    instead of a traceback; run from Python, it is raised as it is.
+    """
     from alembic import context
 
+    if context.config.cmd_opts is None:
+        _run_env(context)
+        return
+    try:
+        _run_env(context)
+    except ZaphubDBError as exc:
+        raise CommandError(f"{type(exc).__name__}: {exc}") from exc
+
+
+def _run_env(context: Any) -> None:
+    # alembic.context is only usable while Alembic runs env.py.
     config = context.config
     x_url = context.get_x_argument(as_dictionary=True).get("url")
     if context.is_offline_mode():
@@ -476,6 +493,7 @@ def upgrade(
     own; on one with an open transaction the run joins it and the caller commits.
     """
     config = alembic_config(connection=connection, progress=progress, lock_timeout=lock_timeout)
+    check_revision(config, revision)
     command.upgrade(config, revision)
 
 
@@ -487,7 +505,29 @@ def downgrade(
 ) -> None:
     """Revert revisions down to ``revision`` on ``connection``."""
     config = alembic_config(connection=connection, progress=progress, lock_timeout=lock_timeout)
+    check_revision(config, revision)
     command.downgrade(config, revision)
+
+
+# Targets Alembic reads relative to the database (+1, -2, head-1, 0003@...).
+_RELATIVE_TARGET = re.compile(r"[+\-@:]")
+
+
+def check_revision(config: Config, revision: str) -> None:
+    """Refuse an unknown target revision, listing the known ones."""
+    if revision in ("head", "heads", "base") or _RELATIVE_TARGET.search(revision):
+        return  # Alembic resolves these against the database, and says so itself
+    script = ScriptDirectory.from_config(config)
+    try:
+        found = script.get_revision(revision)
+    except CommandError:  # ambiguous or unknown: Alembic's error for both
+        found = None
+    if found is None:
+        known = ", ".join(s.revision for s in reversed(list(script.walk_revisions())))
+        raise MigrationError(
+            f"unknown revision {quoted(revision)}; known revisions: {known} "
+            "(or head, base, or a relative one such as -1)"
+        )
 
 
 @dataclass(frozen=True)
