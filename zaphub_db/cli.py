@@ -101,6 +101,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         _say(f"database:         {display_url(connection.engine.url)}")
         if configured_url(args.url) is None:
             _say(f"embedded data:    {embedded.data_dir()}")
+            _say(f"embedded log:     {embedded.data_dir() / 'log'}")
         current = ", ".join(state.current) or "none (empty database)"
         at_head = set(state.current) == set(state.head)
         _say(f"current revision: {current}{' (head)' if at_head else ''}")
