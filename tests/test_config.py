@@ -1,4 +1,4 @@
-"""Where the database URL comes from (CONTRACT §2) and the embedded fallback's errors."""
+"""Where the database URL comes from (the README's Configuration order) and the embedded fallback's errors."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The migrated schema matches CONTRACT §1: columns, checks, indexes, trigger, cascades."""
+"""The migrated schema is the documented one: columns, checks, indexes, trigger, cascades."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from zaphub_db.models import (
 
 TSTZ = "timestamp with time zone"
 
-# (column, data type, nullable, default) exactly as CONTRACT §1 lists them.
+# (column, data type, nullable, default) exactly as the schema is documented (models and revisions).
 EXPECTED_COLUMNS: dict[str, list[tuple[str, str, bool, str | None]]] = {
     "sessions": [
         ("id", "uuid", False, "gen_random_uuid()"),

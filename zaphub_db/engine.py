@@ -134,7 +134,10 @@ def create_engine(
     listen_url: str | URL | None = None,
     **kwargs: Any,
 ) -> Engine:
-    """A SQLAlchemy engine on ``url`` (else CONTRACT §2's order) with safe defaults.
+    """A SQLAlchemy engine on ``url`` with safe defaults.
+
+    Without ``url``: ``ZAPHUB_DATABASE_URL``, else ``DATABASE_URL``, else the
+    embedded PostgreSQL.
 
     - ``pool_pre_ping``: a connection the server dropped while it sat in the
       pool (restart, idle kill) is replaced before use instead of failing

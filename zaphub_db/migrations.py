@@ -78,7 +78,7 @@ def alembic_config(
 ) -> Config:
     """An Alembic ``Config`` for the bundled revisions, without an ini file.
 
-    With ``connection`` the migrations run on it (CONTRACT §2's first source
+    With ``connection`` the migrations run on it (the first source
     of the database); ``progress`` receives one line per applied revision;
     ``location`` replaces the bundled revisions folder.
     """

@@ -1,4 +1,4 @@
-"""Every kind of bad input of CONTRACT §4 raises our error and loses nothing.
+"""Every kind of bad input the README lists raises our error and loses nothing.
 
 Each case first flushes a session in the caller's transaction, then makes the
 bad call, then commits: the earlier work must still be there.

@@ -195,7 +195,7 @@ def test_session_listeners_see_loads_and_statements(db: Session) -> None:
 
 
 def test_the_package_uses_no_private_name_of_sqlalchemy() -> None:
-    """CONTRACT §11: no name of SQLAlchemy's that begins with an underscore."""
+    """Public API only: no name of SQLAlchemy's that begins with an underscore."""
     import ast
     import re
     from pathlib import Path

@@ -1,4 +1,4 @@
-"""Statements per call, counted at the cursor (CONTRACT §3 "Round trips")."""
+"""Statements per call, counted at the cursor: each call sends the fewest that can do its job."""
 
 from collections.abc import Callable
 from typing import Any
