@@ -174,6 +174,17 @@ def test_wheel_carries_the_revisions(tmp_path: Path, empty_database: URL) -> Non
     result = run_cli("migrate", "--url", url_arg(empty_database), cwd=outside, env=env)
     assert result.returncode == 0, result.stderr
     assert "applied 0004_create_migration_history_table.py" in result.stdout
+    # Alembic's own command line on the installed revisions, as the README shows.
+    ini = outside / "zaphub-alembic.ini"
+    ini.write_text("[alembic]\nscript_location = zaphub_db:_alembic\n")
+    current = subprocess.run(
+        [sys.executable, "-m", "alembic", "-c", str(ini), "-x", f"url={url_arg(empty_database)}",
+         "current"],
+        cwd=outside, env={**__import__("os").environ, **env},
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert current.returncode == 0, current.stderr
+    assert "(head)" in current.stdout
 
 
 def test_seed_command_reports_inserted_then_existing(empty_database: URL) -> None:

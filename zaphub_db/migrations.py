@@ -44,12 +44,24 @@ logger = logging.getLogger(__name__)
 # Any fixed 64-bit number works; this one spells "zaphub" in ASCII.
 ADVISORY_LOCK_KEY = 0x7A6170687562
 
+
+def _ours(name: str | None, type_: str, _parent_names: Any) -> bool:
+    """Autogenerate's filter: compare our tables only.
+
+    A database often holds an application's tables beside ours (and that
+    application's own Alembic version table): they are not drift of ours.
+    tests/test_schema.py checks that the revisions create exactly our tables.
+    """
+    return type_ != "table" or name in Base.metadata.tables
+
+
 # Shared by env.py and verify(), so `alembic check` and `zaphub-db verify`
 # compare the same things. CHECK constraints are only compared by name, and
 # only with the plugin below (Alembic 1.19.2+ leaves it off by default).
 AUTOGENERATE_OPTIONS: dict[str, Any] = {
     "compare_type": True,
     "compare_server_default": True,
+    "include_name": _ours,
     "autogenerate_plugins": ["alembic.autogenerate.*", "alembic.ext.checkconstraint_byname"],
 }
 

@@ -8,13 +8,20 @@ The zaphub_db factories are bound to it.
 
 ``zaphub_async_engine`` and ``zaphub_async_session`` are their async twins
 (``zaphub_db.aio``, psycopg's async connection), run by pytest-asyncio in
-the session's event loop: mark async tests that use them with
-``@pytest.mark.asyncio(loop_scope="session")``, or set
-``asyncio_default_test_loop_scope = "session"``. The async Session is rolled
-back after each test as the sync one is. To use the factories with it, build
-objects with
-``Factory.build(...)`` and ``zaphub_async_session.add(...)``, or call the
-``zaphub_db.aio`` functions.
+the session's event loop. So that unmarked ``async def`` tests run there,
+set in the project's pytest configuration::
+
+    asyncio_mode = "auto"
+    asyncio_default_fixture_loop_scope = "session"
+    asyncio_default_test_loop_scope = "session"
+
+(or mark each test ``@pytest.mark.asyncio(loop_scope="session")``). The
+async Session is rolled back after each test as the sync one is, and does
+not expire its objects on commit: an attribute read after ``await
+db.commit()`` would otherwise need a lazy load, which asyncio cannot do
+implicitly (``MissingGreenlet``). To use the factories with it, build
+objects with ``Factory.build(...)`` and ``zaphub_async_session.add(...)``,
+or call the ``zaphub_db.aio`` functions.
 """
 
 from __future__ import annotations
@@ -72,7 +79,9 @@ async def zaphub_async_session(zaphub_async_engine: AsyncEngine) -> AsyncIterato
     """An ``AsyncSession`` rolled back after the test, even when the code commits."""
     async with zaphub_async_engine.connect() as connection:
         outer = await connection.begin()
-        session = AsyncSession(bind=connection, join_transaction_mode="create_savepoint")
+        session = AsyncSession(
+            bind=connection, join_transaction_mode="create_savepoint", expire_on_commit=False
+        )
         try:
             yield session
         finally:
