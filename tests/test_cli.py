@@ -136,6 +136,10 @@ def test_wheel_carries_the_revisions(tmp_path: Path, empty_database: URL) -> Non
     )
     assert build.returncode == 0, build.stderr
     (wheel,) = wheels.glob("zaphub_db-*.whl")
+    import zipfile
+
+    with zipfile.ZipFile(wheel) as archive:
+        assert any(name.endswith("/LICENSE") for name in archive.namelist())  # license = "MIT"
     site = tmp_path / "site"
     install = subprocess.run(
         [

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -81,6 +82,7 @@ def test_the_run_worker_example(engine: Engine) -> None:
     namespace["stop"].set()
     thread.join(timeout=30)
     assert not thread.is_alive()
+    assert namespace["summary"].sent == 2  # what run_worker returned once stopped
     assert statuses(engine) == [("sent", "wamid.1"), ("sent", "wamid.2"), ("failed", None)]
     assert [jid for jid, _ in whatsapp.sent] == ["1@s.whatsapp.net", "2@s.whatsapp.net"]
 
@@ -118,12 +120,28 @@ async def test_the_fastapi_example(monkeypatch: pytest.MonkeyPatch) -> None:
             first = await client.post(f"/sessions/{session_id}/messages", json=body)
             again = await client.post(f"/sessions/{session_id}/messages", json=body)
             bad = await client.post("/sessions/not-a-uuid/messages", json=body)
+            other = await client.post(
+                f"/sessions/{session_id}/messages", json={**body, "text": "other"}
+            )
+            unknown = await client.post(f"/sessions/{uuid.uuid4()}/messages", json=body)
+            no_to = await client.post(
+                f"/sessions/{session_id}/messages", json={"id": "c2", "text": "x"}
+            )
+            number = await client.post(
+                f"/sessions/{session_id}/messages", json={**body, "id": "c3", "text": 5}
+            )
         await namespace["engine"].dispose()
         assert first.status_code == 200, first.text
         assert first.json()["status"] == "queued"
         assert again.json() == first.json()  # the same message: idempotent
         assert bad.status_code == 422
         assert "session_id must be a UUID" in bad.json()["error"]
+        assert other.status_code == 409, other.text
+        assert first.json()["id"] in other.json()["error"]  # the existing message's id
+        assert unknown.status_code == 404, unknown.text
+        assert (no_to.status_code, number.status_code) == (422, 422)
+        with Session(migrated) as db:
+            assert len(messages.get_messages_by_session(db, session_id)) == 1
 
 
 def test_the_python_api_example(monkeypatch: pytest.MonkeyPatch) -> None:
