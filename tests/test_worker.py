@@ -1,19 +1,26 @@
-"""run_worker end to end on committed data: sends, retries, permanent failures, stop, heartbeat."""
+"""run_worker end to end on committed data, on both faces with the same tests: the
+threads face (zaphub_db.worker) and the tasks face (zaphub_db.aio): sends,
+retries, permanent failures, stop, heartbeat, concurrent sends, leases held
+until the ack."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from sqlalchemy import Engine, delete
 from sqlalchemy.orm import Session
 
 import tests.repositories.conftest as queue_helpers
+from zaphub_db import aio
+from zaphub_db.engine import engine_url
 from zaphub_db.models import Message, WhatsAppSession
 from zaphub_db.repositories import messages, queue
 from zaphub_db.testing.databases import migrated_database
@@ -34,20 +41,60 @@ def engine(worker_engine: Engine) -> Engine:
     return worker_engine
 
 
+@pytest.fixture(params=["threads", "tasks"])
+def face(request: pytest.FixtureRequest) -> str:
+    """Which run_worker: zaphub_db.worker's (threads) or zaphub_db.aio's (tasks)."""
+    return str(request.param)
+
+
 def enqueue(engine: Engine, kinds: list[str], chats: int = 3) -> list[uuid.UUID]:
     """Messages whose payload tells the test handler what to do, over ``chats`` chats."""
     payloads = [{"kind": kind} for kind in kinds]
     return queue_helpers.enqueue(engine, len(kinds), chats=chats, payloads=payloads)[1]
 
 
+def worker(
+    face: str,
+    engine: Engine,
+    handler: Callable[[Message], str | None],
+    stop: threading.Event,
+    **kwargs: Any,
+) -> WorkerSummary:
+    """One run_worker on ``face``, stopped by ``stop``, with a blocking ``handler``."""
+    if face == "threads":
+        return run_worker(engine, handler, stop=stop, **kwargs)
+
+    async def tasks() -> WorkerSummary:
+        async_engine = aio.create_async_engine(engine_url(engine))
+        async_stop = asyncio.Event()
+
+        async def watch() -> None:
+            while not stop.is_set():
+                await asyncio.sleep(0.01)
+            async_stop.set()
+
+        async def send(message: Message) -> str | None:
+            # The handler blocks (it sleeps, as a slow send would): off the loop.
+            return await asyncio.to_thread(handler, message)
+
+        watcher = asyncio.create_task(watch())
+        try:
+            return await aio.run_worker(async_engine, send, stop=async_stop, **kwargs)
+        finally:
+            watcher.cancel()
+            await async_engine.dispose()
+
+    return asyncio.run(tasks())
+
+
 def in_thread(
-    engine: Engine, handler: Callable[[Message], str | None], **kwargs: object
+    face: str, engine: Engine, handler: Callable[[Message], str | None], **kwargs: Any
 ) -> tuple[threading.Thread, threading.Event, list[WorkerSummary]]:
     stop = threading.Event()
     summaries: list[WorkerSummary] = []
 
     def target() -> None:
-        summaries.append(run_worker(engine, handler, stop=stop, **kwargs))  # type: ignore[arg-type]
+        summaries.append(worker(face, engine, handler, stop, **kwargs))
 
     thread = threading.Thread(target=target)
     thread.start()
@@ -72,7 +119,7 @@ def rows(engine: Engine, ids: list[uuid.UUID]) -> list[Message]:
     return found  # type: ignore[return-value]
 
 
-def test_run_worker_sends_retries_and_gives_up_as_told(engine: Engine) -> None:
+def test_run_worker_sends_retries_and_gives_up_as_told(face: str, engine: Engine) -> None:
     ids = enqueue(engine, ["ok", "flaky", "permanent", "ok", "ok", "ok"])
     calls: Counter[uuid.UUID] = Counter()
     order: list[uuid.UUID] = []
@@ -88,7 +135,7 @@ def test_run_worker_sends_retries_and_gives_up_as_told(engine: Engine) -> None:
         return f"wamid.{message.message_id}"
 
     thread, stop, summaries = in_thread(
-        engine, handler, batch_size=4, retry_in=timedelta(0), poll_interval=0.5, worker="w1"
+        face, engine, handler, batch_size=4, retry_in=timedelta(0), poll_interval=0.5, worker="w1"
     )
     try:
         wait_until_drained(engine)
@@ -120,7 +167,9 @@ def test_run_worker_sends_retries_and_gives_up_as_told(engine: Engine) -> None:
     assert (summary.sent, summary.retried, summary.failed) == (5, 1, 1)
 
 
-def test_a_stop_finishes_the_message_in_hand_and_gives_back_the_rest(engine: Engine) -> None:
+def test_a_stop_finishes_the_message_in_hand_and_gives_back_the_rest(
+    face: str, engine: Engine
+) -> None:
     ids = enqueue(engine, ["ok"] * 5, chats=5)
     stop = threading.Event()
     sent: list[uuid.UUID] = []
@@ -130,14 +179,34 @@ def test_a_stop_finishes_the_message_in_hand_and_gives_back_the_rest(engine: Eng
         stop.set()  # a shutdown signal arrives during the first send
         return "wamid"
 
-    summary = run_worker(engine, handler, batch_size=5, stop=stop)
+    summary = worker(face, engine, handler, stop, batch_size=5, max_concurrent_sends=1)
     assert (summary.claimed, summary.sent, summary.released) == (5, 1, 4)
     states = [(m.status, m.attempts) for m in rows(engine, ids)]
     assert states == [("sent", 1)] + [("queued", 0)] * 4
     assert sent == ids[:1]
 
 
-def test_the_heartbeat_keeps_a_long_send_from_being_recovered(engine: Engine) -> None:
+def test_a_stop_while_sends_are_in_flight_lets_them_finish_and_acks_them(
+    face: str, engine: Engine
+) -> None:
+    ids = enqueue(engine, ["ok"] * 8, chats=8)
+    stop = threading.Event()
+    started = threading.Barrier(4)
+
+    def handler(message: Message) -> str:
+        started.wait(timeout=30)  # four sends in flight at once
+        stop.set()
+        time.sleep(0.2)
+        return f"wamid.{message.message_id}"
+
+    summary = worker(face, engine, handler, stop, batch_size=8, max_concurrent_sends=4)
+    assert (summary.claimed, summary.sent, summary.released) == (8, 4, 4)
+    found = rows(engine, ids)
+    assert sorted(m.status for m in found) == ["queued"] * 4 + ["sent"] * 4
+    assert all(m.lease_expires_at is None for m in found)
+
+
+def test_the_heartbeat_keeps_a_long_send_from_being_recovered(face: str, engine: Engine) -> None:
     (id,) = enqueue(engine, ["ok"])
     recovered: list[int] = []
     done = threading.Event()
@@ -157,7 +226,7 @@ def test_the_heartbeat_keeps_a_long_send_from_being_recovered(engine: Engine) ->
     helper.start()
     # A lease long enough that a busy machine's scheduling cannot outlast the
     # heartbeat's interval (a third of it), short enough to lapse mid-send.
-    thread, stop, _ = in_thread(engine, slow, lease=timedelta(milliseconds=1500))
+    thread, stop, _ = in_thread(face, engine, slow, lease=timedelta(milliseconds=1500))
     try:
         wait_until_drained(engine)
     finally:
@@ -170,14 +239,16 @@ def test_the_heartbeat_keeps_a_long_send_from_being_recovered(engine: Engine) ->
     assert sum(recovered) == 0
 
 
-def test_an_idle_worker_wakes_up_for_new_messages_without_polling(engine: Engine) -> None:
+def test_an_idle_worker_wakes_up_for_new_messages_without_polling(
+    face: str, engine: Engine
+) -> None:
     sent: list[float] = []
 
     def handler(message: Message) -> str:
         sent.append(time.monotonic())
         return "wamid"
 
-    thread, stop, _ = in_thread(engine, handler, poll_interval=60)
+    thread, stop, _ = in_thread(face, engine, handler, poll_interval=60)
     try:
         time.sleep(0.5)  # the worker found nothing and waits
         enqueued = time.monotonic()
@@ -202,3 +273,114 @@ def test_bad_worker_arguments_are_refused_before_anything_runs(engine: Engine) -
     for batch_size in (-1, 0):
         with pytest.raises(ValidationError, match="batch_size"):
             run_worker(engine, lambda m: None, batch_size=batch_size, stop=stop)
+
+
+def test_a_batch_longer_than_its_lease_sends_nothing_twice(face: str, engine: Engine) -> None:
+    """The reproduction: lease 3 s, a batch of 5 one-second sends one after the
+    other (5 chats, 2 messages each), a second worker beside the first. Each
+    message stays under the heartbeat until its ack commits, so no lease lapses
+    and nobody sends a message again; each chat's second message waits for its
+    first."""
+    ids = enqueue(engine, ["ok"] * 10, chats=5)
+    sends: Counter[uuid.UUID] = Counter()
+    sent_order: list[uuid.UUID] = []
+    lock = threading.Lock()
+
+    def handler(message: Message) -> str:
+        with lock:
+            sends[message.id] += 1
+            sent_order.append(message.id)
+        time.sleep(1.0)
+        return f"wamid.{message.message_id}"
+
+    options: dict[str, Any] = {
+        "batch_size": 5,
+        "max_concurrent_sends": 1,
+        "lease": timedelta(seconds=3),
+        "poll_interval": 0.5,
+    }
+    first = in_thread(face, engine, handler, **options)
+    second = in_thread(face, engine, handler, **options)
+    try:
+        wait_until_drained(engine, timeout=90)
+    finally:
+        for _thread, stop, _ in (first, second):
+            stop.set()
+        for thread, _, _ in (first, second):
+            thread.join(timeout=30)
+    assert sends == {id: 1 for id in ids}  # nothing sent twice
+    assert [m.status for m in rows(engine, ids)] == ["sent"] * 10
+    for chat in range(5):  # message i went to chat i % 5: i before i + 5
+        assert sent_order.index(ids[chat]) < sent_order.index(ids[chat + 5])
+    summaries = first[2] + second[2]
+    assert sum(s.sent for s in summaries) == 10
+    assert sum(s.stale for s in summaries) == 0
+
+
+def test_a_stale_ack_after_a_takeover_changes_nothing(engine: Engine) -> None:
+    (id,) = enqueue(engine, ["ok"], chats=1)
+    with Session(engine, expire_on_commit=False) as db:
+        (stale,) = queue.claim_queued_messages(db, lease=timedelta(milliseconds=1))
+        db.commit()
+    time.sleep(0.05)
+    with Session(engine, expire_on_commit=False) as db:
+        assert queue.recover_stalled_messages(db) == 1
+        (current,) = queue.claim_queued_messages(db, worker="current")
+        db.commit()
+        # The first worker's ack arrives late: fenced by its attempt, it counts for nothing.
+        assert queue.mark_messages_sent(db, [{"id": id, "attempt": stale.attempts}]) == 0
+        db.commit()
+    (after,) = rows(engine, [id])
+    assert (after.status, after.attempts, after.claimed_by) == ("processing", 2, "current")
+    with Session(engine) as db:
+        assert queue.mark_messages_sent(db, [{"id": id, "attempt": current.attempts}]) == 1
+        db.commit()
+
+
+def test_concurrent_sends_keep_chat_order_and_the_in_flight_limit(
+    face: str, engine: Engine
+) -> None:
+    """Two workers with eight sends each race over 6 chats of 2 sessions."""
+    session_ids: list[uuid.UUID] = []
+    per_chat: dict[tuple[uuid.UUID, str], list[str]] = {}
+    for _ in range(2):
+        session_id, _ = queue_helpers.enqueue(engine, 36, chats=6)
+        session_ids.append(session_id)
+    with Session(engine) as db:
+        for session_id in session_ids:
+            for m in reversed(messages.get_messages_by_session(db, session_id)):
+                per_chat.setdefault((m.session_id, m.jid), []).append(m.message_id)
+    lock = threading.Lock()
+    order: dict[tuple[uuid.UUID, str], list[str]] = {}
+    in_flight: Counter[uuid.UUID] = Counter()
+    chat_in_flight: Counter[tuple[uuid.UUID, str]] = Counter()
+    highest: Counter[uuid.UUID] = Counter()
+    limit = 2
+
+    def handler(message: Message) -> str:
+        chat = (message.session_id, message.jid)
+        with lock:
+            order.setdefault(chat, []).append(message.message_id)
+            in_flight[message.session_id] += 1
+            chat_in_flight[chat] += 1
+            assert chat_in_flight[chat] == 1, "two messages of one chat in flight"
+            highest[message.session_id] = max(
+                highest[message.session_id], in_flight[message.session_id]
+            )
+        time.sleep(0.01)
+        with lock:
+            in_flight[message.session_id] -= 1
+            chat_in_flight[chat] -= 1
+        return "wamid"
+
+    options = {"batch_size": 8, "max_concurrent_sends": 8, "max_in_flight_per_session": limit}
+    workers = [in_thread(face, engine, handler, **options) for _ in range(2)]
+    try:
+        wait_until_drained(engine, timeout=120)
+    finally:
+        for _, stop, _ in workers:
+            stop.set()
+        for thread, _, _ in workers:
+            thread.join(timeout=30)
+    assert order == per_chat  # every chat in creation order, each message once
+    assert max(highest.values()) <= limit

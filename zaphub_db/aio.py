@@ -26,7 +26,6 @@ import contextlib
 import functools
 import inspect
 import logging
-import time
 import uuid
 import weakref
 from collections.abc import Awaitable, Callable
@@ -58,20 +57,15 @@ from zaphub_db.errors import (
     translate_db_error,
 )
 from zaphub_db.models import Message, WhatsAppSession
-from zaphub_db.repositories import events, messages, queue, sessions, validation
+from zaphub_db.repositories import events, messages, queue, sessions
 from zaphub_db.repositories.messages import BulkResult
 from zaphub_db.repositories.queue import QueueStats
-from zaphub_db.worker import (
-    RETRY_CAP,
-    RETRY_FIRST,
-    STOP_CHECK,
-    WRITE_ATTEMPTS,
+from zaphub_db.worker import default_worker_name
+from zaphub_db.worker_loop import (
     PermanentFailure,
+    SendLoop,
     WorkerSummary,
     check_arguments,
-    claim_round,
-    default_worker_name,
-    failure_text,
 )
 
 logger = logging.getLogger(__name__)
@@ -330,12 +324,16 @@ async def wait_for_messages(engine: AsyncEngine, timeout: float) -> bool:
         raise ValidationError(
             f"timeout must be a non-negative number of seconds, got {quoted(timeout)}"
         )
+    return await _wait(engine, timeout, _task_listeners())
+
+
+async def _wait(engine: AsyncEngine, timeout: float, listeners: dict[int, _AsyncListener]) -> bool:
+    """The wait itself, on the listener ``listeners`` keeps for ``engine``."""
     listen_url = sync_engine.listen_url_of(engine)
     if listen_url is None and sync_engine.behind_transaction_pooler(engine):
         seconds, result = queue.pooler_wait_seconds(timeout)
         await asyncio.sleep(seconds)
         return result
-    listeners = _task_listeners()
     listener = listeners.get(id(engine))
     if listener is None:
         with contextlib.suppress(
@@ -372,6 +370,7 @@ Handler = Callable[[Message], "Awaitable[str | None] | str | None"]
 
 
 async def _in_transaction(engine: AsyncEngine, work: Callable[[Session], R]) -> R:
+    """``work`` in an AsyncSession of its own, committed; our errors, not the drivers'."""
     try:
         async with AsyncSession(engine, expire_on_commit=False) as db:
             result = await db.run_sync(work)
@@ -382,21 +381,37 @@ async def _in_transaction(engine: AsyncEngine, work: Callable[[Session], R]) -> 
         if translated is None:
             raise
         raise translated from exc
+    except _ASYNCPG_CONNECTION_ERRORS as exc:  # what _twin converts, converted here too
+        raise _connection_lost(exc) from exc
 
 
-async def _write(
-    engine: AsyncEngine, work: Callable[[Session], R], fallback: R, summary: WorkerSummary
-) -> R:
-    delay = RETRY_FIRST
-    for attempt in range(1, WRITE_ATTEMPTS + 1):
-        try:
-            return await _in_transaction(engine, work)
-        except TransientError as exc:
-            summary.database_errors += 1
-            logger.warning("write failed (attempt %d of %d): %s", attempt, WRITE_ATTEMPTS, exc)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, RETRY_CAP)
-    return fallback
+class _TaskPort:
+    """The loop's access to an async engine and a (possibly async) handler, on one event loop."""
+
+    def __init__(self, engine: AsyncEngine, handler: Handler, stop: asyncio.Event) -> None:
+        self.engine = engine
+        self.handler = handler
+        self.stop = stop
+        # The port's own listener: the loop waits from tasks of its own making.
+        self.listeners: dict[int, _AsyncListener] = {}
+
+    async def transact(self, work: Callable[[Session], R]) -> R:
+        return await _in_transaction(self.engine, work)
+
+    async def wait_for_messages(self, timeout: float) -> bool:
+        return await _wait(self.engine, timeout, self.listeners)
+
+    async def send(self, message: Message) -> object:
+        result = self.handler(message)
+        return await result if inspect.isawaitable(result) else result
+
+    def stopped(self) -> bool:
+        return self.stop.is_set()
+
+    async def close(self) -> None:
+        for listener in self.listeners.values():
+            await listener.close()
+        self.listeners.clear()
 
 
 async def run_worker(
@@ -413,141 +428,24 @@ async def run_worker(
     retry_in: timedelta | None = None,
     max_concurrent_sends: int | None = None,
 ) -> WorkerSummary:
-    """The async twin of :func:`zaphub_db.worker.run_worker`.
+    """The async twin of :func:`zaphub_db.worker.run_worker`: the same loop, on tasks.
 
-    ``handler`` may be a coroutine function. The messages of a batch are sent
-    concurrently, at most ``max_concurrent_sends`` at once (default: the
-    batch size); with ``ordered`` a batch never holds two messages of one
-    chat, so chat order holds. ``stop`` is an ``asyncio.Event``.
+    ``handler`` may be a coroutine function; up to ``max_concurrent_sends``
+    (default: ``batch_size``) run at once. ``stop`` is an ``asyncio.Event``.
     """
-    check_arguments(handler, batch_size, poll_interval)
-    sends = validation.integer(
-        batch_size if max_concurrent_sends is None else max_concurrent_sends,
-        "max_concurrent_sends",
-        minimum=1,
+    sends = check_arguments(handler, batch_size, poll_interval, max_concurrent_sends)
+    loop = SendLoop(
+        _TaskPort(engine, handler, stop if stop is not None else asyncio.Event()),
+        name=worker if worker is not None else f"{default_worker_name()}:async",
+        batch_size=batch_size,
+        lease=lease,
+        ordered=ordered,
+        max_in_flight_per_session=max_in_flight_per_session,
+        poll_interval=poll_interval,
+        retry_in=retry_in,
+        sends=sends,
     )
-    stop = stop if stop is not None else asyncio.Event()
-    name = worker if worker is not None else f"{default_worker_name()}:async"
-    summary = WorkerSummary()
-    in_hand: set[uuid.UUID] = set()
-    heartbeat = (
-        asyncio.create_task(_heartbeat(engine, lease, in_hand)) if lease is not None else None
-    )
-    backoff = RETRY_FIRST
-    last_recovery = float("-inf")
-    claim = claim_round(batch_size, lease, name, ordered, max_in_flight_per_session)
-    await wait_for_messages(engine, 0)
-    try:
-        while not stop.is_set():
-            try:
-                if time.monotonic() - last_recovery >= poll_interval:
-                    await _in_transaction(engine, queue.recover_stalled_messages)
-                    last_recovery = time.monotonic()
-                batch = await _in_transaction(engine, claim)
-            except TransientError as exc:
-                summary.database_errors += 1
-                logger.warning("worker %s: %s (retrying in %.1f s)", name, exc, backoff)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), backoff)
-                backoff = min(backoff * 2, RETRY_CAP)
-                continue
-            backoff = RETRY_FIRST
-            if not batch:
-                deadline = time.monotonic() + poll_interval
-                while not stop.is_set() and time.monotonic() < deadline:
-                    remaining = deadline - time.monotonic()
-                    if await wait_for_messages(engine, min(remaining, STOP_CHECK)):
-                        break
-                continue
-            summary.claimed += len(batch)
-            in_hand.update(m.id for m in batch)
-            await _work(engine, handler, batch, stop, in_hand, summary, retry_in, sends)
-    finally:
-        if heartbeat is not None:
-            heartbeat.cancel()
-        await stop_listening(engine)
-    logger.info("worker %s stopped: %s", name, summary)
-    return summary
-
-
-async def _heartbeat(engine: AsyncEngine, lease: timedelta, in_hand: set[uuid.UUID]) -> None:
-    interval = max(lease.total_seconds() / 3, 0.01)
-    while True:
-        await asyncio.sleep(interval)
-        ids = list(in_hand)
-        if not ids:
-            continue
-        extend = functools.partial(queue.extend_lease, ids=ids, lease=lease)
-        try:
-            await _in_transaction(engine, extend)
-        except (TransientError, DBAPIError) as exc:
-            logger.warning("lease heartbeat failed (retried next beat): %s", exc)
-
-
-async def _work(
-    engine: AsyncEngine,
-    handler: Handler,
-    batch: list[Message],
-    stop: asyncio.Event,
-    in_hand: set[uuid.UUID],
-    summary: WorkerSummary,
-    retry_in: timedelta | None,
-    sends: int,
-) -> None:
-    acks: list[dict[str, Any]] = []
-    unstarted: list[Message] = []
-    gate = asyncio.Semaphore(sends)
-
-    async def send(message: Message) -> None:
-        async with gate:
-            if stop.is_set():
-                unstarted.append(message)
-                return
-            try:
-                result = handler(message)
-                wa_message_id = await result if inspect.isawaitable(result) else result
-            except PermanentFailure as exc:
-                await _record_failure(engine, message, failure_text(exc), False, retry_in, summary)
-            except Exception as exc:
-                logger.warning("send of message %s failed: %s", message.id, failure_text(exc))
-                await _record_failure(engine, message, failure_text(exc), True, retry_in, summary)
-            else:
-                ack: dict[str, Any] = {"id": message.id}
-                if isinstance(wa_message_id, str):
-                    ack["wa_message_id"] = wa_message_id
-                acks.append(ack)
-            finally:
-                in_hand.discard(message.id)
-
-    await asyncio.gather(*(send(message) for message in batch))
-    if acks:
-        summary.sent += await _write(
-            engine, lambda db: queue.mark_messages_sent(db, acks), 0, summary
-        )
-    if unstarted:
-        in_hand.difference_update(m.id for m in unstarted)
-        summary.released += await _write(
-            engine, lambda db: queue.release_messages(db, unstarted), 0, summary
-        )
-
-
-async def _record_failure(
-    engine: AsyncEngine,
-    message: Message,
-    error: str,
-    retryable: bool,
-    retry_in: timedelta | None,
-    summary: WorkerSummary,
-) -> None:
-    after = await _write(
-        engine,
-        lambda db: queue.mark_message_failed(
-            db, message.id, error, retryable=retryable, retry_in=retry_in, attempt=message.attempts
-        ),
-        None,
-        summary,
-    )
-    summary.count_failure(after)
+    return await loop.run()
 
 
 __all__ = [

@@ -217,7 +217,7 @@ def test_the_package_uses_no_private_name_of_sqlalchemy() -> None:
                 for alias in node.names:
                     if alias.name.startswith("_"):
                         used.setdefault(alias.name, str(path.relative_to(ours)))
-            elif isinstance(node, ast.FunctionDef | ast.ClassDef):
+            elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
                 defined_here.add(node.name)
             elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
                 defined_here.add(node.id)

@@ -319,11 +319,14 @@ _MARK_SENT = text(
     WITH ack AS (
         SELECT * FROM unnest(CAST(:ids AS uuid[]), CAST(:wa_message_ids AS varchar[]),
                              CAST(:wa_timestamps AS bigint[]), CAST(:wa_responses AS jsonb[]),
-                             CAST(:ats AS timestamptz[]))
-                 AS a(id, wa_message_id, wa_timestamp, wa_response, at)
+                             CAST(:ats AS timestamptz[]), CAST(:attempts AS integer[]))
+                 AS a(id, wa_message_id, wa_timestamp, wa_response, at, attempt)
     ), target AS (
         SELECT m.id, m.status FROM messages m JOIN ack ON ack.id = m.id
         WHERE m.status IN ({_SENT_SOURCES})
+          -- An ack fenced by its attempt: a worker whose lease lapsed and
+          -- whose message was claimed again cannot settle the new claim.
+          AND (ack.attempt IS NULL OR m.attempts = ack.attempt)
         FOR NO KEY UPDATE OF m
     )
     UPDATE messages m SET
@@ -339,7 +342,7 @@ _MARK_SENT = text(
     RETURNING m.id, target.status <> 'sent' AS moved
     """
 )
-_ACK_KEYS = {"id", "wa_message_id", "wa_timestamp", "wa_response", "at"}
+_ACK_KEYS = {"id", "wa_message_id", "wa_timestamp", "wa_response", "at", "attempt"}
 
 
 def _ack_row(index: int, ack: Any) -> tuple[Any, ...]:
@@ -363,6 +366,7 @@ def _ack_row(index: int, ack: Any) -> tuple[Any, ...]:
             ),
             None if wa_response is None else validation.json_text(wa_response, "wa_response"),
             validation.timestamp(ack.get("at"), "at"),
+            None if ack.get("attempt") is None else validation.integer(ack["attempt"], "attempt"),
         )
     except ValidationError as exc:
         raise ValidationError(f"ack {index}: {exc}") from exc
@@ -372,8 +376,12 @@ def mark_messages_sent(db: Session, acks: Iterable[Mapping[str, Any]]) -> int:
     """Mark a batch of messages sent; how many moved to ``sent``.
 
     ``acks`` are mappings with ``id`` and optionally ``wa_message_id``,
-    ``wa_timestamp``, ``wa_response`` and ``at`` (when it was sent; default
-    now). One statement per ``ACK_BATCH_SIZE`` acks. The rules of
+    ``wa_timestamp``, ``wa_response``, ``at`` (when it was sent; default
+    now) and ``attempt``: the ``attempts`` of the claim it settles. With
+    ``attempt``, an ack whose message was claimed again since (its lease
+    lapsed, another worker holds it) changes nothing and is not counted, as
+    ``mark_message_failed(attempt=)`` does for failures. One statement per
+    ``ACK_BATCH_SIZE`` acks. The rules of
     ``update_message_status(..., "sent")`` apply to each: a message already
     delivered or read is left as it is, a failed or dead-lettered one is sent
     after all. The lease is cleared. Every ack is checked before the first
@@ -385,7 +393,7 @@ def mark_messages_sent(db: Session, acks: Iterable[Mapping[str, Any]]) -> int:
     moved = 0
     for start in range(0, len(ordered_rows), ACK_BATCH_SIZE):
         chunk = ordered_rows[start : start + ACK_BATCH_SIZE]
-        ids, wa_ids, wa_timestamps, wa_responses, ats = (
+        ids, wa_ids, wa_timestamps, wa_responses, ats, attempts = (
             list(column) for column in zip(*chunk, strict=True)
         )
         result = execute(
@@ -397,6 +405,7 @@ def mark_messages_sent(db: Session, acks: Iterable[Mapping[str, Any]]) -> int:
                 "wa_timestamps": wa_timestamps,
                 "wa_responses": wa_responses,
                 "ats": ats,
+                "attempts": attempts,
             },
         )
         moved += sum(1 for row in result if row.moved)
