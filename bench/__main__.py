@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from bench import aio, bulk, calls, citus_prep, pooler, queue, receipts
+from bench import aio, bulk, bullmq, calls, citus_prep, pooler, queue, receipts
 from bench.harness import benchmark_database, machine, say, server_version
 
 
@@ -12,10 +12,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("--quick", action="store_true", help="fewer rows and rounds")
     parser.add_argument(
-        "--only", nargs="*", default=None, help="calls, bulk, queue, receipts, aio, pooler, citus"
+        "--only",
+        nargs="*",
+        default=None,
+        help="calls, bulk, queue, receipts, aio, pooler, citus, bullmq",
     )
     args = parser.parse_args()
-    everything = ["calls", "bulk", "queue", "receipts", "aio", "pooler", "citus"]
+    everything = ["calls", "bulk", "queue", "receipts", "aio", "pooler", "citus", "bullmq"]
     wanted = set(args.only or everything)
     with benchmark_database() as (engine, dsn):
         say(f"# zaphub_db benchmarks\n\n{machine()}; {server_version(dsn)}\n")
@@ -40,6 +43,10 @@ def main() -> None:
         if "citus" in wanted:
             say("## Preparing messages for Citus: a unique (session_id, id) index today\n")
             say(citus_prep.run(engine, dsn, quick=args.quick) + "\n")
+        if "bullmq" in wanted:
+            say("## The send queue against BullMQ 5 (Redis 7, local)\n")
+            url = engine.url.render_as_string(hide_password=False)
+            say(bullmq.run(url, dsn, quick=args.quick) + "\n")
         if "queue" in wanted:
             say(
                 "## Queue: 4 worker processes claim a batch of B, commit, ack it in one statement\n"

@@ -8,14 +8,17 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import URL
 from sqlalchemy.orm import Session
+from sqlalchemy.pool import NullPool
 
 import zaphub_db
 from tests.servers import ThrowawayServer, throwaway_server
+from zaphub_db.engine import engine_url
 from zaphub_db.errors import ConnectionLostError, LockTimeoutError, StatementTimeoutError
 from zaphub_db.models import Message
 from zaphub_db.repositories import messages, queue, sessions
@@ -165,18 +168,43 @@ def test_a_killed_backend_raises_connection_lost_and_the_engine_recovers(
 
 
 def test_pre_ping_replaces_connections_killed_while_idle(safe_engine: Engine) -> None:
-    with Session(safe_engine) as db:
-        sessions.get_all_sessions(db)
-    with safe_engine.connect() as admin:
-        admin.execute(
-            text(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+    with Session(safe_engine) as first, Session(safe_engine) as second:
+        sessions.get_all_sessions(first)
+        sessions.get_all_sessions(second)  # two connections, back in the pool now
+    admin_engine = zaphub_db.create_engine(engine_url(safe_engine), poolclass=NullPool)
+    with admin_engine.connect() as admin:
+        killed = (
+            admin.execute(
+                text(
+                    "SELECT pid FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )
             )
+            .scalars()
+            .all()
         )
+        assert len(killed) == 2
+        admin.execute(
+            text("SELECT pg_terminate_backend(pid) FROM unnest(CAST(:p AS int[])) pid"),
+            {"p": killed},
+        )
+        admin.commit()
+        # Killed while idle: gone before the pool hands them out again.
+        deadline = time.monotonic() + 30
+        while (
+            time.monotonic() < deadline
+            and admin.execute(
+                text("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(CAST(:p AS int[]))"),
+                {"p": killed},
+            ).scalar()
+        ):
+            admin.rollback()
+            time.sleep(0.01)
+    admin_engine.dispose()
     for _ in range(3):
-        with Session(safe_engine) as db:
+        with Session(safe_engine) as db, Session(safe_engine) as other:
             assert sessions.get_all_sessions(db) == []
+            assert sessions.get_all_sessions(other) == []
 
 
 def kill_own_backend(db: Session, engine: Engine) -> None:
@@ -332,3 +360,27 @@ def test_misconfiguration_is_not_transient(
         assert [type(exc) for exc in finished] == [DatabaseUnavailableError]
     finally:
         engine.dispose()
+
+
+def test_a_healthy_pooled_connection_is_not_pinged_and_an_old_one_is(
+    safe_engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The checkout looks at the socket instead of a round trip; idle long, it pings."""
+    from zaphub_db import engine as engine_module
+
+    pings: list[object] = []
+    real_ping = safe_engine.dialect.do_ping
+
+    def counting_ping(dbapi_connection: Any) -> bool:
+        pings.append(dbapi_connection)
+        return real_ping(dbapi_connection)
+
+    monkeypatch.setattr(safe_engine.dialect, "do_ping", counting_ping)
+    for _ in range(5):
+        with Session(safe_engine) as db:
+            sessions.get_all_sessions(db)
+    assert pings == []  # five checkouts of a live connection, no ping
+    monkeypatch.setattr(engine_module, "IDLE_PING_AFTER", 0.0)
+    with Session(safe_engine) as db:
+        sessions.get_all_sessions(db)
+    assert len(pings) == 1  # idle past the threshold: pinged once

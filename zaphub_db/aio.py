@@ -189,7 +189,10 @@ def create_async_engine(
             connect_args.setdefault("prepared_statement_cache_size", 0)
     else:
         connect_args = {**settings.connect_args, **connect_args}
-    kwargs.setdefault("pool_pre_ping", True)
+    # asyncpg's connection shows no socket to look at: SQLAlchemy's ping there.
+    cheap_ping = "pool_pre_ping" not in kwargs and not asyncpg
+    if asyncpg:
+        kwargs.setdefault("pool_pre_ping", True)
     timeouts = (lock_timeout, statement_timeout, idle_in_transaction_timeout)
     own_creator = "async_creator" in kwargs  # its connections take its arguments, not ours
     if not settings.pgbouncer and not own_creator:
@@ -208,6 +211,8 @@ def create_async_engine(
         sync_engine.set_timeouts_per_transaction(engine.sync_engine, timeouts)
     elif own_creator:
         sync_engine.set_timeouts_per_connection(engine.sync_engine, timeouts)
+    if cheap_ping:
+        sync_engine.ping_when_in_doubt(engine.sync_engine)
     sync_engine.translate_errors(engine.sync_engine)
     if asyncpg:
         sync_engine.translate_socket_errors_at_connect(engine.sync_engine)

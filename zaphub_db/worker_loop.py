@@ -21,9 +21,9 @@ The life of a message in the loop:
    so a lease cannot lapse between a send and its ack. Acks and failures
    are fenced by the attempt they belong to.
 
-The loop claims again whenever fewer than ``batch_size`` messages are in
-hand (claimed, not yet sent), instead of waiting for the slowest send of a
-batch.
+The loop claims again as soon as half a batch has room (or nothing is in
+hand), instead of waiting for the slowest send of a batch; in hand means
+claimed and not yet sent, at most ``batch_size``.
 """
 
 from __future__ import annotations
@@ -172,6 +172,7 @@ class SendLoop:
         self.poll_interval = poll_interval
         self.retry_in = retry_in
         self.sends = sends
+        self.min_claim = max(1, min(batch_size, sends) // 2)
         self.summary = WorkerSummary()
         self.held: set[uuid.UUID] = set()  # claimed and not yet settled: under the heartbeat
         self.ready: deque[Message] = deque()  # claimed, not yet started
@@ -220,7 +221,9 @@ class SendLoop:
             self.settled.clear()
             room = self.batch_size - len(self.ready) - len(self.running)
             claimed: list[Message] = []
-            if room > 0:
+            # Claim when half a batch has room (a claim per finished send would
+            # cost a statement per message), or when nothing is in hand.
+            if room >= self.min_claim or (room > 0 and not self.ready and not self.running):
                 claim = functools.partial(
                     queue.claim_queued_messages, limit=room, **self.claim_options
                 )
@@ -232,7 +235,7 @@ class SendLoop:
                 self.held.update(m.id for m in claimed)
                 self.ready.extend(claimed)
             self._start_sends()
-            if room > 0 and len(claimed) == room:
+            if claimed and len(claimed) == room:
                 continue  # a full claim: there may be more, and the sends are running
             await self._wait_for_work(idle=not self.running and not self.ready)
 
