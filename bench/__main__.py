@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from bench import aio, bulk, bullmq, calls, citus_prep, pooler, queue, receipts
+from bench import aio, bulk, bullmq, calls, citus_prep, pooler, queue, receipts, wakeups
 from bench.harness import benchmark_database, machine, say, server_version
 
 
@@ -15,10 +15,12 @@ def main() -> None:
         "--only",
         nargs="*",
         default=None,
-        help="calls, bulk, queue, receipts, aio, pooler, citus, bullmq",
+        help="calls, bulk, queue, receipts, aio, pooler, citus, bullmq, wakeups",
     )
     args = parser.parse_args()
-    everything = ["calls", "bulk", "queue", "receipts", "aio", "pooler", "citus", "bullmq"]
+    everything = [
+        "calls", "bulk", "queue", "receipts", "aio", "pooler", "citus", "bullmq", "wakeups"
+    ]  # fmt: skip
     wanted = set(args.only or everything)
     with benchmark_database() as (engine, dsn):
         say(f"# zaphub_db benchmarks\n\n{machine()}; {server_version(dsn)}\n")
@@ -43,6 +45,9 @@ def main() -> None:
         if "citus" in wanted:
             say("## Preparing messages for Citus: a unique (session_id, id) index today\n")
             say(citus_prep.run(engine, dsn, quick=args.quick) + "\n")
+        if "wakeups" in wanted:
+            say("## Wake-up latency: from the enqueuing commit to the waiting worker\n")
+            say(wakeups.run(engine, dsn, quick=args.quick) + "\n")
         if "bullmq" in wanted:
             say("## The send queue against BullMQ 5 (Redis 7, local)\n")
             url = engine.url.render_as_string(hide_password=False)

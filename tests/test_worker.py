@@ -75,7 +75,10 @@ def worker(
 
         async def send(message: Message) -> str | None:
             # The handler blocks (it sleeps, as a slow send would): off the loop.
-            return await asyncio.to_thread(handler, message)
+            result = await asyncio.to_thread(handler, message)
+            if stop.is_set():  # a stop the handler signalled holds from its return on
+                async_stop.set()
+            return result
 
         watcher = asyncio.create_task(watch())
         try:

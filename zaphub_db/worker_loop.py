@@ -21,9 +21,9 @@ The life of a message in the loop:
    so a lease cannot lapse between a send and its ack. Acks and failures
    are fenced by the attempt they belong to.
 
-The loop claims again as soon as half a batch has room (or nothing is in
-hand), instead of waiting for the slowest send of a batch; in hand means
-claimed and not yet sent, at most ``batch_size``.
+The loop keeps the sends in flight and up to ``batch_size`` claimed messages
+beside them, and claims again (up to ``batch_size`` a statement) as soon as
+half a batch has room, instead of waiting for the slowest send of a batch.
 """
 
 from __future__ import annotations
@@ -179,6 +179,7 @@ class SendLoop:
         self.running: set[asyncio.Task[None]] = set()
         self.acks: list[dict[str, Any]] = []  # sent, waiting for their ack's commit
         self.ack_pending = asyncio.Event()
+        self.ack_lock = asyncio.Lock()
         self.settled = asyncio.Event()  # something was settled: a chat may be free
         self.backoff = RETRY_FIRST
         self.wake: asyncio.Task[bool] | None = None  # a wait for a notification under way
@@ -219,7 +220,10 @@ class SendLoop:
                 last_recovery = time.monotonic()
             # Cleared before the claim: a settlement from here on ends the wait below.
             self.settled.clear()
-            room = self.batch_size - len(self.ready) - len(self.running)
+            # In hand: the sends in flight and up to a batch beside them, so that
+            # a send slot that frees up finds its next message already claimed.
+            room = min(self.batch_size + self.sends - len(self.ready) - len(self.running),
+                       self.batch_size)  # fmt: skip
             claimed: list[Message] = []
             # Claim when half a batch has room (a claim per finished send would
             # cost a statement per message), or when nothing is in hand.
@@ -235,7 +239,7 @@ class SendLoop:
                 self.held.update(m.id for m in claimed)
                 self.ready.extend(claimed)
             self._start_sends()
-            if claimed and len(claimed) == room:
+            if claimed and len(claimed) == room and room == self.batch_size:
                 continue  # a full claim: there may be more, and the sends are running
             await self._wait_for_work(idle=not self.running and not self.ready)
 
@@ -317,16 +321,19 @@ class SendLoop:
             await self._flush_acks()
 
     async def _flush_acks(self) -> None:
-        self.ack_pending.clear()
-        acks, self.acks = self.acks, []
-        if not acks:
-            return
-        moved = await self._write(lambda db: queue.mark_messages_sent(db, acks), None)
-        if moved is not None:
-            self.summary.sent += moved
-            self.summary.stale += len(acks) - moved
-        # Settled, or left to the lease after WRITE_ATTEMPTS: either way not ours to extend.
-        self._settle(ack["id"] for ack in acks)
+        # One write at a time: the last flush (on the way out) waits for the
+        # acker's write under way instead of racing it.
+        async with self.ack_lock:
+            self.ack_pending.clear()
+            acks, self.acks = self.acks, []
+            if not acks:
+                return
+            moved = await self._write(lambda db: queue.mark_messages_sent(db, acks), None)
+            if moved is not None:
+                self.summary.sent += moved
+                self.summary.stale += len(acks) - moved
+            # Settled, or left to the lease after WRITE_ATTEMPTS: not ours to extend either way.
+            self._settle(ack["id"] for ack in acks)
 
     async def _record_failure(
         self, message: Message, exc: BaseException, *, retryable: bool
