@@ -120,9 +120,10 @@ def run_worker(
 ) -> WorkerSummary:
     """Send queued messages with ``handler`` until ``stop`` is set; blocks, then a summary.
 
-    The worker keeps up to ``batch_size`` claimed messages in hand (``ordered``
-    and ``max_in_flight_per_session`` as in ``claim_queued_messages``),
-    claiming again as sends finish, and calls ``handler(message)`` for up to
+    The worker claims up to ``batch_size`` messages a statement (``ordered``
+    and ``max_in_flight_per_session`` as in ``claim_queued_messages``) and
+    keeps up to that many claimed beside the sends in flight, claiming again
+    as sends finish; it calls ``handler(message)`` for up to
     ``max_concurrent_sends`` of them at once (default: ``batch_size``) on a
     pool of threads: the handler must be safe to call from several threads,
     or ``max_concurrent_sends=1``. The handler sends the message and returns
