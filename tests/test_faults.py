@@ -183,7 +183,8 @@ def test_pre_ping_replaces_connections_killed_while_idle(safe_engine: Engine) ->
             .scalars()
             .all()
         )
-        assert len(killed) == 2
+        # Our two (or, behind PgBouncer, the pooler's server connections).
+        assert killed
         admin.execute(
             text("SELECT pg_terminate_backend(pid) FROM unnest(CAST(:p AS int[])) pid"),
             {"p": killed},

@@ -20,9 +20,10 @@ from tests.processes import run_cli, url_arg
 ENV = textwrap.dedent(
     """
     from alembic import context
-    from sqlalchemy import Column, Integer, MetaData, Table, create_engine
+    from sqlalchemy import Column, Integer, MetaData, Table
 
     import zaphub_db.models
+    from zaphub_db import create_engine  # reads pgbouncer=true, as our own env does
 
     app_metadata = MetaData()
     Table("app_notes", app_metadata, Column("id", Integer, primary_key=True))
