@@ -38,9 +38,10 @@ from sqlalchemy.orm import Session
 
 import zaphub_db
 from bench.harness import say, table
+from bench.queue import JID_COUNT, fill_queue
 from zaphub_db.repositories import messages
 
-CHATS = 500
+CHATS = JID_COUNT  # the chats fill_queue spreads a drain's messages over
 NODE_SIDE = Path(__file__).with_name("bullmq_side.mjs")
 DURABLE = "durable"
 ASYNC_COMMIT = "synchronous_commit=off"
@@ -185,20 +186,6 @@ def ours_bulk(url: str, dsn: str, count: int, size: int) -> tuple[int, float]:
     return count, seconds
 
 
-def _fill(dsn: str, count: int) -> None:
-    session_id = _new_session(dsn)
-    with psycopg.connect(dsn) as connection:
-        connection.execute(
-            "INSERT INTO messages (session_id, message_id, jid, type, payload, queued_at) "
-            "SELECT %s, 'm' || g, '55349' || lpad((g %% %s)::text, 8, '0') || '@s.whatsapp.net', "
-            "'text', jsonb_build_object('text', 'hello ' || g), now() "
-            "FROM generate_series(1, %s) g",
-            (session_id, CHATS, count),
-        )
-    with psycopg.connect(dsn, autocommit=True) as connection:
-        connection.execute("VACUUM ANALYZE messages")
-
-
 def _drain_process(
     url: str, face: str, ordered: bool, send_ms: int, ready: Any, start: Any, stop: Any
 ) -> None:
@@ -260,7 +247,7 @@ def ours_drain(
     url: str, dsn: str, count: int, workers: int, send_ms: int, face: str, ordered: bool
 ) -> tuple[int, float]:
     """``workers`` processes drain ``count`` queued messages; timed from start to empty."""
-    _fill(dsn, count)
+    fill_queue(dsn, count)  # over bench.queue.JID_COUNT (500) chats, as CHATS says
     context = multiprocessing.get_context("spawn")
     ready, start, stop = context.Semaphore(0), context.Event(), context.Event()
     processes = [

@@ -35,7 +35,7 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Protocol, TypeVar
@@ -404,7 +404,7 @@ class SendLoop:
             self._settle(m.id for m in unstarted)
 
 
-def run_in_loop(coroutine: Awaitable[R]) -> R:
+def run_in_loop(coroutine: Coroutine[Any, Any, R]) -> R:
     """Run the loop from synchronous code (the threads face)."""
     try:
         asyncio.get_running_loop()
@@ -414,7 +414,7 @@ def run_in_loop(coroutine: Awaitable[R]) -> R:
         raise ValidationError(
             "zaphub_db.worker.run_worker blocks; in async code use zaphub_db.aio.run_worker"
         )
-    return asyncio.run(coroutine)  # type: ignore[arg-type]
+    return asyncio.run(coroutine)
 
 
 __all__ = [
