@@ -39,6 +39,8 @@ from sqlalchemy.orm import Session
 import zaphub_db
 from bench.harness import say, table
 from bench.queue import JID_COUNT, fill_queue
+from zaphub_db import aio
+from zaphub_db.enqueuer import Enqueuer
 from zaphub_db.repositories import messages
 
 CHATS = JID_COUNT  # the chats fill_queue spreads a drain's messages over
@@ -106,6 +108,19 @@ def ours_single(
     engine = zaphub_db.create_engine(url, pool_size=producers, **_engine_options(durability))
     with engine.connect():
         pass  # connected before the clock: a running API server is
+
+    def enqueue(i: int) -> None:
+        with Session(engine) as db:
+            messages.create_message(db, **_message(session_id, i))
+            db.commit()
+
+    seconds = _in_threads(_produce_each(count, enqueue), producers)
+    engine.dispose()
+    return count, seconds
+
+
+def _produce_each(count: int, enqueue: Callable[[int], object]) -> Callable[[], None]:
+    """A producer thread's loop: take the next number and enqueue it, until ``count``."""
     counter = iter(range(count))
     lock = threading.Lock()
 
@@ -115,20 +130,60 @@ def ours_single(
                 i = next(counter, None)
             if i is None:
                 return
-            with Session(engine) as db:
-                messages.create_message(
-                    db,
-                    session_id=session_id,
-                    message_id=f"m{i}",
-                    jid=_jid(i),
-                    type="text",
-                    payload={"text": f"hello {i}"},
-                )
-                db.commit()
+            enqueue(i)
 
-    seconds = _in_threads(produce, producers)
+    return produce
+
+
+def _message(session_id: uuid.UUID, i: int) -> dict[str, Any]:
+    return {
+        "session_id": session_id,
+        "message_id": f"m{i}",
+        "jid": _jid(i),
+        "type": "text",
+        "payload": {"text": f"hello {i}"},
+    }
+
+
+def ours_coalesced(
+    url: str, dsn: str, count: int, producers: int, durability: str
+) -> tuple[int, float]:
+    """``Enqueuer.create_message`` from ``producers`` threads: concurrent calls share commits."""
+    session_id = _new_session(dsn)
+    engine = zaphub_db.create_engine(url, **_engine_options(durability))
+    with Enqueuer(engine) as enqueuer:
+        enqueuer.create_message(**_message(session_id, -1))  # connected before the clock
+        seconds = _in_threads(
+            _produce_each(count, lambda i: enqueuer.create_message(**_message(session_id, i))),
+            producers,
+        )
     engine.dispose()
     return count, seconds
+
+
+def ours_coalesced_aio(
+    url: str, dsn: str, count: int, producers: int, durability: str
+) -> tuple[int, float]:
+    """``aio.Enqueuer.create_message`` from ``producers`` tasks of one event loop."""
+    session_id = _new_session(dsn)
+
+    async def main() -> float:
+        engine = aio.create_async_engine(url, **_engine_options(durability))
+        async with aio.Enqueuer(engine) as enqueuer:
+            await enqueuer.create_message(**_message(session_id, -1))
+            numbers = iter(range(count))
+
+            async def produce() -> None:
+                for i in numbers:
+                    await enqueuer.create_message(**_message(session_id, i))
+
+            began = time.perf_counter()
+            await asyncio.gather(*(produce() for _ in range(producers)))
+            seconds = time.perf_counter() - began
+        await engine.dispose()
+        return seconds
+
+    return count, asyncio.run(main())
 
 
 def raw_single(dsn: str, count: int, producers: int) -> tuple[int, float]:
@@ -289,7 +344,7 @@ def run(url: str, dsn: str, *, quick: bool = False) -> str:
     rows: list[list[object]] = []
     with bullmq_installed() as root:
         workloads: list[tuple[str, dict[str, Measure]]] = []
-        for producers in (1, 8):
+        for producers in (1, 8, 32):
 
             def bullmq_single(p: int = producers) -> tuple[int, float]:
                 return node(root, "single", singles, p)
@@ -303,6 +358,12 @@ def run(url: str, dsn: str, *, quick: bool = False) -> str:
             def raw(p: int = producers) -> tuple[int, float]:
                 return raw_single(dsn, singles, p)
 
+            def coalesced(p: int = producers) -> tuple[int, float]:
+                return ours_coalesced(url, dsn, singles, p, DURABLE)
+
+            def coalesced_aio(p: int = producers) -> tuple[int, float]:
+                return ours_coalesced_aio(url, dsn, singles, p, DURABLE)
+
             workloads.append(
                 (
                     f"single enqueue, {producers} producer(s)",
@@ -311,6 +372,8 @@ def run(url: str, dsn: str, *, quick: bool = False) -> str:
                         f"create_message + commit ({DURABLE})": durable,
                         f"create_message + commit ({ASYNC_COMMIT})": async_commit,
                         "raw psycopg INSERT + COMMIT (durable)": raw,
+                        f"Enqueuer.create_message, threads ({DURABLE})": coalesced,
+                        f"aio.Enqueuer.create_message, tasks ({DURABLE})": coalesced_aio,
                     },
                 )
             )

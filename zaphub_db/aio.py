@@ -39,7 +39,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
 from zaphub_db import engine as sync_engine
-from zaphub_db import routing
+from zaphub_db import enqueuer, routing
 from zaphub_db import seed as sync_seed
 from zaphub_db.config import driver_settings, resolve_url
 from zaphub_db.engine import (
@@ -57,7 +57,7 @@ from zaphub_db.errors import (
     translate_db_error,
 )
 from zaphub_db.models import Message, WhatsAppSession
-from zaphub_db.repositories import events, messages, queue, sessions
+from zaphub_db.repositories import events, messages, queue, sessions, validation
 from zaphub_db.repositories.messages import BulkResult
 from zaphub_db.repositories.queue import QueueStats
 from zaphub_db.worker import default_worker_name
@@ -453,8 +453,118 @@ async def run_worker(
     return await loop.run()
 
 
+# --- Group commit for single enqueues ---------------------------------------------
+
+
+class Enqueuer:
+    """The async twin of :class:`zaphub_db.enqueuer.Enqueuer`: one writer task, one commit a batch.
+
+    ::
+
+        async with aio.Enqueuer(engine) as enqueuer:
+            message = await enqueuer.create_message(session_id=..., message_id=..., ...)
+
+    Calls from any task of one event loop are gathered while the previous
+    commit is in flight. A call cancelled while it waits may still be
+    written: its row is then there for the client's retry, which finds it by
+    its idempotency key.
+    """
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        *,
+        max_batch: int = enqueuer.MAX_BATCH,
+        writers: int = enqueuer.WRITERS,
+    ) -> None:
+        self.engine = engine
+        self.max_batch = validation.integer(max_batch, "max_batch", minimum=1)
+        self.writers = validation.integer(writers, "writers", minimum=1)
+        self._calls: asyncio.Queue[tuple[dict[str, Any], asyncio.Future[Any] | None]] = (
+            asyncio.Queue()
+        )
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closed = False
+
+    async def __aenter__(self) -> Enqueuer:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def get_or_create_message(self, **arguments: Any) -> tuple[Message, bool]:
+        """``get_or_create_message(db, **arguments)``, committed; ``(message, created)``."""
+        row = enqueuer.message_params(**arguments)
+        if self._closed:
+            raise ValidationError("this Enqueuer is closed")
+        if not self._tasks:
+            self._tasks = [
+                asyncio.create_task(self._write(), name=f"zaphub-enqueuer-{n}")
+                for n in range(self.writers)
+            ]
+        future: asyncio.Future[enqueuer.Outcome] = asyncio.get_running_loop().create_future()
+        self._calls.put_nowait((row, future))
+        outcome = await future
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    async def create_message(self, **arguments: Any) -> Message:
+        """``create_message(db, **arguments)``, committed: the new or existing message."""
+        return (await self.get_or_create_message(**arguments))[0]
+
+    @property
+    def backlog(self) -> int:
+        """Calls waiting for the next commit (the batch being written not counted)."""
+        return self._calls.qsize()
+
+    async def close(self) -> None:
+        """Write what was asked already, then end the writer tasks. Idempotent."""
+        self._closed = True
+        tasks, self._tasks = self._tasks, []
+        for _task in tasks:
+            self._calls.put_nowait(({}, None))
+        await asyncio.gather(*tasks)
+
+    async def _write(self) -> None:
+        while True:
+            calls = [await self._calls.get()]
+            while len(calls) < self.max_batch and not self._calls.empty():
+                calls.append(self._calls.get_nowait())
+            pending = [(row, future) for row, future in calls if future is not None]
+            stops = len(calls) - len(pending)
+            for _extra in range(stops - 1):
+                self._calls.put_nowait(({}, None))  # another writer's
+            if pending:
+                outcomes = await self._settle([row for row, _future in pending])
+                for (_row, future), outcome in zip(pending, outcomes, strict=True):
+                    assert future is not None
+                    if future.cancelled():
+                        continue
+                    if isinstance(outcome, BaseException):
+                        future.set_exception(outcome)
+                    else:
+                        future.set_result(outcome)
+            if stops:
+                return
+
+    async def _settle(self, rows: list[dict[str, Any]]) -> list[Any]:
+        """:func:`zaphub_db.enqueuer.settle`'s rules, awaited."""
+        try:
+            return await _in_transaction(
+                self.engine, lambda db: enqueuer.create_messages_together(db, rows)
+            )
+        except TransientError as exc:
+            return [exc] * len(rows)
+        except Exception as exc:
+            if len(rows) == 1:
+                return [exc]
+        return [outcome for row in rows for outcome in await self._settle([row])]
+
+
 __all__ = [
     "BulkResult",
+    "Enqueuer",
     "PermanentFailure",
     "QueueStats",
     "WorkerSummary",

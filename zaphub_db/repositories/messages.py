@@ -228,7 +228,7 @@ _STATUS_BY_ID = {s: _status_update(s, _BY_ID_LOCATOR) for s in MessageStatus}
 _STATUS_BY_WA_ID = {s: _status_update(s, _BY_WA_LOCATOR) for s in MessageStatus}
 
 
-def _creation_params(
+def creation_params(
     session_id: uuid.UUID | str,
     message_id: str,
     jid: str,
@@ -238,6 +238,7 @@ def _creation_params(
     status: str,
     max_attempts: int,
 ) -> dict[str, Any]:
+    """``create_message``'s arguments checked and converted to its statements' parameters."""
     return {
         "session_id": validation.as_uuid(session_id, "session_id"),
         "message_id": validation.text_value(message_id, "message_id", 255),
@@ -249,6 +250,28 @@ def _creation_params(
         # At least one attempt: a message with none could never be claimed.
         "max_attempts": validation.integer(max_attempts, "max_attempts", minimum=1),
     }
+
+
+def idempotency_conflict(
+    existing: Any, params: Mapping[str, Any]
+) -> IdempotencyConflictError | None:
+    """The error for ``params`` reusing ``existing``'s key with other content, or ``None``.
+
+    ``existing`` is a stored row (a ``Message`` or a row with its columns);
+    ``params`` are :func:`creation_params`' checked values for the new call.
+    """
+    differing = [
+        name for name in ("direction", "jid", "type") if getattr(existing, name) != params[name]
+    ]
+    if existing.payload != json.loads(params["payload"]):
+        differing.append("payload")
+    if not differing:
+        return None
+    return IdempotencyConflictError(
+        f"idempotency key {quoted(params['message_id'])} of session {params['session_id']} is "
+        f"already used by message {existing.id} with a different {', '.join(differing)}",
+        existing_id=existing.id,
+    )
 
 
 def get_or_create_message(
@@ -273,7 +296,7 @@ def get_or_create_message(
         IdempotencyConflictError: the key is taken by a message with another
             ``direction``, ``jid``, ``type`` or ``payload``.
     """
-    params = _creation_params(
+    params = creation_params(
         session_id, message_id, jid, type, payload, direction, status, max_attempts
     )
     created = first(db, _CREATE, params)
@@ -291,23 +314,9 @@ def get_or_create_message(
     existing = first(db, _BY_KEY, {"session_id": params["session_id"], "message_id": message_id})
     if existing is None:
         raise NotFoundError(f"session {params['session_id']} does not exist")
-    differing = [
-        field
-        for field, theirs in (
-            ("direction", existing.direction),
-            ("jid", existing.jid),
-            ("type", existing.type),
-        )
-        if theirs != params[field]
-    ]
-    if existing.payload != json.loads(params["payload"]):
-        differing.append("payload")
-    if differing:
-        raise IdempotencyConflictError(
-            f"idempotency key {quoted(message_id)} of session {params['session_id']} is already "
-            f"used by message {existing.id} with a different {', '.join(differing)}",
-            existing_id=existing.id,
-        )
+    conflict = idempotency_conflict(existing, params)
+    if conflict is not None:
+        raise conflict
     logger.info(
         "duplicate message detected session_id=%s message_id=%r id=%s",
         params["session_id"],
@@ -738,7 +747,7 @@ def _bulk_row(session_id: uuid.UUID, index: int, item: Mapping[str, Any]) -> dic
     if missing:
         raise ValidationError(f"item {index} lacks {', '.join(sorted(missing))}")
     try:
-        return _creation_params(
+        return creation_params(
             session_id,
             item["message_id"],
             item["jid"],
@@ -792,12 +801,7 @@ def _bulk_batch(
         raise NotFoundError(f"session {session_id} does not exist")
     for row in others:
         stored = existing[row["message_id"]]
-        same = (stored.direction, stored.jid, stored.type) == (
-            row["direction"],
-            row["jid"],
-            row["type"],
-        ) and stored.payload == json.loads(row["payload"])
-        if same:
+        if idempotency_conflict(stored, row) is None:
             result.duplicates += 1
         else:
             result.conflicts.append(BulkConflict(row["message_id"], stored.id))

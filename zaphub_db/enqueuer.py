@@ -1,0 +1,313 @@
+"""Group commit for single enqueues: many concurrent ``create_message`` calls, one commit.
+
+An API that enqueues one message per request pays one durable commit per
+request (a WAL flush each), and that commit, not the INSERT, is what caps
+its rate. An :class:`Enqueuer` gathers the calls that arrive while its
+previous commit is in flight and writes them together: one INSERT of all of
+them, one more statement when some keys already existed, one commit. Each
+caller returns once its own row is committed, with what ``create_message``
+would have given it: the new or existing ``Message``, or its own error
+(``ValidationError`` before anything is sent, ``NotFoundError``,
+``IdempotencyConflictError``), while the others in the batch succeed.
+
+Nothing waits on a timer: a call that finds no commit in flight is written
+at once, so one caller alone pays only a hand-over to the writer thread,
+and under load the batches grow by themselves.
+
+Order: calls that overlap in time are concurrent, so any order among them
+is a valid one; a batch writes them ordered by ``(session_id, message_id)``
+so that two enqueuers writing the same keys lock them in the same order and
+cannot deadlock. A call made after another returned is always written after
+it, in a later transaction, so chat order holds for every caller that waits
+for its call, as ``create_message`` + commit gives it.
+
+:class:`zaphub_db.aio.Enqueuer` is the async twin (a writer task on the
+event loop instead of a thread); both write with :func:`create_messages_together`.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import uuid
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future
+from typing import Any, cast
+
+from sqlalchemy import Engine, select, text
+from sqlalchemy.orm import Session
+
+from zaphub_db.errors import NotFoundError, TransientError, ValidationError, ZaphubDBError
+from zaphub_db.models import Message
+from zaphub_db.repositories import validation
+from zaphub_db.repositories.execution import database_errors
+from zaphub_db.repositories.messages import creation_params, idempotency_conflict
+from zaphub_db.worker import in_transaction
+
+logger = logging.getLogger(__name__)
+
+MAX_BATCH = 1_000
+"""The most calls one commit writes (a batch's arrays stay far below the 1 GB bind limit)."""
+
+WRITERS = 2
+"""Writers (a connection each) per enqueuer: one batch inserts while one commits."""
+
+Outcome = tuple[Message, bool] | ZaphubDBError
+"""What one call of a batch gets: ``(message, created)``, or the error it raises."""
+
+_STOP: tuple[dict[str, Any], None] = ({}, None)  # tells one writer to stop
+
+_columns = [column.name for column in Message.__table__.columns]
+_RETURNING = ", ".join(_columns)
+
+# The rows travel as arrays and unnest() turns them back into rows in the
+# given order (WITH ORDINALITY), so that seq follows it. A row whose session
+# does not exist is not inserted (FOR KEY SHARE holds each session against a
+# concurrent delete, as the foreign key check would); it is told apart from a
+# duplicate afterwards.
+_INSERT = text(
+    f"""
+    INSERT INTO messages (session_id, message_id, direction, jid, type, payload, status,
+                          max_attempts, queued_at, processing_at, sent_at, delivered_at,
+                          read_at, failed_at)
+    SELECT t.session_id, t.message_id, t.direction, t.jid, t.type, t.payload, t.status,
+           t.max_attempts,
+           CASE WHEN t.status = 'queued' THEN now() END,
+           CASE WHEN t.status = 'processing' THEN now() END,
+           CASE WHEN t.status = 'sent' THEN now() END,
+           CASE WHEN t.status = 'delivered' THEN now() END,
+           CASE WHEN t.status = 'read' THEN now() END,
+           CASE WHEN t.status IN ('failed', 'dlq') THEN now() END
+    FROM unnest(CAST(:session_ids AS uuid[]), CAST(:message_ids AS varchar[]),
+                CAST(:directions AS varchar[]), CAST(:jids AS varchar[]),
+                CAST(:types AS varchar[]), CAST(:payloads AS jsonb[]),
+                CAST(:statuses AS varchar[]), CAST(:max_attempts AS integer[]))
+         WITH ORDINALITY
+         AS t(session_id, message_id, direction, jid, type, payload, status, max_attempts,
+              position)
+    WHERE EXISTS (SELECT 1 FROM sessions WHERE id = t.session_id FOR KEY SHARE)
+    ORDER BY t.position
+    ON CONFLICT (session_id, message_id) DO NOTHING
+    RETURNING {_RETURNING}
+    """
+).columns(*Message.__table__.columns)
+_EXISTING = text(
+    f"""
+    SELECT {_RETURNING} FROM messages
+    WHERE (session_id, message_id) IN (
+        SELECT * FROM unnest(CAST(:session_ids AS uuid[]), CAST(:message_ids AS varchar[])))
+    """
+).columns(*Message.__table__.columns)
+_INSERT_ORM = select(Message).from_statement(_INSERT)
+_EXISTING_ORM = select(Message).from_statement(_EXISTING).execution_options(populate_existing=True)
+
+_ARRAYS = {
+    "message_ids": "message_id",
+    "directions": "direction",
+    "jids": "jid",
+    "types": "type",
+    "payloads": "payload",
+    "statuses": "status",
+    "max_attempts": "max_attempts",
+}
+
+
+def message_params(**arguments: Any) -> dict[str, Any]:
+    """``create_message``'s keyword arguments, checked: one row of a batch.
+
+    Raises:
+        ValidationError: an argument is missing, unknown or malformed.
+    """
+    required = ("session_id", "message_id", "jid", "type", "payload")
+    missing = [name for name in required if name not in arguments]
+    unknown = set(arguments) - {*required, "direction", "status", "max_attempts"}
+    if missing or unknown:
+        problems = [f"missing {', '.join(missing)}"] if missing else []
+        problems += [f"unknown {', '.join(sorted(unknown))}"] if unknown else []
+        raise ValidationError(f"create_message arguments: {'; '.join(problems)}")
+    return creation_params(
+        arguments["session_id"],
+        arguments["message_id"],
+        arguments["jid"],
+        arguments["type"],
+        arguments["payload"],
+        arguments.get("direction", "outbound"),
+        arguments.get("status", "queued"),
+        arguments.get("max_attempts", 5),
+    )
+
+
+def create_messages_together(db: Session, rows: Sequence[Mapping[str, Any]]) -> list[Outcome]:
+    """Create the messages of many ``create_message`` calls with two statements at most.
+
+    ``rows`` are :func:`message_params` results, of any sessions. Returns one
+    outcome per row, in the same order: ``(message, created)`` as
+    ``get_or_create_message`` gives it, or the error that call would raise
+    (``NotFoundError``, ``IdempotencyConflictError``). A key given twice is
+    judged against its first use. Flushes, never commits.
+    """
+    key_of = [(row["session_id"], row["message_id"]) for row in rows]
+    first_use: dict[tuple[uuid.UUID, str], int] = {}
+    for index, key in enumerate(key_of):
+        first_use.setdefault(key, index)
+    # A fixed lock order: two batches holding the same keys cannot deadlock.
+    order = sorted(first_use, key=lambda k: (str(k[0]), k[1]))
+    params: dict[str, Any] = {"session_ids": [k[0] for k in order]}
+    for array, name in _ARRAYS.items():
+        params[array] = [rows[first_use[k]][name] for k in order]
+    with database_errors():
+        inserted = {
+            (m.session_id, m.message_id): m for m in db.execute(_INSERT_ORM, params).scalars()
+        }
+    outcomes: list[Outcome | None] = [None] * len(rows)
+    for key, message in inserted.items():
+        outcomes[first_use[key]] = (message, True)
+    rest = sorted({key_of[i] for i, outcome in enumerate(outcomes) if outcome is None})
+    existing: dict[tuple[uuid.UUID, str], Message] = {}
+    if rest:
+        # ON CONFLICT DO NOTHING waited for any concurrent insert of these keys
+        # to commit, so (under READ COMMITTED) this statement's snapshot sees them.
+        with database_errors():
+            found = db.execute(
+                _EXISTING_ORM,
+                {"session_ids": [k[0] for k in rest], "message_ids": [k[1] for k in rest]},
+            ).scalars()
+            existing = {(m.session_id, m.message_id): m for m in found}
+    for index, key in enumerate(key_of):
+        if outcomes[index] is not None:
+            continue
+        stored = existing.get(key) or inserted.get(key)
+        if stored is None:
+            outcomes[index] = NotFoundError(f"session {key[0]} does not exist")
+            continue
+        conflict = idempotency_conflict(stored, rows[index])
+        outcomes[index] = conflict if conflict is not None else (stored, False)
+    logger.debug("messages created together: %d calls, %d new", len(rows), len(inserted))
+    return cast(list[Outcome], outcomes)  # every index was set above
+
+
+def settle(rows: Sequence[Mapping[str, Any]], write: Any) -> list[Outcome | BaseException]:
+    """Outcomes for ``rows`` from ``write(rows)`` (which commits), one error never failing all.
+
+    A batch whose transaction fails with a transient error (lost connection,
+    deadlock, timeout) gives that error to every call in it, as each call on
+    its own would have met it. Any other failure of a batch of several is
+    retried one call at a time, so that only the call that causes it fails.
+    """
+    try:
+        return list(write(rows))
+    except TransientError as exc:
+        return [exc] * len(rows)
+    except Exception as exc:
+        if len(rows) == 1:
+            return [exc]
+    outcomes: list[Outcome | BaseException] = []
+    for row in rows:
+        outcomes.extend(settle([row], write))
+    return outcomes
+
+
+class Enqueuer:
+    """Coalesces concurrent single enqueues from many threads into one commit each.
+
+    ::
+
+        enqueuer = Enqueuer(engine)
+        message = enqueuer.create_message(session_id=..., message_id=..., jid=...,
+                                          type="text", payload={...})
+        ...
+        enqueuer.close()  # or: with Enqueuer(engine) as enqueuer: ...
+
+    Calls take ``create_message``'s keyword arguments and return what it
+    returns, committed: a detached ``Message`` whose columns are all loaded.
+    ``writers`` threads (each holding one connection of ``engine``'s pool
+    while it writes) start with the first call: while one batch waits for
+    its commit to reach the disk, the next is being inserted. A call's row is
+    never written in the caller's transaction: use ``create_message`` where
+    the message must commit together with other writes.
+    """
+
+    def __init__(
+        self, engine: Engine, *, max_batch: int = MAX_BATCH, writers: int = WRITERS
+    ) -> None:
+        self.engine = engine
+        self.max_batch = validation.integer(max_batch, "max_batch", minimum=1)
+        self.writers = validation.integer(writers, "writers", minimum=1)
+        self._calls: queue.SimpleQueue[tuple[dict[str, Any], Future[Outcome] | None]] = (
+            queue.SimpleQueue()
+        )
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._closed = False
+
+    def __enter__(self) -> Enqueuer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def get_or_create_message(self, **arguments: Any) -> tuple[Message, bool]:
+        """``get_or_create_message(db, **arguments)``, committed; ``(message, created)``."""
+        row = message_params(**arguments)
+        future: Future[Outcome] = Future()
+        with self._lock:
+            if self._closed:
+                raise ValidationError("this Enqueuer is closed")
+            if not self._threads:
+                self._threads = [
+                    threading.Thread(target=self._write, name=f"zaphub-enqueuer-{n}", daemon=True)
+                    for n in range(self.writers)
+                ]
+                for thread in self._threads:
+                    thread.start()
+            self._calls.put((row, future))
+        outcome = future.result()
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    def create_message(self, **arguments: Any) -> Message:
+        """``create_message(db, **arguments)``, committed: the new or existing message."""
+        return self.get_or_create_message(**arguments)[0]
+
+    @property
+    def backlog(self) -> int:
+        """Calls waiting for the next commit (the batch being written not counted)."""
+        return self._calls.qsize()
+
+    def close(self) -> None:
+        """Write what was asked already, then stop the writer threads. Idempotent."""
+        with self._lock:
+            self._closed = True
+            threads, self._threads = self._threads, []
+            for _thread in threads:
+                self._calls.put(_STOP)
+        for thread in threads:
+            thread.join()
+
+    def _write(self) -> None:
+        while True:
+            calls = [self._calls.get()]
+            while len(calls) < self.max_batch:
+                try:
+                    calls.append(self._calls.get_nowait())
+                except queue.Empty:
+                    break
+            pending = [(row, future) for row, future in calls if future is not None]
+            stops = len(calls) - len(pending)
+            for _extra in range(stops - 1):
+                self._calls.put(_STOP)  # another writer's
+            if pending:
+                outcomes = settle([row for row, _future in pending], self._transaction)
+                for (_row, future), outcome in zip(pending, outcomes, strict=True):
+                    assert future is not None
+                    if isinstance(outcome, BaseException):
+                        future.set_exception(outcome)
+                    else:
+                        future.set_result(outcome)
+            if stops:
+                return
+
+    def _transaction(self, rows: Sequence[Mapping[str, Any]]) -> list[Outcome]:
+        return in_transaction(self.engine, lambda db: create_messages_together(db, rows))
