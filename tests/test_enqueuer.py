@@ -239,12 +239,15 @@ def test_concurrent_calls_share_one_commit_and_keep_their_own_outcomes(
 
     news = results[:6]
     assert all(created for _message, created in news)
-    assert results[6][1] is True and results[6][0].session_id == other
-    assert results[7] == (results[7][0], False) and results[7][0].id == existing.id
+    assert results[6][1] is True
+    assert results[6][0].session_id == other
+    assert results[7] == (results[7][0], False)
+    assert results[7][0].id == existing.id
     assert isinstance(results[8], IdempotencyConflictError)
     assert results[8].existing_id == taken.id
     assert isinstance(results[9], NotFoundError)
-    assert results[10][0].id == news[0][0].id and results[10][1] is False
+    assert results[10][0].id == news[0][0].id
+    assert results[10][1] is False
 
     rows = stored(engine, session_id)
     assert sorted(r.message_id for r in rows) == sorted(
@@ -280,14 +283,13 @@ def test_one_failing_call_does_not_fail_its_batch(one_writer: Face, engine: Engi
             connection.execute(text("DROP TRIGGER test_refuse_poison ON messages"))
             connection.execute(text("DROP FUNCTION test_refuse_poison()"))
     assert [created for _message, created in results[:3]] == [True, True, True]
-    assert isinstance(results[3], Exception) and "poisoned" in str(results[3])
+    assert isinstance(results[3], Exception)
+    assert "poisoned" in str(results[3])
     keys = {r.message_id for r in stored(engine, session_id)}
     assert keys == {"blocker", "good0", "good1", "good2"}
 
 
-def test_bad_arguments_are_refused_before_anything_is_sent(
-    enqueuer: Face, engine: Engine
-) -> None:
+def test_bad_arguments_are_refused_before_anything_is_sent(enqueuer: Face, engine: Engine) -> None:
     session_id = new_session(engine)
     with pytest.raises(ValidationError, match="type"):
         enqueuer.create(**call(session_id, "k", type="carrier-pigeon"))
@@ -381,7 +383,9 @@ def test_close_writes_what_was_asked_and_refuses_more(engine: Engine) -> None:
     session_id = new_session(engine)
     enqueuer = Enqueuer(engine)
     with ThreadPoolExecutor(8) as pool:
-        futures = [pool.submit(enqueuer.create_message, **call(session_id, f"k{i}")) for i in range(40)]
+        futures = [
+            pool.submit(enqueuer.create_message, **call(session_id, f"k{i}")) for i in range(40)
+        ]
         [future.result() for future in futures]
     enqueuer.close()
     enqueuer.close()

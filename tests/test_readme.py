@@ -7,6 +7,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -66,7 +67,7 @@ def statuses(engine: Engine) -> list[tuple[str, str | None]]:
 
 
 def test_the_run_worker_example(engine: Engine) -> None:
-    worker_example, _loop = section_code("### The outbound queue")
+    worker_example, _loop, _enqueuer = section_code("### The outbound queue")
     enqueue(engine, ["1@s.whatsapp.net", "2@s.whatsapp.net", "group@g.us"])
     whatsapp = FakeWhatsApp()
     namespace: dict[str, Any] = {"engine": engine, "whatsapp": whatsapp}
@@ -88,7 +89,7 @@ def test_the_run_worker_example(engine: Engine) -> None:
 
 
 def test_the_hand_written_loop(engine: Engine) -> None:
-    _worker, loop_example = section_code("### The outbound queue")
+    _worker, loop_example, _enqueuer = section_code("### The outbound queue")
     enqueue(engine, ["1@s.whatsapp.net", "2@s.whatsapp.net", "3@s.whatsapp.net"])
     whatsapp = FakeWhatsApp()
 
@@ -100,6 +101,27 @@ def test_the_hand_written_loop(engine: Engine) -> None:
     exec(loop_example, {"engine": engine, "send": send, "Session": Session})
     assert [s for s, _ in statuses(engine)] == ["sent", "queued", "sent"]
     assert [wa for _, wa in statuses(engine)] == ["wamid.1", None, "wamid.2"]
+
+
+def test_the_enqueuer_example(engine: Engine) -> None:
+    *_others, example = section_code("### The outbound queue")
+    with Session(engine) as db:
+        session_id = sessions.create_session(db, label="readme").id
+        db.commit()
+    namespace: dict[str, Any] = {"engine": engine}
+    exec(example, namespace)
+    enqueue_text = namespace["enqueue_text"]
+    with ThreadPoolExecutor(8) as pool:
+        ids = list(
+            pool.map(
+                lambda i: enqueue_text(session_id, f"c{i % 20}", "1@s.whatsapp.net", f"t{i % 20}"),
+                range(60),
+            )
+        )
+    namespace["enqueuer"].close()
+    assert len(set(ids)) == 20  # each client id enqueued once, whatever its repeats
+    with Session(engine) as db:
+        assert db.query(Message).count() == 20
 
 
 async def test_the_fastapi_example(monkeypatch: pytest.MonkeyPatch) -> None:
