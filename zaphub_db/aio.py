@@ -27,16 +27,14 @@ import functools
 import inspect
 import logging
 import uuid
-import weakref
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.ext.asyncio import create_async_engine as sqlalchemy_create_async_engine
 from sqlalchemy.orm import Session
-from sqlalchemy.pool import NullPool
 
 from zaphub_db import engine as sync_engine
 from zaphub_db import enqueuer, routing
@@ -49,17 +47,18 @@ from zaphub_db.engine import (
 )
 from zaphub_db.errors import (
     ConnectionLostError,
-    DatabaseUnavailableError,
     TransientError,
     ValidationError,
     one_line,
-    quoted,
     translate_db_error,
 )
 from zaphub_db.models import Message, WhatsAppSession
 from zaphub_db.repositories import events, messages, queue, sessions, validation
 from zaphub_db.repositories.messages import BulkResult
 from zaphub_db.repositories.queue import QueueStats
+from zaphub_db.wakeups import AsyncListener, async_wait
+from zaphub_db.wakeups import async_stop_listening as stop_listening
+from zaphub_db.wakeups import async_wait_for_messages as wait_for_messages
 from zaphub_db.worker import default_worker_name
 from zaphub_db.worker_loop import (
     PermanentFailure,
@@ -248,127 +247,6 @@ def use_primary(db: AsyncSession) -> contextlib.AbstractContextManager[Session]:
     return routing.use_primary(db.sync_session)
 
 
-# --- Wake-ups -------------------------------------------------------------------
-
-
-class _AsyncListener:
-    """A connection of one task that LISTENs on the queue's channel."""
-
-    def __init__(self, connection: Any) -> None:
-        self.connection = connection
-        self.woken = asyncio.Event()
-        self.asyncpg = hasattr(connection, "add_listener")
-
-    @classmethod
-    async def start(cls, engine: AsyncEngine) -> _AsyncListener:
-        pooled = await engine.raw_connection()
-        connection = pooled.driver_connection
-        assert connection is not None
-        # Out of the pool: it listens as long as the task waits.
-        pooled.detach()
-        listener = cls(connection)
-        if listener.asyncpg:
-            await connection.add_listener(queue.CHANNEL, listener._notified)
-        else:
-            await connection.rollback()
-            await connection.set_autocommit(True)
-            await connection.execute(f"LISTEN {queue.CHANNEL}")
-        return listener
-
-    def _notified(self, *_: Any) -> None:
-        self.woken.set()
-
-    async def wait(self, timeout: float) -> bool:
-        if self.asyncpg:
-            # asyncpg delivers notifications to the callback as they arrive.
-            if not self.woken.is_set():
-                try:
-                    await asyncio.wait_for(self.woken.wait(), timeout)
-                except TimeoutError:
-                    return False
-            self.woken.clear()
-            if self.connection.is_closed():
-                raise ConnectionError("the listening connection closed")
-            return True
-        woken = False
-        async for _ in self.connection.notifies(timeout=timeout, stop_after=1):
-            woken = True
-        if woken:
-            async for _ in self.connection.notifies(timeout=0):
-                pass
-        return woken
-
-    async def close(self) -> None:
-        await self.connection.close()
-
-
-_listeners: weakref.WeakKeyDictionary[asyncio.Task[Any], dict[int, _AsyncListener]] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def _task_listeners() -> dict[int, _AsyncListener]:
-    task = asyncio.current_task()
-    if task is None:
-        raise RuntimeError("wait_for_messages must run inside an asyncio task")
-    return _listeners.setdefault(task, {})
-
-
-async def wait_for_messages(engine: AsyncEngine, timeout: float) -> bool:
-    """The async twin of :func:`zaphub_db.repositories.queue.wait_for_messages`.
-
-    The first call in a task starts listening on a connection of that task's
-    own and returns ``True`` at once (a commit made before the ``LISTEN`` was
-    heard by nobody: look at the queue); from then on a notification that
-    arrives between two calls is kept for the next.
-    Waiting sends no queries and uses no thread. Behind PgBouncer's
-    transaction pooling it polls, as the sync one does, unless the engine
-    was made with a ``listen_url``.
-    """
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout < 0:
-        raise ValidationError(
-            f"timeout must be a non-negative number of seconds, got {quoted(timeout)}"
-        )
-    return await _wait(engine, timeout, _task_listeners())
-
-
-async def _wait(engine: AsyncEngine, timeout: float, listeners: dict[int, _AsyncListener]) -> bool:
-    """The wait itself, on the listener ``listeners`` keeps for ``engine``."""
-    listen_url = sync_engine.listen_url_of(engine)
-    if listen_url is None and sync_engine.behind_transaction_pooler(engine):
-        seconds, result = queue.pooler_wait_seconds(timeout)
-        await asyncio.sleep(seconds)
-        return result
-    listener = listeners.get(id(engine))
-    if listener is None:
-        with contextlib.suppress(
-            OSError, OperationalError, DBAPIError, TransientError, DatabaseUnavailableError
-        ):  # no server to listen to: the caller's next query will say why
-            listeners[id(engine)] = await _AsyncListener.start(
-                engine
-                if listen_url is None
-                else sqlalchemy_create_async_engine(
-                    listen_url.set(drivername=engine.url.drivername), poolclass=NullPool
-                )
-            )
-        # Not listening until now: a commit may have gone unheard (see the sync twin).
-        return True
-    try:
-        return await listener.wait(timeout)
-    except Exception:  # a broken listening connection: something may have been missed
-        listeners.pop(id(engine), None)
-        with contextlib.suppress(Exception):  # it is broken already
-            await listener.close()
-        return True
-
-
-async def stop_listening(engine: AsyncEngine) -> None:
-    """Close this task's listening connection on ``engine``, if it has one."""
-    listener = _task_listeners().pop(id(engine), None)
-    if listener is not None:
-        await listener.close()
-
-
 # --- The worker -----------------------------------------------------------------
 
 Handler = Callable[[Message], "Awaitable[str | None] | str | None"]
@@ -398,13 +276,13 @@ class _TaskPort:
         self.handler = handler
         self.stop = stop
         # The port's own listener: the loop waits from tasks of its own making.
-        self.listeners: dict[int, _AsyncListener] = {}
+        self.listeners: dict[int, AsyncListener] = {}
 
     async def transact(self, work: Callable[[Session], R]) -> R:
         return await _in_transaction(self.engine, work)
 
     async def wait_for_messages(self, timeout: float) -> bool:
-        return await _wait(self.engine, timeout, self.listeners)
+        return await async_wait(self.engine, timeout, self.listeners)
 
     async def send(self, message: Message) -> object:
         result = self.handler(message)

@@ -28,6 +28,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
+from zaphub_db import wakeups
 from zaphub_db.errors import translate_db_error
 from zaphub_db.models import Message
 from zaphub_db.repositories import queue
@@ -88,7 +89,7 @@ class _ThreadPort:
     async def wait_for_messages(self, timeout: float) -> bool:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
-            self.listener, queue.wait_for_messages, self.engine, timeout
+            self.listener, wakeups.wait_for_messages, self.engine, timeout
         )
 
     async def send(self, message: Message) -> object:
@@ -99,7 +100,7 @@ class _ThreadPort:
 
     async def close(self) -> None:
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self.listener, queue.stop_listening, self.engine)
+        await loop.run_in_executor(self.listener, wakeups.stop_listening, self.engine)
         for pool in (self.database, self.listener, self.senders):
             pool.shutdown(wait=False)
 

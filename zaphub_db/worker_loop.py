@@ -98,7 +98,7 @@ class Port(Protocol):
         ...
 
     async def wait_for_messages(self, timeout: float) -> bool:
-        """:func:`zaphub_db.repositories.queue.wait_for_messages`, from one listener."""
+        """:func:`zaphub_db.wakeups.wait_for_messages`, from one listener."""
         ...
 
     async def send(self, message: Message) -> object:

@@ -1,4 +1,4 @@
-"""The outbound queue: claims with a lease, chat order, batch acks, recovery, wake-ups.
+"""The outbound queue: claims with a lease, chat order, batch acks, recovery.
 
 How a worker uses it (``zaphub_db.worker.run_worker`` does all of this):
 
@@ -16,28 +16,25 @@ How a worker uses it (``zaphub_db.worker.run_worker`` does all of this):
 Delivery is at least once: a worker that dies after sending and before its
 ack leaves the message to be sent again after the lease lapses; that repeat
 is counted in ``attempts``.
+
+Waiting for work (``wait_for_messages``, ``stop_listening``) lives in
+:mod:`zaphub_db.wakeups` and is re-exported here.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import random
-import threading
-import time
 import uuid
-import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import cache
 from typing import Any
 
-import psycopg
 from sqlalchemy import (
     Boolean,
     ColumnElement,
-    Engine,
     Executable,
     Float,
     Integer,
@@ -47,7 +44,6 @@ from sqlalchemy import (
     bindparam,
     case,
     cast,
-    create_engine,
     exists,
     func,
     literal_column,
@@ -58,13 +54,10 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects.postgresql import ARRAY, UUID
-from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.util import identity_key
-from sqlalchemy.pool import NullPool
 
-from zaphub_db.engine import behind_transaction_pooler, listen_url_of
-from zaphub_db.errors import DatabaseUnavailableError, TransientError, ValidationError, quoted
+from zaphub_db.errors import ValidationError, quoted
 from zaphub_db.models import Message, MessageStatus
 from zaphub_db.repositories import validation
 from zaphub_db.repositories.execution import Loading, all_of, execute, first, loading
@@ -76,6 +69,12 @@ from zaphub_db.repositories.messages import (
     _const,
     _table,
     allowed_sources,
+)
+from zaphub_db.wakeups import (  # re-exported: the queue's public names since 0.1
+    CHANNEL,
+    POOLER_POLL_INTERVAL,
+    stop_listening,
+    wait_for_messages,
 )
 
 logger = logging.getLogger(__name__)
@@ -92,8 +91,6 @@ MAX_LEASE = timedelta(days=30)
 DEFAULT_LEASE = timedelta(minutes=5)
 ACK_BATCH_SIZE = 10_000
 CLAIM_LIMIT_MAX = 10_000
-# The channel the triggers of revision 0007 notify when a message becomes claimable.
-CHANNEL = "zaphub_messages"
 # Claims that limit in-flight messages per session take this transaction-level
 # advisory lock first (see claim_queued_messages). "zaphub" + "q" in ASCII.
 IN_FLIGHT_LOCK_KEY = 0x7A617068756271
@@ -710,122 +707,6 @@ def queue_stats(db: Session, *, session_id: uuid.UUID | str | None = None) -> Qu
     key = None if session_id is None else validation.as_uuid(session_id, "session_id")
     row = execute(db, _STATS, {"session_id": key}).one()
     return QueueStats(*tuple(row))
-
-
-# --- Wake-ups -------------------------------------------------------------------
-
-
-class _Listener:
-    """A connection of one thread that LISTENs on the queue's channel."""
-
-    def __init__(self, engine: Engine) -> None:
-        pooled = engine.raw_connection()
-        connection = pooled.driver_connection
-        if not isinstance(connection, psycopg.Connection):
-            pooled.close()
-            raise ValidationError(
-                "wait_for_messages needs a psycopg engine (postgresql+psycopg://), got "
-                f"{engine.dialect.driver}"
-            )
-        # Out of the pool: it LISTENs for as long as the thread waits, and must
-        # never be handed to another user with the registration still on it.
-        pooled.detach()
-        connection.rollback()
-        connection.autocommit = True
-        connection.execute(f"LISTEN {CHANNEL}")
-        self.connection: psycopg.Connection[Any] = connection
-
-    def wait(self, timeout: float) -> bool:
-        woken = any(True for _ in self.connection.notifies(timeout=timeout, stop_after=1))
-        if woken:
-            # Several commits may have notified while we were busy: one
-            # wake-up serves them all.
-            for _ in self.connection.notifies(timeout=0):
-                pass
-        return woken
-
-    def close(self) -> None:
-        self.connection.close()
-
-
-# Behind a transaction pooler no notification can reach a listener: LISTEN is
-# session state, and the server connection it ran on serves other clients
-# once the statement ends. A wait there ends after this long with "maybe",
-# and the caller's claim (one indexed statement) finds out.
-POOLER_POLL_INTERVAL = 0.25
-
-
-def pooler_wait_seconds(timeout: float) -> tuple[float, bool]:
-    """How long a wait behind a transaction pooler sleeps, and what it then returns."""
-    if timeout < POOLER_POLL_INTERVAL:
-        return timeout, False
-    return POOLER_POLL_INTERVAL, True
-
-
-_listeners: weakref.WeakKeyDictionary[Engine, threading.local] = weakref.WeakKeyDictionary()
-_listeners_lock = threading.Lock()
-
-
-def wait_for_messages(engine: Engine, timeout: float) -> bool:
-    """Wait until a message may have become claimable; ``False`` after ``timeout`` seconds.
-
-    Returns ``True`` on a notification on channel ``zaphub_messages``: a
-    commit that inserted queued messages, requeued or recovered some. The
-    first call in a thread starts listening on a connection of that thread's
-    own, outside the engine's pool, and returns ``True`` at once without
-    waiting: a commit made before the ``LISTEN`` was heard by nobody, so the
-    caller should look at the queue. From then on notifications that arrive
-    between two calls are kept for the next one, so a worker that claims,
-    works and then waits misses nothing. Waiting sends no queries. If the
-    listening connection breaks, the call returns ``True`` (something may
-    have been missed) and the next one listens again.
-
-    Behind PgBouncer's transaction pooling (an engine made for a URL with
-    ``pgbouncer=true``) LISTEN cannot work, so the wait polls instead: it
-    returns ``True`` after ``POOLER_POLL_INTERVAL`` seconds (``False`` if
-    ``timeout`` is shorter), and the caller's next claim is the poll. An
-    engine made with ``listen_url`` (``zaphub_db.create_engine``) listens
-    on a connection to that URL instead, and so does not poll.
-    """
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout < 0:
-        raise ValidationError(
-            f"timeout must be a non-negative number of seconds, got {quoted(timeout)}"
-        )
-    listen_url = listen_url_of(engine)
-    if listen_url is None and behind_transaction_pooler(engine):
-        seconds, result = pooler_wait_seconds(timeout)
-        time.sleep(seconds)
-        return result
-    with _listeners_lock:
-        local = _listeners.setdefault(engine, threading.local())
-    listener: _Listener | None = getattr(local, "listener", None)
-    if listener is None:
-        with contextlib.suppress(
-            psycopg.OperationalError, OperationalError, TransientError, DatabaseUnavailableError
-        ):
-            # No server to listen to: the caller's next query will say why.
-            local.listener = _Listener(
-                engine if listen_url is None else create_engine(listen_url, poolclass=NullPool)
-            )
-        # Not listening until now, so a commit may have gone unheard: "maybe",
-        # at once. The caller's claim finds out, and later waits miss nothing.
-        return True
-    try:
-        return listener.wait(timeout)
-    except psycopg.Error:
-        listener.close()
-        local.listener = None
-        return True
-
-
-def stop_listening(engine: Engine) -> None:
-    """Close this thread's listening connection on ``engine``, if it has one."""
-    with _listeners_lock:
-        local = _listeners.get(engine)
-    listener: _Listener | None = getattr(local, "listener", None) if local else None
-    if listener is not None:
-        listener.close()
-        local.listener = None  # type: ignore[union-attr]
 
 
 __all__ = [
