@@ -362,7 +362,7 @@ class Enqueuer:
             asyncio.Queue()
         )
         self._tasks: list[asyncio.Task[None]] = []
-        self._closed = False
+        self.closed = False  # set by close(): later calls are refused
 
     async def __aenter__(self) -> Enqueuer:
         return self
@@ -373,7 +373,7 @@ class Enqueuer:
     async def get_or_create_message(self, **arguments: Any) -> tuple[Message, bool]:
         """``get_or_create_message(db, **arguments)``, committed; ``(message, created)``."""
         row = enqueuer.message_params(**arguments)
-        if self._closed:
+        if self.closed:
             raise ValidationError("this Enqueuer is closed")
         if not self._tasks:
             self._tasks = [
@@ -398,7 +398,7 @@ class Enqueuer:
 
     async def close(self) -> None:
         """Write what was asked already, then end the writer tasks. Idempotent."""
-        self._closed = True
+        self.closed = True
         tasks, self._tasks = self._tasks, []
         for _task in tasks:
             self._calls.put_nowait(({}, None))

@@ -237,9 +237,9 @@ class Enqueuer:
         self._calls: queue.SimpleQueue[tuple[dict[str, Any], Future[Outcome] | None]] = (
             queue.SimpleQueue()
         )
-        self._lock = threading.Lock()
+        self._enqueue_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
-        self._closed = False
+        self.closed = False  # set by close(): later calls are refused
 
     def __enter__(self) -> Enqueuer:
         return self
@@ -251,8 +251,8 @@ class Enqueuer:
         """``get_or_create_message(db, **arguments)``, committed; ``(message, created)``."""
         row = message_params(**arguments)
         future: Future[Outcome] = Future()
-        with self._lock:
-            if self._closed:
+        with self._enqueue_lock:
+            if self.closed:
                 raise ValidationError("this Enqueuer is closed")
             if not self._threads:
                 self._threads = [
@@ -278,8 +278,8 @@ class Enqueuer:
 
     def close(self) -> None:
         """Write what was asked already, then stop the writer threads. Idempotent."""
-        with self._lock:
-            self._closed = True
+        with self._enqueue_lock:
+            self.closed = True
             threads, self._threads = self._threads, []
             for _thread in threads:
                 self._calls.put(_STOP)

@@ -44,68 +44,29 @@ from zaphub_db.models import (
 )
 from zaphub_db.repositories import validation
 from zaphub_db.repositories.execution import Loading, all_of, execute, first, loading, paginate
+from zaphub_db.repositories.lifecycle import (
+    CLAIMABLE,
+    STATUS_TIMESTAMP,
+    allowed_sources,
+    message_columns,
+    messages_table,
+    status_literal,
+)
 
 logger = logging.getLogger(__name__)
 
-_table = cast(Table, Message.__table__)
-_c = _table.c
 _sessions = cast(Table, WhatsAppSession.__table__)
-
-# The column stamped when a message reaches each status.
-STATUS_TIMESTAMP = {
-    MessageStatus.QUEUED: "queued_at",
-    MessageStatus.PROCESSING: "processing_at",
-    MessageStatus.SENT: "sent_at",
-    MessageStatus.DELIVERED: "delivered_at",
-    MessageStatus.READ: "read_at",
-    MessageStatus.FAILED: "failed_at",
-    MessageStatus.DLQ: "failed_at",
-}
-_PROGRESSION = (
-    MessageStatus.QUEUED,
-    MessageStatus.PROCESSING,
-    MessageStatus.SENT,
-    MessageStatus.DELIVERED,
-    MessageStatus.READ,
-)
-_ACKS = (MessageStatus.SENT, MessageStatus.DELIVERED, MessageStatus.READ)
-_UNSENT = (MessageStatus.QUEUED, MessageStatus.PROCESSING)
-_DEAD = (MessageStatus.FAILED, MessageStatus.DLQ)
-
-
-def _const(status: MessageStatus) -> ColumnElement[str]:
-    """A status as an SQL literal, not a bound parameter.
-
-    The planner then sees it when it plans the statement, also a prepared
-    one, and can use the partial indexes on ``status = 'queued'`` and
-    ``status = 'processing'``; and IN lists need no per-call expansion.
-    """
-    return literal_column(f"'{status.value}'", String)
-
-
-def allowed_sources(target: MessageStatus) -> tuple[MessageStatus, ...]:
-    """The statuses from which ``update_message_status`` may move to ``target``.
-
-    Along queued → processing → sent → delivered → read a message only moves
-    forwards (WhatsApp acks arrive out of order). ``failed`` and ``dlq`` apply
-    to messages not yet sent. A delivery ack also applies to a failed or
-    dead-lettered message: it proves the message went out.
-    """
-    if target in _PROGRESSION:
-        earlier = _PROGRESSION[: _PROGRESSION.index(target)]
-        return earlier + (_DEAD if target in _ACKS else ())
-    return _UNSENT + tuple(s for s in _DEAD if s != target)
 
 
 def _create_statement() -> Loading[Message, Any]:
     status = bindparam("status", type_=String)
-    session_id = bindparam("session_id", type_=_c.session_id.type)
+    session_id = bindparam("session_id", type_=message_columns.session_id.type)
     # Each timestamp column is stamped when the initial status is one it records.
     statuses_of: dict[str, list[MessageStatus]] = {}
     for value, column in STATUS_TIMESTAMP.items():
         statuses_of.setdefault(column, []).append(value)
     stamps = {
-        column: case((status.in_([_const(v) for v in values]), func.now()))
+        column: case((status.in_([status_literal(v) for v in values]), func.now()))
         for column, values in statuses_of.items()
     }
     columns = {
@@ -130,49 +91,51 @@ def _create_statement() -> Loading[Message, Any]:
     )
     source = select(*columns.values()).where(session_exists)
     statement = (
-        pg_insert(_table)
+        pg_insert(messages_table)
         .from_select(list(columns), source)
-        .on_conflict_do_nothing(index_elements=[_c.session_id, _c.message_id])
-        .returning(*_c)
+        .on_conflict_do_nothing(
+            index_elements=[message_columns.session_id, message_columns.message_id]
+        )
+        .returning(*message_columns)
     )
     return loading(Message, statement)
 
 
 _CREATE = _create_statement()
-_BY_ID = loading(Message, select(_table).where(_c.id == bindparam("id")))
+_BY_ID = loading(Message, select(messages_table).where(message_columns.id == bindparam("id")))
 _BY_KEY = loading(
     Message,
-    select(_table).where(
-        _c.session_id == bindparam("session_id"), _c.message_id == bindparam("message_id")
+    select(messages_table).where(
+        message_columns.session_id == bindparam("session_id"),
+        message_columns.message_id == bindparam("message_id"),
     ),
 )
-_BY_SESSION = loading(Message, select(_table).where(_c.session_id == bindparam("session_id")))
+_BY_SESSION = loading(
+    Message, select(messages_table).where(message_columns.session_id == bindparam("session_id"))
+)
 _BY_WA_ID = loading(
     Message,
-    select(_table)
+    select(messages_table)
     .where(
-        _c.session_id == bindparam("session_id"),
-        _c.wa_message_id == bindparam("wa_message_id"),
+        message_columns.session_id == bindparam("session_id"),
+        message_columns.wa_message_id == bindparam("wa_message_id"),
     )
-    .order_by(_c.created_at, _c.seq)
+    .order_by(message_columns.created_at, message_columns.seq)
     .limit(1),
 )
 _INCREMENT = loading(
     Message,
-    update(_table)
-    .where(_c.id == bindparam("locate_id"))
-    .values(attempts=_c.attempts + 1)
-    .returning(*_c),
-)
-# What a worker may take now: queued, attempts left, retry time reached.
-_CLAIMABLE = (
-    (_c.status == _const(MessageStatus.QUEUED))
-    & (_c.attempts < _c.max_attempts)
-    & (_c.available_at.is_(None) | (_c.available_at <= func.now()))
+    update(messages_table)
+    .where(message_columns.id == bindparam("locate_id"))
+    .values(attempts=message_columns.attempts + 1)
+    .returning(*message_columns),
 )
 _QUEUED = loading(
     Message,
-    select(_table).where(_CLAIMABLE).order_by(_c.created_at, _c.seq).limit(bindparam("limit")),
+    select(messages_table)
+    .where(CLAIMABLE)
+    .order_by(message_columns.created_at, message_columns.seq)
+    .limit(bindparam("limit")),
 )
 
 
@@ -182,8 +145,8 @@ def _status_update(target: MessageStatus, locate: ColumnElement[bool]) -> Loadin
     A refused move rewrites the row with its own values, so the statement
     always returns the current row: one round trip whatever the outcome.
     """
-    applies = _c.status.in_([_const(s) for s in allowed_sources(target)])
-    same = _c.status == _const(target)
+    applies = message_columns.status.in_([status_literal(s) for s in allowed_sources(target)])
+    same = message_columns.status == status_literal(target)
     stamp = STATUS_TIMESTAMP[target]
 
     def given(column: str, type_: Any) -> ColumnElement[Any]:
@@ -193,36 +156,36 @@ def _status_update(target: MessageStatus, locate: ColumnElement[bool]) -> Loadin
             if type_ is JSONB
             else bindparam(f"new_{column}", type_=type_)
         )
-        value = func.coalesce(new, _c[column])
-        return case((applies | same, value), else_=_c[column])
+        value = func.coalesce(new, message_columns[column])
+        return case((applies | same, value), else_=message_columns[column])
 
     statement = (
-        update(_table)
+        update(messages_table)
         .where(locate)
         .values(
             {
-                "status": case((applies, _const(target)), else_=_c.status),
+                "status": case((applies, status_literal(target)), else_=message_columns.status),
                 stamp: case(
                     (
                         applies,
                         func.coalesce(bindparam("at", type_=TIMESTAMP(timezone=True)), func.now()),
                     ),
-                    else_=_c[stamp],
+                    else_=message_columns[stamp],
                 ),
                 "error_message": given("error_message", Text),
                 "wa_message_id": given("wa_message_id", String),
-                "wa_timestamp": given("wa_timestamp", _c.wa_timestamp.type),
+                "wa_timestamp": given("wa_timestamp", message_columns.wa_timestamp.type),
                 "wa_response": given("wa_response", JSONB),
             }
         )
-        .returning(*_c)
+        .returning(*message_columns)
     )
     return loading(Message, statement)
 
 
-_BY_ID_LOCATOR = _c.id == bindparam("locate_id")
-_BY_WA_LOCATOR = (_c.session_id == bindparam("locate_session_id")) & (
-    _c.wa_message_id == bindparam("locate_wa_message_id")
+_BY_ID_LOCATOR = message_columns.id == bindparam("locate_id")
+_BY_WA_LOCATOR = (message_columns.session_id == bindparam("locate_session_id")) & (
+    message_columns.wa_message_id == bindparam("locate_wa_message_id")
 )
 _STATUS_BY_ID = {s: _status_update(s, _BY_ID_LOCATOR) for s in MessageStatus}
 _STATUS_BY_WA_ID = {s: _status_update(s, _BY_WA_LOCATOR) for s in MessageStatus}
@@ -395,12 +358,15 @@ def get_messages_by_session(
     statement = _BY_SESSION.statement
     if status is not None:
         params["status"] = validation.choice(status, MessageStatus, "status")
-        statement = statement.where(_c.status == bindparam("status"))
+        statement = statement.where(message_columns.status == bindparam("status"))
     if direction is not None:
         params["direction"] = validation.choice(direction, MessageDirection, "direction")
-        statement = statement.where(_c.direction == bindparam("direction"))
+        statement = statement.where(message_columns.direction == bindparam("direction"))
     statement = paginate(
-        statement.order_by(_c.created_at.desc(), _c.seq.desc()), params, limit, offset
+        statement.order_by(message_columns.created_at.desc(), message_columns.seq.desc()),
+        params,
+        limit,
+        offset,
     )
     return all_of(db, _BY_SESSION.derived(statement), params)
 
@@ -534,7 +500,7 @@ _APPLY_RECEIPTS = text(
     FROM target t
     WHERE m.id = t.id
     """
-).bindparams(bindparam("session_id", type_=_c.session_id.type))
+).bindparams(bindparam("session_id", type_=message_columns.session_id.type))
 _RECEIPT_KEYS = {"wa_message_id", "status", "at", "wa_timestamp"}
 
 
@@ -661,11 +627,11 @@ _BULK_INSERT = text(
     ON CONFLICT (session_id, message_id) DO NOTHING
     RETURNING message_id
     """
-).bindparams(bindparam("session_id", type_=_c.session_id.type))
+).bindparams(bindparam("session_id", type_=message_columns.session_id.type))
 _BULK_EXISTING = text(
     "SELECT message_id, id, direction, jid, type, payload FROM messages "
     "WHERE session_id = :session_id AND message_id = ANY(CAST(:message_ids AS varchar[]))"
-).bindparams(bindparam("session_id", type_=_c.session_id.type))
+).bindparams(bindparam("session_id", type_=message_columns.session_id.type))
 
 
 @dataclass(frozen=True)

@@ -61,14 +61,14 @@ from zaphub_db.errors import ValidationError, quoted
 from zaphub_db.models import Message, MessageStatus
 from zaphub_db.repositories import validation
 from zaphub_db.repositories.execution import Loading, all_of, execute, first, loading
-from zaphub_db.repositories.messages import (
-    _CLAIMABLE,
-    _DEAD,
-    _UNSENT,
-    _c,
-    _const,
-    _table,
+from zaphub_db.repositories.lifecycle import (
+    CLAIMABLE,
+    DEAD,
+    UNSENT,
     allowed_sources,
+    message_columns,
+    messages_table,
+    status_literal,
 )
 from zaphub_db.wakeups import (  # re-exported: the queue's public names since 0.1
     CHANNEL,
@@ -95,8 +95,8 @@ CLAIM_LIMIT_MAX = 10_000
 # advisory lock first (see claim_queued_messages). "zaphub" + "q" in ASCII.
 IN_FLIGHT_LOCK_KEY = 0x7A617068756271
 
-_QUEUED = _const(MessageStatus.QUEUED)
-_PROCESSING = _const(MessageStatus.PROCESSING)
+_QUEUED = status_literal(MessageStatus.QUEUED)
+_PROCESSING = status_literal(MessageStatus.PROCESSING)
 
 
 # --- Claims -------------------------------------------------------------------
@@ -110,9 +110,9 @@ def _claim_statement(*, ordered: bool, limited: bool, one_session: bool) -> Load
     and ``LIMIT`` (a plain ``id IN (subquery LIMIT n)`` may be re-evaluated
     and update more than n rows); the UPDATE claims what it picked.
     """
-    where: list[ColumnElement[bool]] = [_CLAIMABLE]
+    where: list[ColumnElement[bool]] = [CLAIMABLE]
     if one_session:
-        where.append(_c.session_id == bindparam("claim_session_id"))
+        where.append(message_columns.session_id == bindparam("claim_session_id"))
     if ordered:
         # Chat order: nothing earlier in the chat is unfinished, and nothing in
         # the chat is in flight. At most one message per chat passes in any
@@ -120,24 +120,27 @@ def _claim_statement(*, ordered: bool, limited: bool, one_session: bool) -> Load
         # queued and processing block the rest, so concurrent claimers, which
         # lock with SKIP LOCKED and re-check the status of what they lock,
         # never take two messages of one chat at once.
-        other = _table.alias("chat")
+        other = messages_table.alias("chat")
         where.append(
             ~exists(
                 select(literal_column("1"))
                 .select_from(other)
                 .where(
-                    other.c.session_id == _c.session_id,
-                    other.c.jid == _c.jid,
+                    other.c.session_id == message_columns.session_id,
+                    other.c.jid == message_columns.jid,
                     other.c.status.in_([_QUEUED, _PROCESSING]),
                     (other.c.status == _PROCESSING)
-                    | (tuple_(other.c.created_at, other.c.seq) < tuple_(_c.created_at, _c.seq)),
+                    | (
+                        tuple_(other.c.created_at, other.c.seq)
+                        < tuple_(message_columns.created_at, message_columns.seq)
+                    ),
                 )
             )
         )
-    order = (_c.created_at, _c.seq)
+    order = (message_columns.created_at, message_columns.seq)
     if not limited:
         batch = (
-            select(_c.id)
+            select(message_columns.id)
             .where(*where)
             .order_by(*order)
             .limit(bindparam("limit"))
@@ -151,16 +154,24 @@ def _claim_statement(*, ordered: bool, limited: bool, one_session: bool) -> Load
         # above the limit. Candidates a concurrent claimer holds still count
         # against their session's room: a batch may come out smaller, never
         # over the limit.
-        flying = _table.alias("flying")
+        flying = messages_table.alias("flying")
         busy = (
             select(func.count())
             .select_from(flying)
-            .where(flying.c.session_id == _c.session_id, flying.c.status == _PROCESSING)
+            .where(
+                flying.c.session_id == message_columns.session_id, flying.c.status == _PROCESSING
+            )
             .scalar_subquery()
         )
         room = bindparam("max_in_flight", type_=Integer)
         candidates = (
-            select(_c.id, _c.session_id, _c.created_at, _c.seq, busy.label("busy"))
+            select(
+                message_columns.id,
+                message_columns.session_id,
+                message_columns.created_at,
+                message_columns.seq,
+                busy.label("busy"),
+            )
             .where(*where, busy < room)
             .order_by(*order)
             .limit(bindparam("limit"))
@@ -174,26 +185,26 @@ def _claim_statement(*, ordered: bool, limited: bool, one_session: bool) -> Load
         )
         ranked = select(candidates.c.id, (candidates.c.busy + rank).label("load")).cte("ranked")
         batch = (
-            select(_c.id)
-            .select_from(_table.join(ranked, ranked.c.id == _c.id))
-            .where(ranked.c.load <= room, _CLAIMABLE)
+            select(message_columns.id)
+            .select_from(messages_table.join(ranked, ranked.c.id == message_columns.id))
+            .where(ranked.c.load <= room, CLAIMABLE)
             .order_by(*order)
             .limit(bindparam("limit"))
-            .with_for_update(of=_table, skip_locked=True)
+            .with_for_update(of=messages_table, skip_locked=True)
             .cte("batch")
             .prefix_with("MATERIALIZED")
         )
     statement = (
-        update(_table)
-        .where(_c.id == batch.c.id)
+        update(messages_table)
+        .where(message_columns.id == batch.c.id)
         .values(
             status=_PROCESSING,
             processing_at=func.now(),
-            attempts=_c.attempts + 1,
+            attempts=message_columns.attempts + 1,
             lease_expires_at=func.now() + cast(bindparam("lease"), Interval),
             claimed_by=bindparam("worker", type_=String),
         )
-        .returning(*_c)
+        .returning(*message_columns)
     )
     return loading(Message, statement)
 
@@ -439,31 +450,32 @@ def _expire(db: Session, ids: Iterable[uuid.UUID], columns: tuple[str, ...]) -> 
 
 # --- Failures, recovery, requeue ------------------------------------------------
 
-_UNSENT_NOW = _c.status.in_([_const(s) for s in _UNSENT])
-_ATTEMPTS_LEFT = _c.attempts < _c.max_attempts
+_UNSENT_NOW = message_columns.status.in_([status_literal(s) for s in UNSENT])
+_ATTEMPTS_LEFT = message_columns.attempts < message_columns.max_attempts
 _RETRYABLE = bindparam("retryable", type_=Boolean)
 _RETRY = _RETRYABLE & _ATTEMPTS_LEFT
 _BACKOFF_SECONDS = func.least(
     BACKOFF_CAP.total_seconds(),
-    BACKOFF_BASE.total_seconds() * func.power(2, func.greatest(_c.attempts - 1, 0)),
+    BACKOFF_BASE.total_seconds() * func.power(2, func.greatest(message_columns.attempts - 1, 0)),
 ) * bindparam("jitter", type_=Float)
 # Fencing: a report from the worker of an earlier attempt (its lease lapsed
 # and the message was claimed again) must not touch the current attempt.
 _CURRENT = _UNSENT_NOW & (
-    cast(bindparam("attempt"), Integer).is_(None) | (_c.attempts == bindparam("attempt"))
+    cast(bindparam("attempt"), Integer).is_(None)
+    | (message_columns.attempts == bindparam("attempt"))
 )
 _MARK_FAILED = loading(
     Message,
-    update(_table)
-    .where(_c.id == bindparam("locate_id"))
+    update(messages_table)
+    .where(message_columns.id == bindparam("locate_id"))
     .values(
         # Only messages not yet sent can fail; others are returned unchanged
         # (a late failure report must not undo a delivery ack).
         status=case(
-            (~_CURRENT, _c.status),
+            (~_CURRENT, message_columns.status),
             (_RETRY, _QUEUED),
-            (_RETRYABLE, _const(MessageStatus.DLQ)),
-            else_=_const(MessageStatus.FAILED),
+            (_RETRYABLE, status_literal(MessageStatus.DLQ)),
+            else_=status_literal(MessageStatus.FAILED),
         ),
         available_at=case(
             (
@@ -474,15 +486,16 @@ _MARK_FAILED = loading(
                     func.make_interval(0, 0, 0, 0, 0, 0, _BACKOFF_SECONDS),
                 ),
             ),
-            else_=_c.available_at,
+            else_=message_columns.available_at,
         ),
-        failed_at=case((_CURRENT, func.now()), else_=_c.failed_at),
+        failed_at=case((_CURRENT, func.now()), else_=message_columns.failed_at),
         error_message=case(
-            (_CURRENT, bindparam("new_error_message", type_=Text)), else_=_c.error_message
+            (_CURRENT, bindparam("new_error_message", type_=Text)),
+            else_=message_columns.error_message,
         ),
-        lease_expires_at=case((_CURRENT, None), else_=_c.lease_expires_at),
+        lease_expires_at=case((_CURRENT, None), else_=message_columns.lease_expires_at),
     )
-    .returning(*_c),
+    .returning(*message_columns),
 )
 
 
@@ -535,28 +548,28 @@ def mark_message_failed(
 
 def _recover_statement() -> Executable:
     older_than = cast(bindparam("older_than"), Interval)
-    lapsed = (_c.lease_expires_at < func.now()) | (
-        _c.lease_expires_at.is_(None)
+    lapsed = (message_columns.lease_expires_at < func.now()) | (
+        message_columns.lease_expires_at.is_(None)
         & older_than.is_not(None)
-        & (_c.processing_at < func.now() - older_than)
+        & (message_columns.processing_at < func.now() - older_than)
     )
     stalled = (
-        select(_c.id)
-        .where(_c.status == _PROCESSING, lapsed)
+        select(message_columns.id)
+        .where(message_columns.status == _PROCESSING, lapsed)
         # A row another transaction is changing right now (an ack) is left to it.
         .with_for_update(skip_locked=True)
         .cte("stalled")
         .prefix_with("MATERIALIZED")
     )
     return (
-        update(_table)
-        .where(_c.id == stalled.c.id)
+        update(messages_table)
+        .where(message_columns.id == stalled.c.id)
         .values(
-            status=case((_ATTEMPTS_LEFT, _QUEUED), else_=_const(MessageStatus.DLQ)),
-            failed_at=case((_ATTEMPTS_LEFT, _c.failed_at), else_=func.now()),
+            status=case((_ATTEMPTS_LEFT, _QUEUED), else_=status_literal(MessageStatus.DLQ)),
+            failed_at=case((_ATTEMPTS_LEFT, message_columns.failed_at), else_=func.now()),
             error_message=case(
-                (_ATTEMPTS_LEFT, _c.error_message),
-                else_=func.coalesce(_c.error_message, "lease lapsed in processing"),
+                (_ATTEMPTS_LEFT, message_columns.error_message),
+                else_=func.coalesce(message_columns.error_message, "lease lapsed in processing"),
             ),
             available_at=None,
             lease_expires_at=None,
@@ -596,22 +609,25 @@ _REQUEUE_VALUES = {
 }
 _REQUEUE = loading(
     Message,
-    update(_table)
-    .where(_c.id == bindparam("locate_id"))
+    update(messages_table)
+    .where(message_columns.id == bindparam("locate_id"))
     .values(
         {
-            column: case((_c.status.in_([_const(s) for s in _DEAD]), value), else_=_c[column])
+            column: case(
+                (message_columns.status.in_([status_literal(s) for s in DEAD]), value),
+                else_=message_columns[column],
+            )
             for column, value in _REQUEUE_VALUES.items()
         }
     )
-    .returning(*_c),
+    .returning(*message_columns),
 )
 _REQUEUE_DLQ = (
-    update(_table)
+    update(messages_table)
     .where(
-        _c.status == _const(MessageStatus.DLQ),
+        message_columns.status == status_literal(MessageStatus.DLQ),
         cast(bindparam("in_session"), UUID).is_(None)
-        | (_c.session_id == cast(bindparam("in_session"), UUID)),
+        | (message_columns.session_id == cast(bindparam("in_session"), UUID)),
     )
     .values(_REQUEUE_VALUES)
 )
