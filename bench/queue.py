@@ -127,7 +127,7 @@ def run(engine: Engine, dsn: str, *, quick: bool) -> str:
     url = engine.url.render_as_string(hide_password=False)
     rows = []
     for ordered in (True, False):
-        statement = queue._claim_statement(ordered=ordered, limited=False, one_session=False)
+        statement = queue.claim_statement(ordered=ordered, limited=False, one_session=False)
         claim_sql = driver_sql(engine, statement)
         claim_constants = constants(engine, statement)
         ack_sql = str(queue._MARK_SENT.compile(dialect=engine.dialect))

@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 
 from zaphub_db.errors import IdempotencyConflictError, NotFoundError
 from zaphub_db.models import Message, MessageStatus, WhatsAppSession
+from zaphub_db.repositories import lifecycle
 from zaphub_db.repositories import messages as repo
 from zaphub_db.testing.factories import MessageFactory, SessionFactory
 
@@ -243,4 +244,4 @@ def test_get_queued_messages_skips_exhausted_and_other_statuses(db: Session) -> 
 
 
 def test_every_status_has_a_timestamp_column() -> None:
-    assert set(repo.STATUS_TIMESTAMP) == set(MessageStatus)
+    assert set(lifecycle.STATUS_TIMESTAMP) == set(MessageStatus)

@@ -1,4 +1,4 @@
-"""Repository functions: all of zaphub_db's SQL lives in this package.
+"""Repository functions: the SQL of sessions, messages, events and the queue.
 
 Each function takes a SQLAlchemy ``Session`` first, flushes but never
 commits, and raises the errors of :mod:`zaphub_db.errors`.

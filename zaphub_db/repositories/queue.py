@@ -103,7 +103,7 @@ _PROCESSING = status_literal(MessageStatus.PROCESSING)
 
 
 @cache
-def _claim_statement(*, ordered: bool, limited: bool, one_session: bool) -> Loading[Message, Any]:
+def claim_statement(*, ordered: bool, limited: bool, one_session: bool) -> Loading[Message, Any]:
     """The claim for one combination of options, built on first use.
 
     A ``MATERIALIZED`` CTE picks the batch with ``FOR UPDATE SKIP LOCKED``
@@ -260,7 +260,7 @@ def claim_queued_messages(
         params["max_in_flight"] = validation.integer(
             max_in_flight_per_session, "max_in_flight_per_session", minimum=1
         )
-    statement = _claim_statement(
+    statement = claim_statement(
         ordered=ordered, limited=limited, one_session=session_id is not None
     )
     if limited:
