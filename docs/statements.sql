@@ -94,7 +94,7 @@ UPDATE messages SET status=CASE WHEN (messages.status IN ('queued', 'processing'
 -- messages._STATUS_BY_WA_ID[dlq]
 UPDATE messages SET status=CASE WHEN (messages.status IN ('queued', 'processing', 'failed')) THEN 'dlq' ELSE messages.status END, error_message=CASE WHEN (messages.status IN ('queued', 'processing', 'failed') OR messages.status = 'dlq') THEN coalesce(%(new_error_message)s::VARCHAR, messages.error_message) ELSE messages.error_message END, failed_at=CASE WHEN (messages.status IN ('queued', 'processing', 'failed')) THEN coalesce(%(at)s::TIMESTAMP WITH TIME ZONE, now()) ELSE messages.failed_at END, wa_message_id=CASE WHEN (messages.status IN ('queued', 'processing', 'failed') OR messages.status = 'dlq') THEN coalesce(%(new_wa_message_id)s::VARCHAR, messages.wa_message_id) ELSE messages.wa_message_id END, wa_timestamp=CASE WHEN (messages.status IN ('queued', 'processing', 'failed') OR messages.status = 'dlq') THEN coalesce(%(new_wa_timestamp)s::BIGINT, messages.wa_timestamp) ELSE messages.wa_timestamp END, wa_response=CASE WHEN (messages.status IN ('queued', 'processing', 'failed') OR messages.status = 'dlq') THEN coalesce(CAST(%(new_wa_response)s::VARCHAR AS JSONB), messages.wa_response) ELSE messages.wa_response END WHERE messages.session_id = %(locate_session_id)s::UUID AND messages.wa_message_id = %(locate_wa_message_id)s::VARCHAR RETURNING messages.id, messages.session_id, messages.message_id, messages.direction, messages.jid, messages.type, messages.payload, messages.status, messages.attempts, messages.max_attempts, messages.error_message, messages.created_at, messages.queued_at, messages.processing_at, messages.sent_at, messages.delivered_at, messages.read_at, messages.failed_at, messages.wa_message_id, messages.wa_timestamp, messages.wa_response, messages.available_at, messages.lease_expires_at, messages.claimed_by, messages.seq;
 
--- messages._APPLY_RECEIPTS
+-- receipts._APPLY_RECEIPTS
 WITH receipt AS (
         SELECT * FROM unnest(
             CAST(%(wa_message_ids)s AS varchar[]), CAST(%(ranks)s AS integer[]),
@@ -124,7 +124,7 @@ WITH receipt AS (
     FROM target t
     WHERE m.id = t.id;
 
--- messages._BULK_INSERT
+-- bulk._BULK_INSERT
 INSERT INTO messages (session_id, message_id, direction, jid, type, payload, status,
                           max_attempts, queued_at, processing_at, sent_at, delivered_at,
                           read_at, failed_at)
@@ -141,13 +141,14 @@ INSERT INTO messages (session_id, message_id, direction, jid, type, payload, sta
                 CAST(%(payloads)s AS jsonb[]), CAST(%(statuses)s AS varchar[]),
                 CAST(%(max_attempts)s AS integer[]))
          WITH ORDINALITY
-         AS t(message_id, direction, jid, type, payload, status, max_attempts, position)
+         AS t(message_id, direction, jid, type, payload, status, max_attempts,
+              position)
     WHERE EXISTS (SELECT 1 FROM sessions WHERE id = %(session_id)s::UUID FOR KEY SHARE)
     ORDER BY t.position
     ON CONFLICT (session_id, message_id) DO NOTHING
     RETURNING message_id;
 
--- messages._BULK_EXISTING
+-- bulk._BULK_EXISTING
 SELECT message_id, id, direction, jid, type, payload FROM messages WHERE session_id = %(session_id)s::UUID AND message_id = ANY(CAST(%(message_ids)s AS varchar[]));
 
 -- events._INSERT
@@ -253,10 +254,10 @@ INSERT INTO messages (session_id, message_id, direction, jid, type, payload, sta
            CASE WHEN t.status = 'delivered' THEN now() END,
            CASE WHEN t.status = 'read' THEN now() END,
            CASE WHEN t.status IN ('failed', 'dlq') THEN now() END
-    FROM unnest(CAST(%(session_ids)s AS uuid[]), CAST(%(message_ids)s AS varchar[]),
-                CAST(%(directions)s AS varchar[]), CAST(%(jids)s AS varchar[]),
-                CAST(%(types)s AS varchar[]), CAST(%(payloads)s AS jsonb[]),
-                CAST(%(statuses)s AS varchar[]), CAST(%(max_attempts)s AS integer[]))
+    FROM unnest(CAST(%(session_ids)s AS uuid[]), CAST(%(message_ids)s AS varchar[]), CAST(%(directions)s AS varchar[]),
+                CAST(%(jids)s AS varchar[]), CAST(%(types)s AS varchar[]),
+                CAST(%(payloads)s AS jsonb[]), CAST(%(statuses)s AS varchar[]),
+                CAST(%(max_attempts)s AS integer[]))
          WITH ORDINALITY
          AS t(session_id, message_id, direction, jid, type, payload, status, max_attempts,
               position)

@@ -23,7 +23,7 @@ def test_the_catalogue_holds_each_claim_variant_and_the_hot_statements() -> None
     assert len(claims) == 8
     for hot in (
         "messages._CREATE",
-        "messages._BULK_INSERT",
+        "bulk._BULK_INSERT",
         "queue._MARK_SENT",
         "enqueuer._INSERT",
     ):

@@ -40,7 +40,7 @@ from sqlalchemy.orm import Session
 
 from zaphub_db.errors import NotFoundError, TransientError, ValidationError, ZaphubDBError
 from zaphub_db.models import Message
-from zaphub_db.repositories import validation
+from zaphub_db.repositories import bulk, validation
 from zaphub_db.repositories.execution import database_errors
 from zaphub_db.repositories.messages import creation_params, idempotency_conflict
 from zaphub_db.worker import in_transaction
@@ -61,37 +61,9 @@ _STOP: tuple[dict[str, Any], None] = ({}, None)  # tells one writer to stop
 _columns = [column.name for column in Message.__table__.columns]
 _RETURNING = ", ".join(_columns)
 
-# The rows travel as arrays and unnest() turns them back into rows in the
-# given order (WITH ORDINALITY), so that seq follows it. A row whose session
-# does not exist is not inserted (FOR KEY SHARE holds each session against a
-# concurrent delete, as the foreign key check would); it is told apart from a
-# duplicate afterwards.
-_INSERT = text(
-    f"""
-    INSERT INTO messages (session_id, message_id, direction, jid, type, payload, status,
-                          max_attempts, queued_at, processing_at, sent_at, delivered_at,
-                          read_at, failed_at)
-    SELECT t.session_id, t.message_id, t.direction, t.jid, t.type, t.payload, t.status,
-           t.max_attempts,
-           CASE WHEN t.status = 'queued' THEN now() END,
-           CASE WHEN t.status = 'processing' THEN now() END,
-           CASE WHEN t.status = 'sent' THEN now() END,
-           CASE WHEN t.status = 'delivered' THEN now() END,
-           CASE WHEN t.status = 'read' THEN now() END,
-           CASE WHEN t.status IN ('failed', 'dlq') THEN now() END
-    FROM unnest(CAST(:session_ids AS uuid[]), CAST(:message_ids AS varchar[]),
-                CAST(:directions AS varchar[]), CAST(:jids AS varchar[]),
-                CAST(:types AS varchar[]), CAST(:payloads AS jsonb[]),
-                CAST(:statuses AS varchar[]), CAST(:max_attempts AS integer[]))
-         WITH ORDINALITY
-         AS t(session_id, message_id, direction, jid, type, payload, status, max_attempts,
-              position)
-    WHERE EXISTS (SELECT 1 FROM sessions WHERE id = t.session_id FOR KEY SHARE)
-    ORDER BY t.position
-    ON CONFLICT (session_id, message_id) DO NOTHING
-    RETURNING {_RETURNING}
-    """
-).columns(*Message.__table__.columns)
+_INSERT = text(bulk.insert_from_arrays(one_session=False, returning=_RETURNING)).columns(
+    *Message.__table__.columns
+)
 _EXISTING = text(
     f"""
     SELECT {_RETURNING} FROM messages

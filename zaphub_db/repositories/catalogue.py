@@ -36,10 +36,10 @@ from sqlalchemy import (
 from sqlalchemy.sql import ClauseElement
 
 from zaphub_db import enqueuer
-from zaphub_db.repositories import events, messages, queue, sessions
+from zaphub_db.repositories import bulk, events, messages, queue, receipts, sessions
 from zaphub_db.repositories.execution import Loading
 
-MODULES: tuple[ModuleType, ...] = (sessions, messages, events, queue, enqueuer)
+MODULES: tuple[ModuleType, ...] = (sessions, messages, receipts, bulk, events, queue, enqueuer)
 """The modules whose statements the catalogue lists, in this order."""
 
 

@@ -9,8 +9,7 @@ duplicate ``create_message`` two.
 import json
 import logging
 import uuid
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any, cast
 
@@ -24,17 +23,15 @@ from sqlalchemy import (
     case,
     exists,
     func,
-    inspect,
     literal_column,
     select,
-    text,
     update,
 )
 from sqlalchemy.dialects.postgresql import JSONB, TIMESTAMP
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
-from zaphub_db.errors import IdempotencyConflictError, NotFoundError, ValidationError, quoted
+from zaphub_db.errors import IdempotencyConflictError, NotFoundError, quoted
 from zaphub_db.models import (
     Message,
     MessageDirection,
@@ -43,7 +40,7 @@ from zaphub_db.models import (
     WhatsAppSession,
 )
 from zaphub_db.repositories import validation
-from zaphub_db.repositories.execution import Loading, all_of, execute, first, loading, paginate
+from zaphub_db.repositories.execution import Loading, all_of, first, loading, paginate
 from zaphub_db.repositories.lifecycle import (
     CLAIMABLE,
     STATUS_TIMESTAMP,
@@ -449,325 +446,37 @@ def get_queued_messages(db: Session, limit: int = 100) -> list[Message]:
     return all_of(db, _QUEUED, {"limit": checked})
 
 
-# --- Receipts -----------------------------------------------------------------
+# Re-exported: these were written here first, and are imported from here.
+from zaphub_db.repositories.bulk import (  # noqa: E402
+    BULK_BATCH_SIZE,
+    BulkConflict,
+    BulkResult,
+    bulk_create_messages,
+)
+from zaphub_db.repositories.receipts import (  # noqa: E402
+    RECEIPT_BATCH_SIZE,
+    update_message_statuses,
+)
 
-RECEIPT_BATCH_SIZE = 10_000
-# Where each status lies along the way a message goes; failed and dlq sit
-# below sent, since a delivery ack proves that such a message went out.
-_RANK = {
-    MessageStatus.QUEUED: 0,
-    MessageStatus.PROCESSING: 1,
-    MessageStatus.FAILED: 1,
-    MessageStatus.DLQ: 1,
-    MessageStatus.SENT: 2,
-    MessageStatus.DELIVERED: 3,
-    MessageStatus.READ: 4,
-}
-_RECEIPT_STATUSES = (MessageStatus.SENT, MessageStatus.DELIVERED, MessageStatus.READ)
-_RANK_SQL = " ".join(f"WHEN '{status.value}' THEN {rank}" for status, rank in _RANK.items())
-# One statement per batch: the receipts of each message travel pre-merged
-# (furthest status, and which statuses were seen with their times), the rows
-# are locked to read the status each had before the batch, and each stamp is
-# set when its status lies beyond that one.
-_APPLY_RECEIPTS = text(
-    f"""
-    WITH receipt AS (
-        SELECT * FROM unnest(
-            CAST(:wa_message_ids AS varchar[]), CAST(:ranks AS integer[]),
-            CAST(:has_sent AS boolean[]), CAST(:sent_ats AS timestamptz[]),
-            CAST(:has_delivered AS boolean[]), CAST(:delivered_ats AS timestamptz[]),
-            CAST(:has_read AS boolean[]), CAST(:read_ats AS timestamptz[]),
-            CAST(:wa_timestamps AS bigint[]))
-        AS r(wa_message_id, rank, has_sent, sent_at, has_delivered, delivered_at,
-             has_read, read_at, wa_timestamp)
-    ), target AS (
-        SELECT m.id, CASE m.status {_RANK_SQL} END AS before, receipt.*
-        FROM messages m JOIN receipt ON m.wa_message_id = receipt.wa_message_id
-        WHERE m.session_id = :session_id
-          AND receipt.rank > CASE m.status {_RANK_SQL} END
-        FOR NO KEY UPDATE OF m
-    )
-    UPDATE messages m SET
-        status = CASE t.rank WHEN 2 THEN 'sent' WHEN 3 THEN 'delivered' ELSE 'read' END,
-        sent_at = CASE WHEN t.has_sent AND t.before < 2
-                       THEN coalesce(t.sent_at, now()) ELSE m.sent_at END,
-        delivered_at = CASE WHEN t.has_delivered AND t.before < 3
-                            THEN coalesce(t.delivered_at, now()) ELSE m.delivered_at END,
-        read_at = CASE WHEN t.has_read AND t.before < 4
-                       THEN coalesce(t.read_at, now()) ELSE m.read_at END,
-        wa_timestamp = coalesce(t.wa_timestamp, m.wa_timestamp),
-        lease_expires_at = NULL
-    FROM target t
-    WHERE m.id = t.id
-    """
-).bindparams(bindparam("session_id", type_=message_columns.session_id.type))
-_RECEIPT_KEYS = {"wa_message_id", "status", "at", "wa_timestamp"}
-
-
-@dataclass
-class _MergedReceipts:
-    """Every receipt of one message in a batch."""
-
-    rank: int = 0
-    seen: dict[MessageStatus, datetime | None] = field(default_factory=dict)
-    wa_timestamp: int | None = None
-
-
-def _merge_receipt(merged: dict[str, _MergedReceipts], index: int, receipt: Any) -> None:
-    if not isinstance(receipt, Mapping):
-        raise ValidationError(f"receipt {index} must be a mapping, got {type(receipt).__name__}")
-    unknown = set(receipt) - _RECEIPT_KEYS
-    if unknown:
-        raise ValidationError(f"receipt {index} has unknown fields: {', '.join(sorted(unknown))}")
-    missing = {"wa_message_id", "status"} - set(receipt)
-    if missing:
-        raise ValidationError(f"receipt {index} lacks {', '.join(sorted(missing))}")
-    try:
-        wa_id = validation.text_value(receipt["wa_message_id"], "wa_message_id", 255)
-        status = MessageStatus(validation.choice(receipt["status"], MessageStatus, "status"))
-        if status not in _RECEIPT_STATUSES:
-            raise ValidationError(f"status of a receipt is sent, delivered or read, got {status}")
-        at = validation.timestamp(receipt.get("at"), "at")
-        wa_timestamp = receipt.get("wa_timestamp")
-        if wa_timestamp is not None:
-            wa_timestamp = validation.integer(
-                wa_timestamp, "wa_timestamp", -validation.INT8_MAX, validation.INT8_MAX
-            )
-    except ValidationError as exc:
-        raise ValidationError(f"receipt {index}: {exc}") from exc
-    entry = merged.setdefault(wa_id, _MergedReceipts())
-    if status not in entry.seen or at is not None:
-        entry.seen[status] = at
-    if _RANK[status] >= entry.rank:
-        entry.rank = _RANK[status]
-        if wa_timestamp is not None:
-            entry.wa_timestamp = wa_timestamp
-
-
-def update_message_statuses(
-    db: Session, session_id: uuid.UUID | str, receipts: Iterable[Mapping[str, Any]]
-) -> int:
-    """Apply a burst of WhatsApp delivery and read receipts; how many messages changed.
-
-    ``receipts`` are mappings with ``wa_message_id``, ``status`` (``sent``,
-    ``delivered`` or ``read``) and optionally ``at`` and ``wa_timestamp``.
-    One statement per ``RECEIPT_BATCH_SIZE`` messages. The rules of
-    :func:`update_message_status` apply to each message: it never moves
-    backwards, and a receipt also applies to a failed or dead-lettered
-    message. Several receipts for one message leave it at the furthest
-    status, and each receipt whose status lies beyond the message's status
-    before the batch stamps its own column (``read`` then ``delivered`` sets
-    both ``read_at`` and ``delivered_at``). Ids this session does not know are
-    ignored. Every receipt is checked before the first statement.
-    """
-    key = validation.as_uuid(session_id, "session_id")
-    merged: dict[str, _MergedReceipts] = {}
-    for index, receipt in enumerate(receipts):
-        _merge_receipt(merged, index, receipt)
-    items = list(merged.items())
-    changed = 0
-    for start in range(0, len(items), RECEIPT_BATCH_SIZE):
-        chunk = items[start : start + RECEIPT_BATCH_SIZE]
-        params: dict[str, Any] = {
-            "session_id": key,
-            "wa_message_ids": [wa_id for wa_id, _ in chunk],
-            "ranks": [entry.rank for _, entry in chunk],
-            "wa_timestamps": [entry.wa_timestamp for _, entry in chunk],
-        }
-        for status in _RECEIPT_STATUSES:
-            params[f"has_{status.value}"] = [status in entry.seen for _, entry in chunk]
-            params[f"{status.value}_ats"] = [entry.seen.get(status) for _, entry in chunk]
-        changed += execute(db, _APPLY_RECEIPTS, params).rowcount  # type: ignore[attr-defined]
-    if changed:
-        _expire_by_wa_id(db, key, set(merged))
-        logger.info("receipts applied session_id=%s changed=%d", key, changed)
-    return changed
-
-
-def _expire_by_wa_id(db: Session, session_id: uuid.UUID, wa_ids: set[str]) -> None:
-    """Expire the statuses and stamps of the messages ``db`` holds that the receipts moved."""
-    columns = ["status", "sent_at", "delivered_at", "read_at", "wa_timestamp", "lease_expires_at"]
-    for instance in list(db.identity_map.values()):
-        if not isinstance(instance, Message):
-            continue
-        # The loaded values only: reading an expired attribute would query.
-        loaded = inspect(instance).dict
-        if loaded.get("wa_message_id") in wa_ids and loaded.get("session_id") == session_id:
-            db.expire(instance, columns)
-
-
-# --- Bulk creation ----------------------------------------------------------
-
-BULK_BATCH_SIZE = 10_000
-
-# One statement inserts a whole batch: the columns travel as arrays and
-# unnest() turns them back into rows, in the caller's order (WITH ORDINALITY),
-# so that seq keeps creation order. RETURNING says which keys were new.
-_BULK_INSERT = text(
-    """
-    INSERT INTO messages (session_id, message_id, direction, jid, type, payload, status,
-                          max_attempts, queued_at, processing_at, sent_at, delivered_at,
-                          read_at, failed_at)
-    SELECT :session_id, t.message_id, t.direction, t.jid, t.type, t.payload, t.status,
-           t.max_attempts,
-           CASE WHEN t.status = 'queued' THEN now() END,
-           CASE WHEN t.status = 'processing' THEN now() END,
-           CASE WHEN t.status = 'sent' THEN now() END,
-           CASE WHEN t.status = 'delivered' THEN now() END,
-           CASE WHEN t.status = 'read' THEN now() END,
-           CASE WHEN t.status IN ('failed', 'dlq') THEN now() END
-    FROM unnest(CAST(:message_ids AS varchar[]), CAST(:directions AS varchar[]),
-                CAST(:jids AS varchar[]), CAST(:types AS varchar[]),
-                CAST(:payloads AS jsonb[]), CAST(:statuses AS varchar[]),
-                CAST(:max_attempts AS integer[]))
-         WITH ORDINALITY
-         AS t(message_id, direction, jid, type, payload, status, max_attempts, position)
-    WHERE EXISTS (SELECT 1 FROM sessions WHERE id = :session_id FOR KEY SHARE)
-    ORDER BY t.position
-    ON CONFLICT (session_id, message_id) DO NOTHING
-    RETURNING message_id
-    """
-).bindparams(bindparam("session_id", type_=message_columns.session_id.type))
-_BULK_EXISTING = text(
-    "SELECT message_id, id, direction, jid, type, payload FROM messages "
-    "WHERE session_id = :session_id AND message_id = ANY(CAST(:message_ids AS varchar[]))"
-).bindparams(bindparam("session_id", type_=message_columns.session_id.type))
-
-
-@dataclass(frozen=True)
-class BulkConflict:
-    """An idempotency key the batch reused with other content."""
-
-    message_id: str
-    existing_id: uuid.UUID
-
-
-@dataclass
-class BulkResult:
-    """What :func:`bulk_create_messages` did."""
-
-    created: int = 0
-    duplicates: int = 0
-    conflicts: list[BulkConflict] = field(default_factory=list)
-
-
-def bulk_create_messages(
-    db: Session, session_id: uuid.UUID | str, items: Iterable[Mapping[str, Any]]
-) -> BulkResult:
-    """Create many messages of one session with :func:`create_message`'s rules.
-
-    ``items`` are mappings of ``create_message``'s keyword arguments
-    (``message_id``, ``jid``, ``type``, ``payload`` and optionally
-    ``direction``, ``status``, ``max_attempts``). Each batch of up to
-    ``BULK_BATCH_SIZE`` items costs one statement, plus one more when some
-    keys already existed. A key already stored with the same content counts
-    as a duplicate; with other content, as a conflict (nothing is written for
-    it). A key repeated within ``items`` is judged against its first use.
-
-    Raises:
-        ValidationError: an item is malformed (nothing is written).
-        NotFoundError: the session does not exist.
-    """
-    key = validation.as_uuid(session_id, "session_id")
-    rows = [_bulk_row(key, index, item) for index, item in enumerate(items)]
-    result = BulkResult()
-    for start in range(0, len(rows), BULK_BATCH_SIZE):
-        _bulk_batch(db, key, rows[start : start + BULK_BATCH_SIZE], result)
-    logger.info(
-        "messages bulk-created session_id=%s created=%d duplicates=%d conflicts=%d",
-        key,
-        result.created,
-        result.duplicates,
-        len(result.conflicts),
-        extra={
-            "session_id": str(key),
-            "created": result.created,
-            "duplicates": result.duplicates,
-            "conflicts": len(result.conflicts),
-        },
-    )
-    return result
-
-
-_BULK_KEYS = {
-    "session_id",
-    "message_id",
-    "jid",
-    "type",
-    "payload",
-    "direction",
-    "status",
-    "max_attempts",
-}
-
-
-def _bulk_row(session_id: uuid.UUID, index: int, item: Mapping[str, Any]) -> dict[str, Any]:
-    if not isinstance(item, Mapping):
-        raise ValidationError(f"item {index} must be a mapping, got {type(item).__name__}")
-    unknown = set(item) - _BULK_KEYS
-    if unknown:
-        raise ValidationError(f"item {index} has unknown fields: {', '.join(sorted(unknown))}")
-    if "session_id" in item and validation.as_uuid(item["session_id"], "session_id") != session_id:
-        raise ValidationError(f"item {index} belongs to another session")
-    missing = {"message_id", "jid", "type", "payload"} - set(item)
-    if missing:
-        raise ValidationError(f"item {index} lacks {', '.join(sorted(missing))}")
-    try:
-        return creation_params(
-            session_id,
-            item["message_id"],
-            item["jid"],
-            item["type"],
-            item["payload"],
-            item.get("direction", "outbound"),
-            item.get("status", "queued"),
-            item.get("max_attempts", 5),
-        )
-    except ValidationError as exc:
-        raise ValidationError(f"item {index}: {exc}") from exc
-
-
-def _bulk_batch(
-    db: Session, session_id: uuid.UUID, rows: list[dict[str, Any]], result: BulkResult
-) -> None:
-    first_use: dict[str, dict[str, Any]] = {}
-    for row in rows:
-        first_use.setdefault(row["message_id"], row)
-    unique = list(first_use.values())
-    params = {
-        "session_id": session_id,
-        "message_ids": [r["message_id"] for r in unique],
-        "directions": [r["direction"] for r in unique],
-        "jids": [r["jid"] for r in unique],
-        "types": [r["type"] for r in unique],
-        "payloads": [r["payload"] for r in unique],
-        "statuses": [r["status"] for r in unique],
-        "max_attempts": [r["max_attempts"] for r in unique],
-    }
-    created = set(execute(db, _BULK_INSERT, params).scalars())
-    result.created += len(created)
-    # Everything but the rows just inserted: keys that already existed, and
-    # repeats within the batch (judged against the row their first use made).
-    others = [
-        row
-        for row in rows
-        if not (row["message_id"] in created and row is first_use[row["message_id"]])
-    ]
-    if not others:
-        return
-    existing = {
-        row.message_id: row
-        for row in execute(
-            db,
-            _BULK_EXISTING,
-            {"session_id": session_id, "message_ids": sorted({r["message_id"] for r in others})},
-        )
-    }
-    if not existing:
-        raise NotFoundError(f"session {session_id} does not exist")
-    for row in others:
-        stored = existing[row["message_id"]]
-        if idempotency_conflict(stored, row) is None:
-            result.duplicates += 1
-        else:
-            result.conflicts.append(BulkConflict(row["message_id"], stored.id))
+__all__ = [
+    "BULK_BATCH_SIZE",
+    "RECEIPT_BATCH_SIZE",
+    "STATUS_TIMESTAMP",
+    "BulkConflict",
+    "BulkResult",
+    "allowed_sources",
+    "bulk_create_messages",
+    "create_message",
+    "creation_params",
+    "get_message_by_id",
+    "get_message_by_idempotency_key",
+    "get_message_by_wa_id",
+    "get_messages_by_session",
+    "get_or_create_message",
+    "get_queued_messages",
+    "idempotency_conflict",
+    "increment_message_attempts",
+    "update_message_status",
+    "update_message_status_by_wa_id",
+    "update_message_statuses",
+]

@@ -1,0 +1,224 @@
+"""Bulk creation: ``bulk_create_messages``, many messages of one session per statement."""
+
+import logging
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import (
+    bindparam,
+    text,
+)
+from sqlalchemy.orm import Session
+
+from zaphub_db.errors import NotFoundError, ValidationError
+from zaphub_db.repositories import validation
+from zaphub_db.repositories.execution import execute
+from zaphub_db.repositories.lifecycle import (
+    message_columns,
+)
+from zaphub_db.repositories.messages import creation_params, idempotency_conflict
+
+logger = logging.getLogger(__name__)
+
+
+BULK_BATCH_SIZE = 10_000
+
+
+# One statement inserts a whole batch: the columns travel as arrays and
+# unnest() turns them back into rows, in the caller's order (WITH ORDINALITY),
+# so that seq keeps creation order. RETURNING says which keys were new.
+def insert_from_arrays(*, one_session: bool, returning: str) -> str:
+    """The INSERT of many messages whose columns travel as arrays, one per column.
+
+    unnest() turns the arrays back into rows in the given order (WITH
+    ORDINALITY), so that seq keeps it. ``one_session``: every row belongs to
+    ``:session_id``, checked once; else each row carries its own in
+    ``:session_ids`` and is checked on its own. A row whose session does not
+    exist is not inserted (FOR KEY SHARE holds the session against a
+    concurrent delete, as the foreign key check would); ``RETURNING`` tells
+    the caller which rows were new. ``zaphub_db.enqueuer`` writes with the
+    many-sessions form.
+    """
+    stamps = ",\n           ".join(
+        f"CASE WHEN t.status {test} THEN now() END"
+        for test in (
+            "= 'queued'",
+            "= 'processing'",
+            "= 'sent'",
+            "= 'delivered'",
+            "= 'read'",
+            "IN ('failed', 'dlq')",
+        )
+    )
+    session = ":session_id" if one_session else "t.session_id"
+    session_array = "" if one_session else "CAST(:session_ids AS uuid[]), "
+    session_name = "" if one_session else "session_id, "
+    return f"""
+    INSERT INTO messages (session_id, message_id, direction, jid, type, payload, status,
+                          max_attempts, queued_at, processing_at, sent_at, delivered_at,
+                          read_at, failed_at)
+    SELECT {session}, t.message_id, t.direction, t.jid, t.type, t.payload, t.status,
+           t.max_attempts,
+           {stamps}
+    FROM unnest({session_array}CAST(:message_ids AS varchar[]), CAST(:directions AS varchar[]),
+                CAST(:jids AS varchar[]), CAST(:types AS varchar[]),
+                CAST(:payloads AS jsonb[]), CAST(:statuses AS varchar[]),
+                CAST(:max_attempts AS integer[]))
+         WITH ORDINALITY
+         AS t({session_name}message_id, direction, jid, type, payload, status, max_attempts,
+              position)
+    WHERE EXISTS (SELECT 1 FROM sessions WHERE id = {session} FOR KEY SHARE)
+    ORDER BY t.position
+    ON CONFLICT (session_id, message_id) DO NOTHING
+    RETURNING {returning}
+    """
+
+
+_BULK_INSERT = text(insert_from_arrays(one_session=True, returning="message_id")).bindparams(
+    bindparam("session_id", type_=message_columns.session_id.type)
+)
+_BULK_EXISTING = text(
+    "SELECT message_id, id, direction, jid, type, payload FROM messages "
+    "WHERE session_id = :session_id AND message_id = ANY(CAST(:message_ids AS varchar[]))"
+).bindparams(bindparam("session_id", type_=message_columns.session_id.type))
+
+
+@dataclass(frozen=True)
+class BulkConflict:
+    """An idempotency key the batch reused with other content."""
+
+    message_id: str
+    existing_id: uuid.UUID
+
+
+@dataclass
+class BulkResult:
+    """What :func:`bulk_create_messages` did."""
+
+    created: int = 0
+    duplicates: int = 0
+    conflicts: list[BulkConflict] = field(default_factory=list)
+
+
+def bulk_create_messages(
+    db: Session, session_id: uuid.UUID | str, items: Iterable[Mapping[str, Any]]
+) -> BulkResult:
+    """Create many messages of one session with :func:`create_message`'s rules.
+
+    ``items`` are mappings of ``create_message``'s keyword arguments
+    (``message_id``, ``jid``, ``type``, ``payload`` and optionally
+    ``direction``, ``status``, ``max_attempts``). Each batch of up to
+    ``BULK_BATCH_SIZE`` items costs one statement, plus one more when some
+    keys already existed. A key already stored with the same content counts
+    as a duplicate; with other content, as a conflict (nothing is written for
+    it). A key repeated within ``items`` is judged against its first use.
+
+    Raises:
+        ValidationError: an item is malformed (nothing is written).
+        NotFoundError: the session does not exist.
+    """
+    key = validation.as_uuid(session_id, "session_id")
+    rows = [_bulk_row(key, index, item) for index, item in enumerate(items)]
+    result = BulkResult()
+    for start in range(0, len(rows), BULK_BATCH_SIZE):
+        _bulk_batch(db, key, rows[start : start + BULK_BATCH_SIZE], result)
+    logger.info(
+        "messages bulk-created session_id=%s created=%d duplicates=%d conflicts=%d",
+        key,
+        result.created,
+        result.duplicates,
+        len(result.conflicts),
+        extra={
+            "session_id": str(key),
+            "created": result.created,
+            "duplicates": result.duplicates,
+            "conflicts": len(result.conflicts),
+        },
+    )
+    return result
+
+
+_BULK_KEYS = {
+    "session_id",
+    "message_id",
+    "jid",
+    "type",
+    "payload",
+    "direction",
+    "status",
+    "max_attempts",
+}
+
+
+def _bulk_row(session_id: uuid.UUID, index: int, item: Mapping[str, Any]) -> dict[str, Any]:
+    if not isinstance(item, Mapping):
+        raise ValidationError(f"item {index} must be a mapping, got {type(item).__name__}")
+    unknown = set(item) - _BULK_KEYS
+    if unknown:
+        raise ValidationError(f"item {index} has unknown fields: {', '.join(sorted(unknown))}")
+    if "session_id" in item and validation.as_uuid(item["session_id"], "session_id") != session_id:
+        raise ValidationError(f"item {index} belongs to another session")
+    missing = {"message_id", "jid", "type", "payload"} - set(item)
+    if missing:
+        raise ValidationError(f"item {index} lacks {', '.join(sorted(missing))}")
+    try:
+        return creation_params(
+            session_id,
+            item["message_id"],
+            item["jid"],
+            item["type"],
+            item["payload"],
+            item.get("direction", "outbound"),
+            item.get("status", "queued"),
+            item.get("max_attempts", 5),
+        )
+    except ValidationError as exc:
+        raise ValidationError(f"item {index}: {exc}") from exc
+
+
+def _bulk_batch(
+    db: Session, session_id: uuid.UUID, rows: list[dict[str, Any]], result: BulkResult
+) -> None:
+    first_use: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        first_use.setdefault(row["message_id"], row)
+    unique = list(first_use.values())
+    params = {
+        "session_id": session_id,
+        "message_ids": [r["message_id"] for r in unique],
+        "directions": [r["direction"] for r in unique],
+        "jids": [r["jid"] for r in unique],
+        "types": [r["type"] for r in unique],
+        "payloads": [r["payload"] for r in unique],
+        "statuses": [r["status"] for r in unique],
+        "max_attempts": [r["max_attempts"] for r in unique],
+    }
+    created = set(execute(db, _BULK_INSERT, params).scalars())
+    result.created += len(created)
+    # Everything but the rows just inserted: keys that already existed, and
+    # repeats within the batch (judged against the row their first use made).
+    others = [
+        row
+        for row in rows
+        if not (row["message_id"] in created and row is first_use[row["message_id"]])
+    ]
+    if not others:
+        return
+    existing = {
+        row.message_id: row
+        for row in execute(
+            db,
+            _BULK_EXISTING,
+            {"session_id": session_id, "message_ids": sorted({r["message_id"] for r in others})},
+        )
+    }
+    if not existing:
+        raise NotFoundError(f"session {session_id} does not exist")
+    for row in others:
+        stored = existing[row["message_id"]]
+        if idempotency_conflict(stored, row) is None:
+            result.duplicates += 1
+        else:
+            result.conflicts.append(BulkConflict(row["message_id"], stored.id))
