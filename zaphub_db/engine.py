@@ -302,3 +302,69 @@ def per_transaction_settings(
     # One statement, so one round trip; literal values, so nothing to bind.
     calls = ", ".join(f"set_config('{name}', '{value}', true)" for name, value in values.items())
     return f"SELECT {calls}"
+
+
+# --- The async engine -------------------------------------------------------------
+
+
+def create_async_engine(
+    url: Any = None,
+    *,
+    lock_timeout: timedelta | None = DEFAULT_LOCK_TIMEOUT,
+    statement_timeout: timedelta | None = DEFAULT_STATEMENT_TIMEOUT,
+    idle_in_transaction_timeout: timedelta | None = DEFAULT_IDLE_IN_TRANSACTION_TIMEOUT,
+    listen_url: Any = None,
+    **kwargs: Any,
+) -> AsyncEngine:
+    """An ``AsyncEngine`` with :func:`create_engine`'s defaults (``aio.create_async_engine``).
+
+    ``postgresql://`` and ``postgresql+psycopg://`` URLs use psycopg's async
+    connection, ``postgresql+asyncpg://`` asyncpg. ``pool_pre_ping``, and the
+    three timeouts on every connection: in the startup packet (psycopg's
+    ``options``, asyncpg's ``server_settings``), or, behind PgBouncer
+    (``pgbouncer=true``), set per transaction. Behind PgBouncer asyncpg's
+    statement caches are turned off, as its transaction pooling requires.
+    ``listen_url`` is :func:`zaphub_db.create_engine`'s: where the async
+    wake-ups LISTEN (with this engine's driver) instead of polling.
+    """
+    from sqlalchemy.ext.asyncio import create_async_engine as sqlalchemy_create_async_engine
+
+    bare, settings = driver_settings(resolve_url(url))
+    ours = our_options(settings, listen_url)  # checked before anything is made
+    connect_args = dict(kwargs.pop("connect_args", {}))
+    asyncpg = bare.drivername == "postgresql+asyncpg"
+    if asyncpg:
+        threshold = settings.connect_args.get("prepare_threshold", 1)
+        if settings.pgbouncer or threshold is None:
+            # asyncpg prepares every statement: both caches off, so that no
+            # prepared statement is expected to outlive its transaction.
+            connect_args.setdefault("statement_cache_size", 0)
+            connect_args.setdefault("prepared_statement_cache_size", 0)
+    else:
+        connect_args = {**settings.connect_args, **connect_args}
+    # asyncpg's connection shows no socket to look at: SQLAlchemy's ping there.
+    cheap_ping = "pool_pre_ping" not in kwargs and not asyncpg
+    if asyncpg:
+        kwargs.setdefault("pool_pre_ping", True)
+    timeouts = (lock_timeout, statement_timeout, idle_in_transaction_timeout)
+    own_creator = "async_creator" in kwargs  # its connections take its arguments, not ours
+    if not settings.pgbouncer and not own_creator:
+        if asyncpg:
+            startup = {name: str(value) for name, value in timeout_settings(*timeouts).items()}
+            connect_args["server_settings"] = {
+                **startup,
+                **connect_args.get("server_settings", {}),
+            }
+        else:
+            add_startup_options(connect_args, timeouts)
+    engine = sqlalchemy_create_async_engine(bare, connect_args=connect_args, **kwargs)
+    if settings.pgbouncer:
+        set_timeouts_per_transaction(engine.sync_engine, timeouts)
+    elif own_creator:
+        set_timeouts_per_connection(engine.sync_engine, timeouts)
+    if cheap_ping:
+        ping_when_in_doubt(engine.sync_engine)
+    translate_errors(engine.sync_engine)
+    if asyncpg:
+        translate_socket_errors_at_connect(engine.sync_engine)
+    return engine.execution_options(**ours) if ours else engine

@@ -27,13 +27,14 @@ event loop instead of a thread); both write with :func:`create_messages_together
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue
 import threading
 import uuid
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy import Engine, select, text
 from sqlalchemy.orm import Session
@@ -43,7 +44,10 @@ from zaphub_db.models import Message
 from zaphub_db.repositories import bulk, validation
 from zaphub_db.repositories.execution import database_errors
 from zaphub_db.repositories.messages import creation_params, idempotency_conflict
-from zaphub_db.worker import in_transaction
+from zaphub_db.worker import async_in_transaction, in_transaction
+
+if TYPE_CHECKING:  # the asyncio extension needs greenlet, which only the asyncio extra installs
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
 logger = logging.getLogger(__name__)
 
@@ -283,3 +287,112 @@ class Enqueuer:
 
     def _transaction(self, rows: Sequence[Mapping[str, Any]]) -> list[Outcome]:
         return in_transaction(self.engine, lambda db: create_messages_together(db, rows))
+
+
+# --- The async face (tasks) ---------------------------------------------------------
+
+
+class AsyncEnqueuer:
+    """The async twin of :class:`Enqueuer` (``zaphub_db.aio.Enqueuer``): a commit a batch.
+
+    ::
+
+        async with aio.Enqueuer(engine) as enqueuer:
+            message = await enqueuer.create_message(session_id=..., message_id=..., ...)
+
+    Calls from any task of one event loop are gathered while the previous
+    commit is in flight. A call cancelled while it waits may still be
+    written: its row is then there for the client's retry, which finds it by
+    its idempotency key.
+    """
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        *,
+        max_batch: int = MAX_BATCH,
+        writers: int = WRITERS,
+    ) -> None:
+        self.engine = engine
+        self.max_batch = validation.integer(max_batch, "max_batch", minimum=1)
+        self.writers = validation.integer(writers, "writers", minimum=1)
+        self._calls: asyncio.Queue[tuple[dict[str, Any], asyncio.Future[Any] | None]] = (
+            asyncio.Queue()
+        )
+        self._tasks: list[asyncio.Task[None]] = []
+        self.closed = False  # set by close(): later calls are refused
+
+    async def __aenter__(self) -> AsyncEnqueuer:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def get_or_create_message(self, **arguments: Any) -> tuple[Message, bool]:
+        """``get_or_create_message(db, **arguments)``, committed; ``(message, created)``."""
+        row = message_params(**arguments)
+        if self.closed:
+            raise ValidationError("this Enqueuer is closed")
+        if not self._tasks:
+            self._tasks = [
+                asyncio.create_task(self._write(), name=f"zaphub-enqueuer-{n}")
+                for n in range(self.writers)
+            ]
+        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        self._calls.put_nowait((row, future))
+        outcome = await future
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    async def create_message(self, **arguments: Any) -> Message:
+        """``create_message(db, **arguments)``, committed: the new or existing message."""
+        return (await self.get_or_create_message(**arguments))[0]
+
+    @property
+    def backlog(self) -> int:
+        """Calls waiting for the next commit (the batch being written not counted)."""
+        return self._calls.qsize()
+
+    async def close(self) -> None:
+        """Write what was asked already, then end the writer tasks. Idempotent."""
+        self.closed = True
+        tasks, self._tasks = self._tasks, []
+        for _task in tasks:
+            self._calls.put_nowait(({}, None))
+        await asyncio.gather(*tasks)
+
+    async def _write(self) -> None:
+        while True:
+            calls = [await self._calls.get()]
+            while len(calls) < self.max_batch and not self._calls.empty():
+                calls.append(self._calls.get_nowait())
+            pending = [(row, future) for row, future in calls if future is not None]
+            stops = len(calls) - len(pending)
+            for _extra in range(stops - 1):
+                self._calls.put_nowait(({}, None))  # another writer's
+            if pending:
+                outcomes = await self._settle([row for row, _future in pending])
+                for (_row, future), outcome in zip(pending, outcomes, strict=True):
+                    assert future is not None
+                    if future.cancelled():
+                        continue
+                    if isinstance(outcome, BaseException):
+                        future.set_exception(outcome)
+                    else:
+                        future.set_result(outcome)
+            if stops:
+                return
+
+    async def _settle(self, rows: list[dict[str, Any]]) -> list[Any]:
+        """:func:`settle`'s rules, awaited."""
+        try:
+            return await async_in_transaction(
+                self.engine, lambda db: create_messages_together(db, rows)
+            )
+        except TransientError as exc:
+            return [exc] * len(rows)
+        except Exception as exc:
+            if len(rows) == 1:
+                return [exc]
+        return [outcome for row in rows for outcome in await self._settle([row])]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 import socket
 import uuid
@@ -254,3 +255,23 @@ def one_line(error: BaseException | None) -> str:
     """An error's text on one line (libpq's messages span several)."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return _capped("; ".join(lines)) if lines else type(error).__name__
+
+
+@functools.cache
+def asyncpg_connection_errors() -> tuple[type[Exception], ...]:
+    """asyncpg's errors that mean its connection is gone (none without asyncpg).
+
+    Some SQLAlchemy 2.0 releases let them through unwrapped when the server
+    ended the connection (a killed backend shows as "another operation is in
+    progress"); the async face turns them into :class:`ConnectionLostError`.
+    """
+    try:
+        from asyncpg import exceptions
+    except ImportError:
+        return ()
+    return (exceptions.InternalClientError, exceptions.InterfaceError)
+
+
+def connection_lost(exc: Exception) -> ConnectionLostError:
+    """``exc``, a driver's word that the connection is gone, as our error."""
+    return ConnectionLostError(one_line(exc))

@@ -21,12 +21,16 @@ read-only server raises :class:`zaphub_db.errors.ReadOnlyError`.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, event
 from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
+
+if TYPE_CHECKING:  # the asyncio extension needs greenlet: imported where it is used
+    from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 _WROTE = "zaphub_wrote"
 _PRIMARY_DEPTH = "zaphub_use_primary"
@@ -84,3 +88,34 @@ def use_primary(db: Session) -> Iterator[Session]:
 
 
 __all__ = ["RoutingSession", "routing_sessionmaker", "use_primary"]
+
+
+# --- The async face -----------------------------------------------------------------
+
+
+def async_routing_sessionmaker(
+    primary: AsyncEngine, replica: AsyncEngine, **kwargs: Any
+) -> async_sessionmaker[AsyncSession]:
+    """The async twin of :func:`routing_sessionmaker` (``zaphub_db.aio.routing_sessionmaker``).
+
+    Its ``AsyncSession``s route each statement as the sync ones do: their
+    sync ``Session`` is a :class:`zaphub_db.routing.RoutingSession` over the
+    two engines' sync faces (SQLAlchemy's ``sync_session_class``), so the
+    rules are the same code. ``kwargs`` go to ``async_sessionmaker``.
+    """
+    from sqlalchemy.ext.asyncio import async_sessionmaker
+
+    return async_sessionmaker(
+        sync_session_class=RoutingSession,
+        primary=primary.sync_engine,
+        replica=replica.sync_engine,
+        **kwargs,
+    )
+
+
+def async_use_primary(db: AsyncSession) -> contextlib.AbstractContextManager[Session]:
+    """Within the block, ``db`` reads from the primary as well (read-your-writes).
+
+    A plain ``with`` block: it only marks the Session, and awaits nothing.
+    """
+    return use_primary(db.sync_session)

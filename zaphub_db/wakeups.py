@@ -25,14 +25,17 @@ import contextlib
 import threading
 import time
 import weakref
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.exc import DBAPIError, OperationalError
-from sqlalchemy.ext.asyncio import AsyncEngine
-from sqlalchemy.ext.asyncio import create_async_engine as sqlalchemy_create_async_engine
 from sqlalchemy.pool import NullPool
+
+# sqlalchemy.ext.asyncio needs greenlet, which only the asyncio extra installs:
+# the async half imports it when it runs, so the sync half works without it.
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
 from zaphub_db.engine import behind_transaction_pooler, listen_url_of
 from zaphub_db.errors import DatabaseUnavailableError, TransientError, ValidationError, quoted
@@ -260,7 +263,7 @@ async def async_wait(
             listeners[id(engine)] = await AsyncListener.start(
                 engine
                 if listen_url is None
-                else sqlalchemy_create_async_engine(
+                else _async_engine(
                     listen_url.set(drivername=engine.url.drivername), poolclass=NullPool
                 )
             )
@@ -273,6 +276,12 @@ async def async_wait(
         with contextlib.suppress(Exception):  # it is broken already
             await listener.close()
         return True
+
+
+def _async_engine(url: Any, **kwargs: Any) -> AsyncEngine:
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    return create_async_engine(url, **kwargs)
 
 
 async def async_stop_listening(engine: AsyncEngine) -> None:

@@ -16,22 +16,27 @@ and stops cleanly. Delivery is at least once (see
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
+if TYPE_CHECKING:  # the asyncio extension needs greenlet, which only the asyncio extra installs
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
 from zaphub_db import wakeups
-from zaphub_db.errors import translate_db_error
+from zaphub_db.errors import asyncpg_connection_errors, connection_lost, translate_db_error
 from zaphub_db.models import Message
 from zaphub_db.repositories import queue
+from zaphub_db.wakeups import AsyncListener, async_wait
 from zaphub_db.worker_loop import (
     PermanentFailure,
     SendLoop,
@@ -164,3 +169,89 @@ def run_worker(
 
 
 __all__: list[str] = ["Handler", "PermanentFailure", "WorkerSummary", "run_worker"]
+
+
+# --- The async face (tasks) ---------------------------------------------------------
+
+AsyncHandler = Callable[[Message], "Awaitable[str | None] | str | None"]
+
+
+async def async_in_transaction(engine: AsyncEngine, work: Callable[[Session], T]) -> T:
+    """``work`` in an AsyncSession of its own, committed; our errors, not the drivers'."""
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+    try:
+        async with AsyncSession(engine, expire_on_commit=False) as db:
+            result = await db.run_sync(work)
+            await db.commit()
+            return result
+    except DBAPIError as exc:
+        translated = translate_db_error(exc)
+        if translated is None:
+            raise
+        raise translated from exc
+    except asyncpg_connection_errors() as exc:  # what the twins convert, converted here too
+        raise connection_lost(exc) from exc
+
+
+class TaskPort:
+    """The loop's access to an async engine and a (possibly async) handler, on one event loop."""
+
+    def __init__(self, engine: AsyncEngine, handler: AsyncHandler, stop: asyncio.Event) -> None:
+        self.engine = engine
+        self.handler = handler
+        self.stop = stop
+        # The port's own listener: the loop waits from tasks of its own making.
+        self.listeners: dict[int, AsyncListener] = {}
+
+    async def transact(self, work: Callable[[Session], T]) -> T:
+        return await async_in_transaction(self.engine, work)
+
+    async def wait_for_messages(self, timeout: float) -> bool:
+        return await async_wait(self.engine, timeout, self.listeners)
+
+    async def send(self, message: Message) -> object:
+        result = self.handler(message)
+        return await result if inspect.isawaitable(result) else result
+
+    def stopped(self) -> bool:
+        return self.stop.is_set()
+
+    async def close(self) -> None:
+        for listener in self.listeners.values():
+            await listener.close()
+        self.listeners.clear()
+
+
+async def async_run_worker(
+    engine: AsyncEngine,
+    handler: AsyncHandler,
+    *,
+    batch_size: int = 10,
+    lease: timedelta | None = queue.DEFAULT_LEASE,
+    worker: str | None = None,
+    stop: asyncio.Event | None = None,
+    ordered: bool = True,
+    max_in_flight_per_session: int | None = None,
+    poll_interval: float = 5.0,
+    retry_in: timedelta | None = None,
+    max_concurrent_sends: int | None = None,
+) -> WorkerSummary:
+    """The async twin of :func:`run_worker` (``zaphub_db.aio.run_worker``): the same loop, on tasks.
+
+    ``handler`` may be a coroutine function; up to ``max_concurrent_sends``
+    (default: ``batch_size``) run at once. ``stop`` is an ``asyncio.Event``.
+    """
+    sends = check_arguments(handler, batch_size, poll_interval, max_concurrent_sends)
+    loop = SendLoop(
+        TaskPort(engine, handler, stop if stop is not None else asyncio.Event()),
+        name=worker if worker is not None else f"{default_worker_name()}:async",
+        batch_size=batch_size,
+        lease=lease,
+        ordered=ordered,
+        max_in_flight_per_session=max_in_flight_per_session,
+        poll_interval=poll_interval,
+        retry_in=retry_in,
+        sends=sends,
+    )
+    return await loop.run()

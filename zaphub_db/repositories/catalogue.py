@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import itertools
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
 
@@ -51,16 +51,25 @@ _DIALECT = create_engine("postgresql+psycopg://").dialect
 _STATEMENT_TYPES = (Select, CompoundSelect, TextualSelect, TextClause, UpdateBase)
 
 
-def _statements_of(value: Any) -> Iterator[tuple[str, ClauseElement]]:
+def _statement(value: Any) -> ClauseElement | None:
     if isinstance(value, Loading):
-        yield "", value.statement
-    elif isinstance(value, _STATEMENT_TYPES):
-        yield "", value
-    elif isinstance(value, Mapping):
+        found: ClauseElement = value.statement
+        return found
+    if isinstance(value, _STATEMENT_TYPES):
+        return value
+    return None
+
+
+def _statements_of(value: Any) -> Iterator[tuple[str, ClauseElement]]:
+    """The statements ``value`` holds: itself, or a mapping's values (one level deep)."""
+    statement = _statement(value)
+    if statement is not None:
+        yield "", statement
+    elif isinstance(value, dict):
         for key, item in value.items():
-            label = getattr(key, "value", key)
-            for suffix, statement in _statements_of(item):
-                yield f"[{label}]{suffix}", statement
+            inner = _statement(item)
+            if inner is not None:
+                yield f"[{getattr(key, 'value', key)}]", inner
 
 
 def statements() -> dict[str, ClauseElement]:
@@ -70,6 +79,8 @@ def statements() -> dict[str, ClauseElement]:
     for module in MODULES:
         short = module.__name__.rsplit(".", 1)[1]
         for name, value in vars(module).items():
+            if name.startswith("__"):
+                continue
             for suffix, statement in _statements_of(value):
                 if id(statement) not in seen:  # a re-export, or one statement under two names
                     seen.add(id(statement))
