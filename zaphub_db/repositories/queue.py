@@ -33,6 +33,7 @@ from functools import cache
 from typing import Any
 
 from sqlalchemy import (
+    CTE,
     Boolean,
     ColumnElement,
     Executable,
@@ -102,6 +103,95 @@ _PROCESSING = status_literal(MessageStatus.PROCESSING)
 # --- Claims -------------------------------------------------------------------
 
 
+_CLAIM_ORDER = (message_columns.created_at, message_columns.seq)
+
+
+def _chat_order_clause() -> ColumnElement[bool]:
+    """Nothing earlier in the message's chat is unfinished, and nothing of the chat is in flight.
+
+    At most one message per chat passes in any snapshot (its earliest
+    unfinished one, if that is queued), and both queued and processing block
+    the rest, so concurrent claimers, which lock with SKIP LOCKED and
+    re-check the status of what they lock, never take two messages of one
+    chat at once.
+    """
+    other = messages_table.alias("chat")
+    return ~exists(
+        select(literal_column("1"))
+        .select_from(other)
+        .where(
+            other.c.session_id == message_columns.session_id,
+            other.c.jid == message_columns.jid,
+            other.c.status.in_([_QUEUED, _PROCESSING]),
+            (other.c.status == _PROCESSING)
+            | (
+                tuple_(other.c.created_at, other.c.seq)
+                < tuple_(message_columns.created_at, message_columns.seq)
+            ),
+        )
+    )
+
+
+def _batch(where: list[ColumnElement[bool]]) -> CTE:
+    """The ids to claim: the oldest ``:limit`` that pass ``where``, locked, skipping locked ones."""
+    return (
+        select(message_columns.id)
+        .where(*where)
+        .order_by(*_CLAIM_ORDER)
+        .limit(bindparam("limit"))
+        .with_for_update(skip_locked=True)
+        .cte("batch")
+        .prefix_with("MATERIALIZED")
+    )
+
+
+def _batch_within_room(where: list[ColumnElement[bool]]) -> CTE:
+    """:func:`_batch` that never brings a session above ``:max_in_flight`` messages in flight.
+
+    Candidates come from sessions with room left, ranked within their
+    session. Candidates a concurrent claimer holds still count against their
+    session's room: a batch may come out smaller, never over the limit.
+    """
+    flying = messages_table.alias("flying")
+    busy = (
+        select(func.count())
+        .select_from(flying)
+        .where(flying.c.session_id == message_columns.session_id, flying.c.status == _PROCESSING)
+        .scalar_subquery()
+    )
+    room = bindparam("max_in_flight", type_=Integer)
+    candidates = (
+        select(
+            message_columns.id,
+            message_columns.session_id,
+            message_columns.created_at,
+            message_columns.seq,
+            busy.label("busy"),
+        )
+        .where(*where, busy < room)
+        .order_by(*_CLAIM_ORDER)
+        .limit(bindparam("limit"))
+        .cte("candidates")
+        .prefix_with("MATERIALIZED")
+    )
+    rank = over(
+        func.row_number(),
+        partition_by=candidates.c.session_id,
+        order_by=(candidates.c.created_at, candidates.c.seq),
+    )
+    ranked = select(candidates.c.id, (candidates.c.busy + rank).label("load")).cte("ranked")
+    return (
+        select(message_columns.id)
+        .select_from(messages_table.join(ranked, ranked.c.id == message_columns.id))
+        .where(ranked.c.load <= room, CLAIMABLE)
+        .order_by(*_CLAIM_ORDER)
+        .limit(bindparam("limit"))
+        .with_for_update(of=messages_table, skip_locked=True)
+        .cte("batch")
+        .prefix_with("MATERIALIZED")
+    )
+
+
 @cache
 def claim_statement(*, ordered: bool, limited: bool, one_session: bool) -> Loading[Message, Any]:
     """The claim for one combination of options, built on first use.
@@ -114,86 +204,8 @@ def claim_statement(*, ordered: bool, limited: bool, one_session: bool) -> Loadi
     if one_session:
         where.append(message_columns.session_id == bindparam("claim_session_id"))
     if ordered:
-        # Chat order: nothing earlier in the chat is unfinished, and nothing in
-        # the chat is in flight. At most one message per chat passes in any
-        # snapshot (its earliest unfinished one, if that is queued), and both
-        # queued and processing block the rest, so concurrent claimers, which
-        # lock with SKIP LOCKED and re-check the status of what they lock,
-        # never take two messages of one chat at once.
-        other = messages_table.alias("chat")
-        where.append(
-            ~exists(
-                select(literal_column("1"))
-                .select_from(other)
-                .where(
-                    other.c.session_id == message_columns.session_id,
-                    other.c.jid == message_columns.jid,
-                    other.c.status.in_([_QUEUED, _PROCESSING]),
-                    (other.c.status == _PROCESSING)
-                    | (
-                        tuple_(other.c.created_at, other.c.seq)
-                        < tuple_(message_columns.created_at, message_columns.seq)
-                    ),
-                )
-            )
-        )
-    order = (message_columns.created_at, message_columns.seq)
-    if not limited:
-        batch = (
-            select(message_columns.id)
-            .where(*where)
-            .order_by(*order)
-            .limit(bindparam("limit"))
-            .with_for_update(skip_locked=True)
-            .cte("batch")
-            .prefix_with("MATERIALIZED")
-        )
-    else:
-        # max_in_flight_per_session: candidates from sessions with room left,
-        # ranked within their session, so that the batch never brings one
-        # above the limit. Candidates a concurrent claimer holds still count
-        # against their session's room: a batch may come out smaller, never
-        # over the limit.
-        flying = messages_table.alias("flying")
-        busy = (
-            select(func.count())
-            .select_from(flying)
-            .where(
-                flying.c.session_id == message_columns.session_id, flying.c.status == _PROCESSING
-            )
-            .scalar_subquery()
-        )
-        room = bindparam("max_in_flight", type_=Integer)
-        candidates = (
-            select(
-                message_columns.id,
-                message_columns.session_id,
-                message_columns.created_at,
-                message_columns.seq,
-                busy.label("busy"),
-            )
-            .where(*where, busy < room)
-            .order_by(*order)
-            .limit(bindparam("limit"))
-            .cte("candidates")
-            .prefix_with("MATERIALIZED")
-        )
-        rank = over(
-            func.row_number(),
-            partition_by=candidates.c.session_id,
-            order_by=(candidates.c.created_at, candidates.c.seq),
-        )
-        ranked = select(candidates.c.id, (candidates.c.busy + rank).label("load")).cte("ranked")
-        batch = (
-            select(message_columns.id)
-            .select_from(messages_table.join(ranked, ranked.c.id == message_columns.id))
-            .where(ranked.c.load <= room, CLAIMABLE)
-            .order_by(*order)
-            .limit(bindparam("limit"))
-            .with_for_update(of=messages_table, skip_locked=True)
-            .cte("batch")
-            .prefix_with("MATERIALIZED")
-        )
+        where.append(_chat_order_clause())
+    batch = _batch_within_room(where) if limited else _batch(where)
     statement = (
         update(messages_table)
         .where(message_columns.id == batch.c.id)
