@@ -13,6 +13,9 @@ WHERE sessions.id = %(id)s::UUID;
 SELECT sessions.id, sessions.label, sessions.status, sessions.webhook_url, sessions.config, sessions.qr_code, sessions.last_qr_at, sessions.created_at, sessions.updated_at, sessions.last_seen, sessions.connected_at, sessions.disconnected_at, sessions.error_message, sessions.retry_count, sessions.seq
 FROM sessions ORDER BY sessions.created_at DESC, sessions.seq DESC;
 
+-- sessions._DELETE
+DELETE FROM sessions WHERE sessions.id = %(id)s::UUID;
+
 -- sessions._UPDATE
 UPDATE sessions SET id=%(id)s::UUID, label=%(label)s::VARCHAR, status=%(status)s::VARCHAR, webhook_url=%(webhook_url)s::VARCHAR, config=%(config)s::JSONB, qr_code=%(qr_code)s::VARCHAR, last_qr_at=%(last_qr_at)s::TIMESTAMP WITH TIME ZONE, created_at=%(created_at)s::TIMESTAMP WITH TIME ZONE, updated_at=%(updated_at)s::TIMESTAMP WITH TIME ZONE, last_seen=%(last_seen)s::TIMESTAMP WITH TIME ZONE, connected_at=%(connected_at)s::TIMESTAMP WITH TIME ZONE, disconnected_at=%(disconnected_at)s::TIMESTAMP WITH TIME ZONE, error_message=%(error_message)s::VARCHAR, retry_count=%(retry_count)s::INTEGER, seq=%(seq)s::BIGINT WHERE sessions.id = %(locate_id)s::UUID RETURNING sessions.id, sessions.label, sessions.status, sessions.webhook_url, sessions.config, sessions.qr_code, sessions.last_qr_at, sessions.created_at, sessions.updated_at, sessions.last_seen, sessions.connected_at, sessions.disconnected_at, sessions.error_message, sessions.retry_count, sessions.seq;
 

@@ -74,7 +74,14 @@ def add_startup_options(connect_args: dict[str, Any], timeouts: Timeouts) -> Non
 
 
 def set_timeouts_per_transaction(engine: Engine, timeouts: Timeouts) -> None:
-    """Behind a transaction pooler: begin each of ``engine``'s transactions by setting them."""
+    """Behind a transaction pooler: begin each of ``engine``'s transactions by setting them.
+
+    PgBouncer refuses the startup packet's ``options``, and a session ``SET``
+    would stay on the server connection for the pool's next client, while
+    other clients leave their own values there. ``set_config(..., true)``
+    (as ``SET LOCAL``) holds for this transaction whatever they do: one
+    statement more per transaction.
+    """
     settings_sql = per_transaction_settings(*timeouts)  # checked even when all are off
     if timeouts == (None, None, None):
         return
@@ -182,51 +189,23 @@ def create_engine(
     listen_url: str | URL | None = None,
     **kwargs: Any,
 ) -> Engine:
-    """A SQLAlchemy engine on ``url`` with safe defaults.
+    """A SQLAlchemy engine on ``url`` (default: the configured URL) with safe defaults.
 
-    Without ``url``: ``ZAPHUB_DATABASE_URL``, else ``DATABASE_URL``, else the
-    embedded PostgreSQL.
-
-    - A connection the server dropped while it sat in the pool (restart,
-      idle kill) is replaced before use instead of failing the caller's
-      first statement (:func:`ping_when_in_doubt`): the checkout looks at
-      the socket and pings only when it shows something, or when the
-      connection sat idle for ``IDLE_PING_AFTER`` seconds. Pass
-      ``pool_pre_ping=True`` for SQLAlchemy's ping on every checkout (one
-      round trip each), or ``False`` for no check at all.
-    - The three timeouts are in force on every connection: a repository call
-      that waits on a lock longer than ``lock_timeout`` raises
-      ``LockTimeoutError``, one that runs longer than ``statement_timeout``
-      raises ``StatementTimeoutError``, and a transaction left idle longer
-      than ``idle_in_transaction_timeout`` is ended by the server. ``None``
-      turns one off. They travel in the connection's startup packet (libpq
-      ``options``), so they cost no round trip.
-
-    Behind PgBouncer's transaction pooling (``pgbouncer=true`` in the URL's
-    query) the startup packet cannot carry them (PgBouncer refuses
-    ``options``), and a session ``SET`` would stay on the server connection
-    for the next client of the pool while other clients leave their own
-    values there. So each transaction of this engine starts with one
-    statement that sets them for that transaction only (``set_config(...,
-    true)``, as ``SET LOCAL``): one more round trip per transaction, which
-    holds whatever the pool's other clients do. ``pgbouncer=true`` also
-    turns off psycopg's prepared statements.
-
-    ``listen_url``: where the queue's wake-ups (``wait_for_messages``,
-    ``run_worker``) LISTEN, when the engine's own URL cannot carry it.
-    Behind a transaction pooler LISTEN cannot work and the wake-ups poll
-    every 0.25 s; given a URL that reaches PostgreSQL directly (or through a
-    session pooler), they listen there instead, one connection per waiting
-    thread, and wake within milliseconds of the enqueuing commit.
-
-    Errors about the connection and the server's state are ours wherever
-    they happen, a ``Session.commit()`` included (:func:`translate_errors`):
-    a retry loop that catches ``TransientError`` catches them all.
+    - A connection the server dropped while pooled is replaced before use
+      (:func:`ping_when_in_doubt`; ``pool_pre_ping=True`` or ``False`` to choose).
+    - ``lock_timeout``, ``statement_timeout`` and ``idle_in_transaction_timeout``
+      hold on every connection (``None`` turns one off): in the startup packet,
+      or, behind PgBouncer's transaction pooling (``pgbouncer=true``), set per
+      transaction (:func:`set_timeouts_per_transaction`), or once per connection
+      with ``creator=``.
+    - ``listen_url``: where the queue's wake-ups LISTEN when this URL cannot
+      (behind a transaction pooler they would poll every 0.25 s).
+    - Connection and server-state errors are ours wherever they happen, a
+      ``Session.commit()`` included (:func:`translate_errors`).
 
     Other keyword arguments go to :func:`sqlalchemy.create_engine`; an
-    ``options`` entry of ``connect_args`` is kept, after ours. With
-    ``creator=`` (connections made by your function) the timeouts are set
-    once on each new connection instead, at one round trip per connection.
+    ``options`` entry of ``connect_args`` is kept, after ours. The helpers
+    named above say why each default is what it is.
     """
     bare, settings = driver_settings(resolve_url(url))
     ours = our_options(settings, listen_url)  # checked before anything is made

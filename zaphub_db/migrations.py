@@ -117,7 +117,11 @@ def file_checksum(path: str | Path) -> str:
 
 
 def raw_file_checksum(path: str | Path) -> str:
-    """SHA-256 (hex) of a file's exact bytes: what histories recorded before 0.2."""
+    """SHA-256 (hex) of a file's exact bytes.
+
+    What histories recorded before line endings and a BOM were ignored: such
+    a record still matches its unedited file.
+    """
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 

@@ -119,19 +119,19 @@ def bulk_create_messages(
         ValidationError: an item is malformed (nothing is written).
         NotFoundError: the session does not exist.
     """
-    key = validation.as_uuid(session_id, "session_id")
-    rows = [_bulk_row(key, index, item) for index, item in enumerate(items)]
+    session_uuid = validation.as_uuid(session_id, "session_id")
+    rows = [_bulk_row(session_uuid, index, item) for index, item in enumerate(items)]
     result = BulkResult()
     for start in range(0, len(rows), BULK_BATCH_SIZE):
-        _bulk_batch(db, key, rows[start : start + BULK_BATCH_SIZE], result)
+        _bulk_batch(db, session_uuid, rows[start : start + BULK_BATCH_SIZE], result)
     logger.info(
         "messages bulk-created session_id=%s created=%d duplicates=%d conflicts=%d",
-        key,
+        session_uuid,
         result.created,
         result.duplicates,
         len(result.conflicts),
         extra={
-            "session_id": str(key),
+            "session_id": str(session_uuid),
             "created": result.created,
             "duplicates": result.duplicates,
             "conflicts": len(result.conflicts),

@@ -29,13 +29,13 @@ from zaphub_db.repositories.execution import Loading, all_of, execute, first, lo
 
 logger = logging.getLogger(__name__)
 
-_table = cast(Table, Event.__table__)
-_c = _table.c
+events_table = cast(Table, Event.__table__)
+event_columns = events_table.c
 _sessions = cast(Table, WhatsAppSession.__table__)
 
 
 def _insert_statement() -> Loading[Event, Any]:
-    session_id = bindparam("session_id", type_=_c.session_id.type)
+    session_id = bindparam("session_id", type_=event_columns.session_id.type)
     columns = {
         "session_id": session_id,
         "event_type": bindparam("event_type", type_=String),
@@ -55,26 +55,28 @@ def _insert_statement() -> Loading[Event, Any]:
         ),
     )
     statement = (
-        pg_insert(_table)
+        pg_insert(events_table)
         .from_select(list(columns), select(*columns.values()).where(session_ok))
-        .returning(*_c)
+        .returning(*event_columns)
     )
     return loading(Event, statement)
 
 
 _INSERT = _insert_statement()
-_NEWEST_FIRST = loading(Event, select(_table).order_by(_c.created_at.desc(), _c.seq.desc()))
+_NEWEST_FIRST = loading(
+    Event, select(events_table).order_by(event_columns.created_at.desc(), event_columns.seq.desc())
+)
 # Oldest first, so that a batched cleanup deletes in time order.
 _OLD_IDS = (
-    select(_c.id)
-    .where(_c.created_at < func.now() - func.make_interval(0, 0, 0, bindparam("days")))
-    .order_by(_c.created_at)
+    select(event_columns.id)
+    .where(event_columns.created_at < func.now() - func.make_interval(0, 0, 0, bindparam("days")))
+    .order_by(event_columns.created_at)
 )
-_DELETE_OLD = delete(_table).where(
-    _c.created_at < func.now() - func.make_interval(0, 0, 0, bindparam("days"))
+_DELETE_OLD = delete(events_table).where(
+    event_columns.created_at < func.now() - func.make_interval(0, 0, 0, bindparam("days"))
 )
-_DELETE_OLD_BATCH = delete(_table).where(
-    _c.id.in_(_OLD_IDS.limit(bindparam("batch_size")).scalar_subquery())
+_DELETE_OLD_BATCH = delete(events_table).where(
+    event_columns.id.in_(_OLD_IDS.limit(bindparam("batch_size")).scalar_subquery())
 )
 
 
@@ -116,13 +118,13 @@ def _listing(
 ) -> Loading[Event, Any]:
     if category is not None:
         params["category"] = validation.choice(category, EventCategory, "category")
-        conditions.append(_c.event_category == bindparam("category"))
+        conditions.append(event_columns.event_category == bindparam("category"))
     if event_type is not None:
         params["event_type"] = validation.text_value(event_type, "event_type", 100)
-        conditions.append(_c.event_type == bindparam("event_type"))
+        conditions.append(event_columns.event_type == bindparam("event_type"))
     if severity is not None:
         params["severity"] = validation.choice(severity, EventSeverity, "severity")
-        conditions.append(_c.severity == bindparam("severity"))
+        conditions.append(event_columns.severity == bindparam("severity"))
     statement = _NEWEST_FIRST.statement.where(*conditions)
     return _NEWEST_FIRST.derived(paginate(statement, params, limit, offset))
 
@@ -140,7 +142,7 @@ def get_events_by_session(
     """A session's events, newest first, optionally filtered."""
     params: dict[str, Any] = {"session_id": validation.as_uuid(session_id, "session_id")}
     statement = _listing(
-        [_c.session_id == bindparam("session_id")],
+        [event_columns.session_id == bindparam("session_id")],
         params,
         category,
         event_type,

@@ -655,8 +655,8 @@ def requeue_message(db: Session, id: uuid.UUID | str) -> Message | None:
 
 def requeue_dead_letters(db: Session, *, session_id: uuid.UUID | str | None = None) -> int:
     """Put every ``dlq`` message (of one session, if given) back in the queue; how many."""
-    key = None if session_id is None else validation.as_uuid(session_id, "session_id")
-    requeued: int = execute(db, _REQUEUE_DLQ, {"in_session": key}).rowcount  # type: ignore[attr-defined]
+    session_uuid = None if session_id is None else validation.as_uuid(session_id, "session_id")
+    requeued: int = execute(db, _REQUEUE_DLQ, {"in_session": session_uuid}).rowcount  # type: ignore[attr-defined]
     return requeued
 
 
@@ -732,8 +732,8 @@ def queue_stats(db: Session, *, session_id: uuid.UUID | str | None = None) -> Qu
     ``recover_stalled_messages`` would take). ``oldest_ready_age`` is how long
     the oldest ready message has waited since it was created, or ``None``.
     """
-    key = None if session_id is None else validation.as_uuid(session_id, "session_id")
-    row = execute(db, _STATS, {"session_id": key}).one()
+    session_uuid = None if session_id is None else validation.as_uuid(session_id, "session_id")
+    row = execute(db, _STATS, {"session_id": session_uuid}).one()
     return QueueStats(*tuple(row))
 
 

@@ -142,7 +142,7 @@ def update_message_statuses(
     both ``read_at`` and ``delivered_at``). Ids this session does not know are
     ignored. Every receipt is checked before the first statement.
     """
-    key = validation.as_uuid(session_id, "session_id")
+    session_uuid = validation.as_uuid(session_id, "session_id")
     merged: dict[str, _MergedReceipts] = {}
     for index, receipt in enumerate(receipts):
         _merge_receipt(merged, index, receipt)
@@ -151,7 +151,7 @@ def update_message_statuses(
     for start in range(0, len(items), RECEIPT_BATCH_SIZE):
         chunk = items[start : start + RECEIPT_BATCH_SIZE]
         params: dict[str, Any] = {
-            "session_id": key,
+            "session_id": session_uuid,
             "wa_message_ids": [wa_id for wa_id, _ in chunk],
             "ranks": [entry.rank for _, entry in chunk],
             "wa_timestamps": [entry.wa_timestamp for _, entry in chunk],
@@ -161,8 +161,8 @@ def update_message_statuses(
             params[f"{status.value}_ats"] = [entry.seen.get(status) for _, entry in chunk]
         changed += execute(db, _APPLY_RECEIPTS, params).rowcount  # type: ignore[attr-defined]
     if changed:
-        _expire_by_wa_id(db, key, set(merged))
-        logger.info("receipts applied session_id=%s changed=%d", key, changed)
+        _expire_by_wa_id(db, session_uuid, set(merged))
+        logger.info("receipts applied session_id=%s changed=%d", session_uuid, changed)
     return changed
 
 

@@ -31,27 +31,33 @@ from zaphub_db.repositories.execution import all_of, execute, first, loading, pa
 
 logger = logging.getLogger(__name__)
 
-_table = cast(Table, WhatsAppSession.__table__)
-_c = _table.c
+sessions_table = cast(Table, WhatsAppSession.__table__)
+session_columns = sessions_table.c
 
 _INSERT = loading(
     WhatsAppSession,
-    insert(_table)
+    insert(sessions_table)
     .values(
         label=bindparam("label"),
         status=bindparam("status"),
         webhook_url=bindparam("webhook_url"),
         config=validation.jsonb("config"),
     )
-    .returning(*_table.c),
+    .returning(*sessions_table.c),
 )
-_BY_ID = loading(WhatsAppSession, select(_table).where(_c.id == bindparam("id")))
+_BY_ID = loading(
+    WhatsAppSession, select(sessions_table).where(session_columns.id == bindparam("id"))
+)
 _NEWEST_FIRST = loading(
-    WhatsAppSession, select(_table).order_by(_c.created_at.desc(), _c.seq.desc())
+    WhatsAppSession,
+    select(sessions_table).order_by(session_columns.created_at.desc(), session_columns.seq.desc()),
 )
+_DELETE = delete(sessions_table).where(session_columns.id == bindparam("id"))
 _UPDATE = loading(
     WhatsAppSession,
-    update(_table).where(_c.id == bindparam("locate_id")).returning(*_c),
+    update(sessions_table)
+    .where(session_columns.id == bindparam("locate_id"))
+    .returning(*session_columns),
 )
 
 # Column -> check for update_session(). id, created_at, updated_at and seq are
@@ -118,7 +124,7 @@ def get_all_sessions(
     statement = _NEWEST_FIRST.statement
     params: dict[str, Any] = {}
     if status is not None:
-        statement = statement.where(_c.status == bindparam("status"))
+        statement = statement.where(session_columns.status == bindparam("status"))
         params["status"] = validation.choice(status, SessionStatus, "status")
     statement = paginate(statement, params, limit, offset)
     return all_of(db, _NEWEST_FIRST.derived(statement), params)
@@ -135,32 +141,32 @@ def update_session(
     of status to ``connected`` sets ``connected_at`` and to ``disconnected``
     or ``logged_out`` sets ``disconnected_at``. Values given explicitly win.
     """
-    key = validation.as_uuid(session_id, "session_id")
+    session_uuid = validation.as_uuid(session_id, "session_id")
     unknown = sorted(set(changes) - set(_UPDATABLE))
     if unknown:
         raise ValidationError(f"cannot update {', '.join(unknown)} of a session")
     values: dict[str, Any] = {}
     # Bound names must differ from column names in an UPDATE.
-    params: dict[str, Any] = {"locate_id": key}
+    params: dict[str, Any] = {"locate_id": session_uuid}
     for column, value in changes.items():
-        if value is None and not _c[column].nullable:
+        if value is None and not session_columns[column].nullable:
             raise ValidationError(f"{column} cannot be NULL")
         params[f"new_{column}"] = _UPDATABLE[column](value, column)
         values[column] = (
             validation.jsonb(f"new_{column}")
             if column == "config"
-            else bindparam(f"new_{column}", type_=_c[column].type)
+            else bindparam(f"new_{column}", type_=session_columns[column].type)
         )
     values.update(_side_effects(changes))
     if not values:
-        return get_session_by_id(db, key)
+        return get_session_by_id(db, session_uuid)
     updated = first(db, _UPDATE.derived(_UPDATE.statement.values(values)), params)
     if updated is not None:
         logger.info(
             "session updated id=%s fields=%s",
-            key,
+            session_uuid,
             ",".join(sorted(changes)),
-            extra={"session_id": str(key), "fields": sorted(changes)},
+            extra={"session_id": str(session_uuid), "fields": sorted(changes)},
         )
     return updated
 
@@ -174,20 +180,27 @@ def _side_effects(changes: dict[str, Any]) -> dict[str, ColumnElement[Any]]:
         new_status = changes["status"]
         if new_status != SessionStatus.QR_PENDING and "qr_code" not in changes:
             effects["qr_code"] = case(
-                (_c.status == SessionStatus.QR_PENDING.value, null()), else_=_c.qr_code
+                (session_columns.status == SessionStatus.QR_PENDING.value, null()),
+                else_=session_columns.qr_code,
             )
         stamp = _STATUS_TIMESTAMPS.get(new_status)
         if stamp is not None and stamp not in changes:
             # Only a change of status counts: "connected" again keeps the
             # time the connection was made.
-            effects[stamp] = case((_c.status != new_status, func.now()), else_=_c[stamp])
+            effects[stamp] = case(
+                (session_columns.status != new_status, func.now()), else_=session_columns[stamp]
+            )
     return effects
 
 
 def delete_session(db: Session, session_id: uuid.UUID | str) -> bool:
     """Delete a session with its messages and events; ``False`` if there was none."""
-    key = validation.as_uuid(session_id, "session_id")
-    result = execute(db, delete(_table).where(_c.id == bindparam("id")), {"id": key})
+    session_uuid = validation.as_uuid(session_id, "session_id")
+    result = execute(
+        db,
+        delete(sessions_table).where(session_columns.id == bindparam("id")),
+        {"id": session_uuid},
+    )
     deleted = bool(result.rowcount)  # type: ignore[attr-defined]
     if deleted:
         # The database cascaded; drop what the Session still holds of it.
@@ -202,7 +215,7 @@ def delete_session(db: Session, session_id: uuid.UUID | str) -> bool:
                 owner = vars(instance).get("session_id")
             else:
                 continue
-            if owner == key:
+            if owner == session_uuid:
                 db.expunge(instance)
-        logger.info("session deleted id=%s", key, extra={"session_id": str(key)})
+        logger.info("session deleted id=%s", session_uuid, extra={"session_id": str(session_uuid)})
     return deleted
