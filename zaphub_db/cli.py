@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn, TextIO
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 import zaphub_db
 from zaphub_db.errors import ConnectionLostError, ZaphubDBError, one_line, quoted
@@ -331,48 +331,54 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``zaphub-db``."""
-    url_parent = _Parser(add_help=False)
-    url_parent.add_argument(
+    url = _Parser(add_help=False)  # the option every command that connects takes
+    url.add_argument(
         "--url",
         help="database URL (default: ZAPHUB_DATABASE_URL, DATABASE_URL, else embedded)",
     )
     parser = _Parser(prog="zaphub-db", description="Schema and data tools for the ZapHub database.")
     parser.add_argument("--version", action="version", version=f"zaphub-db {zaphub_db.__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
+    _add_schema_commands(commands, url)
+    _add_data_commands(commands, url)
+    _add_queue_commands(commands, url)
+    return parser
 
-    migrate = commands.add_parser("migrate", parents=[url_parent], help="apply pending revisions")
+
+def _add_schema_commands(
+    commands: Any,  # argparse names its type privately
+    url: argparse.ArgumentParser,
+) -> None:
+    """migrate, downgrade, status, verify."""
+    locked = _Parser(add_help=False, parents=[url])  # commands that take the migration lock
+    locked.add_argument(
+        "--lock-timeout",
+        type=_seconds,
+        default=DEFAULT_LOCK_TIMEOUT,
+        metavar="SECONDS",
+        help="give up waiting for a concurrent run's migration lock after this long (60)",
+    )
+    migrate = commands.add_parser("migrate", parents=[locked], help="apply pending revisions")
     migrate.add_argument("--to", default="head", help="target revision (default: head)")
-    migrate.add_argument(
-        "--lock-timeout",
-        type=_seconds,
-        default=DEFAULT_LOCK_TIMEOUT,
-        metavar="SECONDS",
-        help="give up waiting for a concurrent run's migration lock after this long (60)",
-    )
     migrate.set_defaults(handler=cmd_migrate)
-
-    down = commands.add_parser("downgrade", parents=[url_parent], help="revert to a revision")
+    down = commands.add_parser("downgrade", parents=[locked], help="revert to a revision")
     down.add_argument("revision", help="target revision, e.g. 0003, -1 or base")
-    down.add_argument(
-        "--lock-timeout",
-        type=_seconds,
-        default=DEFAULT_LOCK_TIMEOUT,
-        metavar="SECONDS",
-        help="give up waiting for a concurrent run's migration lock after this long (60)",
-    )
     down.set_defaults(handler=cmd_downgrade)
-
     commands.add_parser(
-        "status", parents=[url_parent], help="current revision, pending ones, history"
+        "status", parents=[url], help="current revision, pending ones, history"
     ).set_defaults(handler=cmd_status)
     commands.add_parser(
-        "verify", parents=[url_parent], help="exit 1 on checksum mismatch or model drift"
+        "verify", parents=[url], help="exit 1 on checksum mismatch or model drift"
     ).set_defaults(handler=cmd_verify)
+
+
+def _add_data_commands(commands: Any, url: argparse.ArgumentParser) -> None:
+    """seed, cleanup-events, psql."""
     commands.add_parser(
-        "seed", parents=[url_parent], help="insert the example sessions, messages and events"
+        "seed", parents=[url], help="insert the example sessions, messages and events"
     ).set_defaults(handler=cmd_seed)
     cleanup = commands.add_parser(
-        "cleanup-events", parents=[url_parent], help="delete old events in batches"
+        "cleanup-events", parents=[url], help="delete old events in batches"
     )
     cleanup.add_argument("--days", type=_non_negative, required=True, help="keep this many days")
     cleanup.add_argument(
@@ -382,10 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--yes", action="store_true", help="confirm --days 0, which deletes every event"
     )
     cleanup.set_defaults(handler=cmd_cleanup_events)
-
     psql = commands.add_parser(
         "psql",
-        parents=[url_parent],
+        parents=[url],
         help="open psql on the configured database (starts the embedded server if needed)",
     )
     psql.add_argument(
@@ -393,16 +398,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     psql.set_defaults(handler=cmd_psql)
 
+
+def _add_queue_commands(commands: Any, url: argparse.ArgumentParser) -> None:
+    """queue stats, queue recover, queue requeue-dlq."""
     queue_parser = commands.add_parser("queue", help="inspect and repair the outbound queue")
     queue_commands = queue_parser.add_subparsers(dest="queue_command", required=True)
-    stats = queue_commands.add_parser(
-        "stats", parents=[url_parent], help="depth and age of the queue"
-    )
+    stats = queue_commands.add_parser("stats", parents=[url], help="depth and age of the queue")
     stats.add_argument("--session", type=_session_id, help="one session's queue (its id)")
     stats.add_argument("--json", action="store_true", help="one JSON object (ages in seconds)")
     stats.set_defaults(handler=cmd_queue_stats)
     recover = queue_commands.add_parser(
-        "recover", parents=[url_parent], help="requeue messages whose lease lapsed"
+        "recover", parents=[url], help="requeue messages whose lease lapsed"
     )
     recover.add_argument(
         "--older-than",
@@ -412,13 +418,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     recover.set_defaults(handler=cmd_queue_recover)
     requeue = queue_commands.add_parser(
-        "requeue-dlq", parents=[url_parent], help="put dead-lettered messages back in the queue"
+        "requeue-dlq", parents=[url], help="put dead-lettered messages back in the queue"
     )
     requeue.add_argument(
         "--session", type=_session_id, help="only this session's dead letters (its id)"
     )
     requeue.set_defaults(handler=cmd_queue_requeue_dlq)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

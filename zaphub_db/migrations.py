@@ -422,31 +422,46 @@ def _run_env(context: Any) -> None:
 
 
 def _run_online(context: Any, config: Config, connection: Connection) -> None:
-    pooled = behind_transaction_pooler(connection)
-    if pooled and not connection.in_transaction():
-        # Behind a transaction pooler a session-level lock cannot span the
-        # per-revision transactions (each may land on another server
-        # connection, and the lock would stay behind on one of them). So the
-        # whole run is one transaction, holding a transaction-level lock:
-        # concurrent runs serialise, the later ones find the work done, and
-        # the lock ends with the transaction. PostgreSQL's DDL is
-        # transactional, so a failure still leaves the database as it was.
-        progress: Progress | None = config.attributes.get("progress")
-        lines: list[str] = []
-        config.attributes["progress"] = lines.append
-        connection.begin()
-        try:
-            _run_online(context, config, connection)
-            connection.commit()
-        except BaseException:
-            connection.rollback()
-            raise
-        finally:
-            config.attributes["progress"] = progress
-        for line in lines:
-            if progress is not None:
-                progress(line)
-        return
+    if behind_transaction_pooler(connection) and not connection.in_transaction():
+        _run_in_one_transaction(context, config, connection)
+    else:
+        _run_locked(context, config, connection)
+
+
+def _run_in_one_transaction(context: Any, config: Config, connection: Connection) -> None:
+    """The run behind a transaction pooler: every revision in one transaction.
+
+    A session-level lock cannot span the per-revision transactions there
+    (each may land on another server connection, and the lock would stay
+    behind on one of them). In one transaction, the lock is transaction-level:
+    concurrent runs serialise, the later ones find the work done, and the
+    lock ends with the transaction. PostgreSQL's DDL is transactional, so a
+    failure still leaves the database as it was. Progress lines wait for
+    the commit: until then nothing was applied.
+    """
+    progress: Progress | None = config.attributes.get("progress")
+    lines: list[str] = []
+    config.attributes["progress"] = lines.append
+    connection.begin()
+    try:
+        _run_locked(context, config, connection)
+        connection.commit()
+    except BaseException:
+        connection.rollback()
+        raise
+    finally:
+        config.attributes["progress"] = progress
+    for line in lines:
+        if progress is not None:
+            progress(line)
+
+
+def _run_locked(context: Any, config: Config, connection: Connection) -> None:
+    """The run itself: the migration lock, the checksum check, the revisions, the history.
+
+    In a caller's transaction (or :func:`_run_in_one_transaction`'s) every
+    revision runs in it; otherwise each revision commits on its own.
+    """
     script = ScriptDirectory.from_config(config)
     recorder = HistoryRecorder(script, config.attributes.get("progress"))
     external_transaction = connection.in_transaction()
