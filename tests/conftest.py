@@ -7,12 +7,20 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine
+from sqlalchemy import Engine, delete
 from sqlalchemy.engine import URL
+from sqlalchemy.orm import Session
 
 import zaphub_db
 from zaphub_db.config import driver_settings, libpq_dsn, normalize_url
-from zaphub_db.testing.databases import TEST_URL_VARIABLE, test_server_url, throwaway_database
+from zaphub_db.models import WhatsAppSession
+from zaphub_db.repositories import queue
+from zaphub_db.testing.databases import (
+    TEST_URL_VARIABLE,
+    migrated_database,
+    test_server_url,
+    throwaway_database,
+)
 
 pytest_plugins = ["zaphub_db.testing.pytest_plugin", "pytester"]
 
@@ -38,6 +46,29 @@ def empty_engine(empty_database: URL) -> Iterator[Engine]:
     engine = zaphub_db.create_engine(empty_database)
     yield engine
     engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def committed_engine() -> Iterator[Engine]:
+    """A migrated database of the test module's own, for tests whose connections commit."""
+    with migrated_database() as engine:
+        yield engine
+
+
+def _empty(engine: Engine) -> None:
+    with Session(engine) as db:
+        db.execute(delete(WhatsAppSession))  # messages and events go with them
+        db.commit()
+
+
+@pytest.fixture
+def queue_engine(committed_engine: Engine) -> Iterator[Engine]:
+    """``committed_engine`` with no sessions (so no messages or events of one) before and
+    after the test, and this thread's listening connection closed."""
+    _empty(committed_engine)
+    yield committed_engine
+    queue.stop_listening(committed_engine)
+    _empty(committed_engine)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

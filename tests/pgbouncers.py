@@ -8,8 +8,6 @@ through one; that needs nothing beyond the standard library.
 
 from __future__ import annotations
 
-import os
-import pwd
 import shutil
 import socket
 import subprocess
@@ -20,15 +18,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tests.helpers import as_postgres, free_port, give_to_postgres
+
 if TYPE_CHECKING:
     from sqlalchemy.engine import URL
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 @contextmanager
@@ -53,7 +46,7 @@ def running_pgbouncer(host: str, port: int, pool_size: int) -> Iterator[int]:
     if not Path(binary).exists():
         raise RuntimeError("pgbouncer is not installed (Debian package pgbouncer)")
     root = Path(tempfile.mkdtemp(prefix="zaphub-pgbouncer-"))
-    listen = _free_port()
+    listen = free_port()
     (root / "users.txt").write_text('"postgres" ""\n')
     (root / "pgbouncer.ini").write_text(
         f"""[databases]
@@ -78,12 +71,8 @@ log_connections = 0
 log_disconnections = 0
 """
     )
-    command = [binary, str(root / "pgbouncer.ini")]
-    if os.geteuid() == 0:
-        account = pwd.getpwnam("postgres")
-        for path in (root, *root.iterdir()):
-            os.chown(path, account.pw_uid, account.pw_gid)
-        command = ["runuser", "-u", "postgres", "--", *command]
+    give_to_postgres(root, *root.iterdir())
+    command = as_postgres([binary, str(root / "pgbouncer.ini")])
     # Its log goes to the log file; a pipe nobody reads would fill up and
     # stop PgBouncer in the middle of a long run.
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

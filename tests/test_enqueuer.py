@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, delete, select, text
+from sqlalchemy import Engine, select, text
 from sqlalchemy.orm import Session
 
 from zaphub_db import aio
@@ -26,23 +26,14 @@ from zaphub_db.errors import (
     NotFoundError,
     ValidationError,
 )
-from zaphub_db.models import Message, WhatsAppSession
+from zaphub_db.models import Message
 from zaphub_db.repositories import messages, sessions
-from zaphub_db.testing.databases import migrated_database
-
-
-@pytest.fixture(scope="module")
-def module_engine() -> Iterator[Engine]:
-    with migrated_database() as engine:
-        yield engine
 
 
 @pytest.fixture
-def engine(module_engine: Engine) -> Engine:
-    with Session(module_engine) as db:
-        db.execute(delete(WhatsAppSession))
-        db.commit()
-    return module_engine
+def engine(queue_engine: Engine) -> Engine:
+    """The module's committed database, emptied (tests/conftest.py's ``queue_engine``)."""
+    return queue_engine
 
 
 class Face:

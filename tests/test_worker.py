@@ -10,35 +10,26 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, delete
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-import tests.repositories.conftest as queue_helpers
+import tests.helpers as queue_helpers
 from zaphub_db import aio
 from zaphub_db.engine import engine_url
-from zaphub_db.models import Message, WhatsAppSession
+from zaphub_db.models import Message
 from zaphub_db.repositories import messages, queue
-from zaphub_db.testing.databases import migrated_database
 from zaphub_db.worker import PermanentFailure, WorkerSummary, run_worker
 
 
-@pytest.fixture(scope="module")
-def worker_engine() -> Iterator[Engine]:
-    with migrated_database() as engine:
-        yield engine
-
-
 @pytest.fixture
-def engine(worker_engine: Engine) -> Engine:
-    with Session(worker_engine) as db:
-        db.execute(delete(WhatsAppSession))
-        db.commit()
-    return worker_engine
+def engine(queue_engine: Engine) -> Engine:
+    """The module's committed database, emptied (tests/conftest.py's ``queue_engine``)."""
+    return queue_engine
 
 
 @pytest.fixture(params=["threads", "tasks"])

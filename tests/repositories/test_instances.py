@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import Engine, event, inspect, select, text
 from sqlalchemy.orm import ORMExecuteState, Session
 
-from tests.repositories.conftest import engine_of
+from tests.helpers import engine_of
 from zaphub_db.errors import ValidationError
 from zaphub_db.models import Message, WhatsAppSession
 from zaphub_db.repositories import messages, sessions

@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import Engine, delete, select, text
 from sqlalchemy.orm import Session
 
-from tests.repositories.conftest import claim, enqueue
+from tests.helpers import claim, enqueue
 from zaphub_db.engine import engine_url
 from zaphub_db.errors import ValidationError
 from zaphub_db.models import Message

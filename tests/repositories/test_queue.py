@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
 import zaphub_db
-from tests.repositories.conftest import claim, enqueue
+from tests.helpers import claim, enqueue
 from zaphub_db.engine import engine_url
 from zaphub_db.errors import ValidationError
 from zaphub_db.models import Message

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from sqlalchemy.orm import Session
 
-from tests.repositories.conftest import engine_of
+from tests.helpers import engine_of
 from zaphub_db.errors import ValidationError
 from zaphub_db.models import Message
 from zaphub_db.repositories import messages, sessions
