@@ -33,6 +33,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
+from zaphub_db import repositories
 from zaphub_db import seed as sync_seed
 from zaphub_db.engine import (
     create_async_engine,
@@ -44,12 +45,12 @@ from zaphub_db.errors import (
 )
 from zaphub_db.models import WhatsAppSession
 from zaphub_db.repositories import events, messages, queue, sessions
-from zaphub_db.repositories.messages import BulkResult
-from zaphub_db.repositories.queue import QueueStats
+from zaphub_db.repositories.bulk import BulkResult as BulkResult
+from zaphub_db.repositories.queue import QueueStats as QueueStats
 from zaphub_db.routing import async_routing_sessionmaker as routing_sessionmaker
 from zaphub_db.routing import async_use_primary as use_primary
 from zaphub_db.wakeups import async_stop_listening as stop_listening
-from zaphub_db.wakeups import async_wait_for_messages as wait_for_messages
+from zaphub_db.wakeups import async_wait_for_messages
 from zaphub_db.worker import async_run_worker as run_worker
 from zaphub_db.worker_loop import (
     PermanentFailure,
@@ -121,49 +122,20 @@ get_recent_events = _twin(events.get_recent_events)
 delete_old_events = _twin(events.delete_old_events)
 # seeds
 seed = _twin(sync_seed.seed)
+# wake-ups (async in their own right)
+wait_for_messages = async_wait_for_messages
 
 
 __all__ = [
-    "BulkResult",
     "Enqueuer",
     "PermanentFailure",
-    "QueueStats",
     "WorkerSummary",
-    "bulk_create_messages",
-    "claim_queued_messages",
     "create_async_engine",
-    "create_event",
-    "create_message",
-    "create_session",
-    "delete_old_events",
-    "delete_session",
-    "extend_lease",
-    "get_all_sessions",
-    "get_events_by_session",
-    "get_message_by_id",
-    "get_message_by_idempotency_key",
-    "get_message_by_wa_id",
-    "get_messages_by_session",
-    "get_or_create_message",
-    "get_queued_messages",
-    "get_recent_events",
-    "get_session_by_id",
-    "increment_message_attempts",
-    "mark_message_failed",
-    "mark_messages_sent",
-    "queue_stats",
-    "recover_stalled_messages",
-    "release_messages",
-    "requeue_dead_letters",
-    "requeue_message",
     "routing_sessionmaker",
     "run_worker",
     "seed",
     "stop_listening",
-    "update_message_status",
-    "update_message_status_by_wa_id",
-    "update_message_statuses",
-    "update_session",
     "use_primary",
-    "wait_for_messages",
 ]
+# Every name of zaphub_db.repositories, each function as its twin above.
+__all__ += repositories.__all__

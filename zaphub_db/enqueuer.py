@@ -43,7 +43,11 @@ from zaphub_db.errors import NotFoundError, TransientError, ValidationError, Zap
 from zaphub_db.models import Message
 from zaphub_db.repositories import bulk, validation
 from zaphub_db.repositories.execution import database_errors
-from zaphub_db.repositories.messages import creation_params, idempotency_conflict
+from zaphub_db.repositories.messages import (
+    CREATION_DEFAULTS,
+    creation_params_of,
+    idempotency_conflict,
+)
 from zaphub_db.worker import async_in_transaction, in_transaction
 
 if TYPE_CHECKING:  # the asyncio extension needs greenlet, which only the asyncio extra installs
@@ -97,21 +101,12 @@ def message_params(**arguments: Any) -> dict[str, Any]:
     """
     required = ("session_id", "message_id", "jid", "type", "payload")
     missing = [name for name in required if name not in arguments]
-    unknown = set(arguments) - {*required, "direction", "status", "max_attempts"}
+    unknown = set(arguments) - {*required, *CREATION_DEFAULTS}
     if missing or unknown:
         problems = [f"missing {', '.join(missing)}"] if missing else []
         problems += [f"unknown {', '.join(sorted(unknown))}"] if unknown else []
         raise ValidationError(f"create_message arguments: {'; '.join(problems)}")
-    return creation_params(
-        arguments["session_id"],
-        arguments["message_id"],
-        arguments["jid"],
-        arguments["type"],
-        arguments["payload"],
-        arguments.get("direction", "outbound"),
-        arguments.get("status", "queued"),
-        arguments.get("max_attempts", 5),
-    )
+    return creation_params_of(arguments["session_id"], arguments)
 
 
 def create_messages_together(db: Session, rows: Sequence[Mapping[str, Any]]) -> list[Outcome]:
@@ -182,6 +177,25 @@ def settle(rows: Sequence[Mapping[str, Any]], write: Any) -> list[Outcome | Base
     for row in rows:
         outcomes.extend(settle([row], write))
     return outcomes
+
+
+def _split(
+    calls: Sequence[tuple[dict[str, Any], Any]],
+) -> tuple[list[dict[str, Any]], list[Any], int]:
+    """A writer's take from the queue: the calls' rows, their futures, and how many stops."""
+    pending = [(row, future) for row, future in calls if future is not None]
+    return [row for row, _ in pending], [future for _, future in pending], len(calls) - len(pending)
+
+
+def _deliver(futures: Sequence[Any], outcomes: Sequence[Any]) -> None:
+    """Each caller's outcome to its future (a thread's or a task's); a cancelled one is skipped."""
+    for future, outcome in zip(futures, outcomes, strict=True):
+        if future.cancelled():
+            continue
+        if isinstance(outcome, BaseException):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
 
 
 class Enqueuer:
@@ -270,18 +284,11 @@ class Enqueuer:
                     calls.append(self._calls.get_nowait())
                 except queue.Empty:
                     break
-            pending = [(row, future) for row, future in calls if future is not None]
-            stops = len(calls) - len(pending)
+            rows, futures, stops = _split(calls)
             for _extra in range(stops - 1):
                 self._calls.put(_STOP)  # another writer's
-            if pending:
-                outcomes = settle([row for row, _future in pending], self._transaction)
-                for (_row, future), outcome in zip(pending, outcomes, strict=True):
-                    assert future is not None
-                    if isinstance(outcome, BaseException):
-                        future.set_exception(outcome)
-                    else:
-                        future.set_result(outcome)
+            if rows:
+                _deliver(futures, settle(rows, self._transaction))
             if stops:
                 return
 
@@ -359,7 +366,7 @@ class AsyncEnqueuer:
         self.closed = True
         tasks, self._tasks = self._tasks, []
         for _task in tasks:
-            self._calls.put_nowait(({}, None))
+            self._calls.put_nowait(_STOP)
         await asyncio.gather(*tasks)
 
     async def _write(self) -> None:
@@ -367,20 +374,11 @@ class AsyncEnqueuer:
             calls = [await self._calls.get()]
             while len(calls) < self.max_batch and not self._calls.empty():
                 calls.append(self._calls.get_nowait())
-            pending = [(row, future) for row, future in calls if future is not None]
-            stops = len(calls) - len(pending)
+            rows, futures, stops = _split(calls)
             for _extra in range(stops - 1):
-                self._calls.put_nowait(({}, None))  # another writer's
-            if pending:
-                outcomes = await self._settle([row for row, _future in pending])
-                for (_row, future), outcome in zip(pending, outcomes, strict=True):
-                    assert future is not None
-                    if future.cancelled():
-                        continue
-                    if isinstance(outcome, BaseException):
-                        future.set_exception(outcome)
-                    else:
-                        future.set_result(outcome)
+                self._calls.put_nowait(_STOP)  # another writer's
+            if rows:
+                _deliver(futures, await self._settle(rows))
             if stops:
                 return
 

@@ -18,7 +18,11 @@ from zaphub_db.repositories.execution import execute
 from zaphub_db.repositories.lifecycle import (
     message_columns,
 )
-from zaphub_db.repositories.messages import creation_params, idempotency_conflict
+from zaphub_db.repositories.messages import (
+    CREATION_DEFAULTS,
+    creation_params_of,
+    idempotency_conflict,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -140,16 +144,7 @@ def bulk_create_messages(
     return result
 
 
-_BULK_KEYS = {
-    "session_id",
-    "message_id",
-    "jid",
-    "type",
-    "payload",
-    "direction",
-    "status",
-    "max_attempts",
-}
+_BULK_KEYS = {"session_id", "message_id", "jid", "type", "payload", *CREATION_DEFAULTS}
 
 
 def _bulk_row(session_id: uuid.UUID, index: int, item: Mapping[str, Any]) -> dict[str, Any]:
@@ -164,16 +159,7 @@ def _bulk_row(session_id: uuid.UUID, index: int, item: Mapping[str, Any]) -> dic
     if missing:
         raise ValidationError(f"item {index} lacks {', '.join(sorted(missing))}")
     try:
-        return creation_params(
-            session_id,
-            item["message_id"],
-            item["jid"],
-            item["type"],
-            item["payload"],
-            item.get("direction", "outbound"),
-            item.get("status", "queued"),
-            item.get("max_attempts", 5),
-        )
+        return creation_params_of(session_id, item)
     except ValidationError as exc:
         raise ValidationError(f"item {index}: {exc}") from exc
 

@@ -212,6 +212,30 @@ def creation_params(
     }
 
 
+CREATION_DEFAULTS = {"direction": "outbound", "status": "queued", "max_attempts": 5}
+"""``create_message``'s optional arguments and their defaults."""
+
+
+def creation_params_of(session_id: uuid.UUID | str, item: Mapping[str, Any]) -> dict[str, Any]:
+    """:func:`creation_params` from a mapping of ``create_message``'s keyword arguments.
+
+    ``item`` holds ``message_id``, ``jid``, ``type`` and ``payload``, and
+    optionally the keys of ``CREATION_DEFAULTS``; the caller has checked for
+    missing and unknown keys.
+    """
+    optional = {**CREATION_DEFAULTS, **{k: item[k] for k in CREATION_DEFAULTS if k in item}}
+    return creation_params(
+        session_id,
+        item["message_id"],
+        item["jid"],
+        item["type"],
+        item["payload"],
+        optional["direction"],
+        optional["status"],
+        optional["max_attempts"],
+    )
+
+
 def idempotency_conflict(
     existing: Any, params: Mapping[str, Any]
 ) -> IdempotencyConflictError | None:
