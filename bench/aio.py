@@ -26,8 +26,7 @@ from sqlalchemy.orm import Session
 
 from bench.harness import say, table
 from zaphub_db import aio
-from zaphub_db.models import MessageStatus
-from zaphub_db.repositories import messages, sessions
+from zaphub_db.repositories import catalogue, messages, sessions
 
 _keys = itertools.count()
 JID = "5534999999999@s.whatsapp.net"
@@ -58,19 +57,19 @@ def _calls(session_id: uuid.UUID, message_id: uuid.UUID) -> dict[str, Any]:
                 db, session_id=session_id, message_id=f"a-{next(_keys)}", jid=JID, type="text",
                 payload={"text": "Olá"},
             ),
-            messages._CREATE.statement,
+            catalogue.named("messages._CREATE").statement,
             create_params,
         ),
         "get_message_by_id": (
             lambda db: messages.get_message_by_id(db, message_id),
             lambda db: aio.get_message_by_id(db, message_id),
-            messages._BY_ID.statement,
+            catalogue.named("messages._BY_ID").statement,
             lambda: {"id": message_id},
         ),
         "update_message_status": (
             lambda db: messages.update_message_status(db, message_id, "sent"),
             lambda db: aio.update_message_status(db, message_id, "sent"),
-            messages._STATUS_BY_ID[MessageStatus.SENT].statement,
+            catalogue.named("messages._STATUS_BY_ID[sent]").statement,
             lambda: {
                 "locate_id": message_id,
                 "new_error_message": None,

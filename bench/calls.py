@@ -20,8 +20,7 @@ from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.orm import Session
 
 from bench.harness import alternate, say, table
-from zaphub_db.models import MessageStatus
-from zaphub_db.repositories import messages, sessions
+from zaphub_db.repositories import catalogue, messages, sessions
 from zaphub_db.repositories.execution import Loading
 from zaphub_db.testing.statements import recording
 
@@ -87,7 +86,7 @@ def hot_calls(session_id: uuid.UUID, message_id: uuid.UUID) -> list[HotCall]:
     return [
         HotCall(
             "create_message",
-            messages._CREATE,
+            catalogue.named("messages._CREATE"),
             lambda db, p: messages.create_message(
                 db,
                 session_id=p["session_id"],
@@ -100,13 +99,13 @@ def hot_calls(session_id: uuid.UUID, message_id: uuid.UUID) -> list[HotCall]:
         ),
         HotCall(
             "get_message_by_id",
-            messages._BY_ID,
+            catalogue.named("messages._BY_ID"),
             lambda db, p: messages.get_message_by_id(db, p["id"]),
             lambda: {"id": message_id},
         ),
         HotCall(
             "update_message_status",
-            messages._STATUS_BY_ID[MessageStatus.SENT],
+            catalogue.named("messages._STATUS_BY_ID[sent]"),
             lambda db, p: messages.update_message_status(
                 db, p["locate_id"], "sent", wa_message_id=p["new_wa_message_id"]
             ),
@@ -114,7 +113,7 @@ def hot_calls(session_id: uuid.UUID, message_id: uuid.UUID) -> list[HotCall]:
         ),
         HotCall(
             "get_queued_messages(100)",
-            messages._QUEUED,
+            catalogue.named("messages._QUEUED"),
             lambda db, p: messages.get_queued_messages(db, p["limit"]),
             lambda: {"limit": 100},
         ),

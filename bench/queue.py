@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 
 from bench.calls import constants, driver_sql
 from bench.harness import say, table
-from zaphub_db.repositories import messages, queue
+from zaphub_db.repositories import catalogue, messages, queue
 
 JID_COUNT = 500
 
@@ -130,7 +130,7 @@ def run(engine: Engine, dsn: str, *, quick: bool) -> str:
         statement = queue.claim_statement(ordered=ordered, limited=False, one_session=False)
         claim_sql = driver_sql(engine, statement)
         claim_constants = constants(engine, statement)
-        ack_sql = str(queue._MARK_SENT.compile(dialect=engine.dialect))
+        ack_sql = str(catalogue.named("queue._MARK_SENT").compile(dialect=engine.dialect))
         for batch in (1, 10, 100):
             rates: dict[str, list[float]] = {"zaphub_db": [], "psycopg": []}
             for _ in range(rounds):

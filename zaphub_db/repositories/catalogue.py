@@ -92,6 +92,24 @@ def statements() -> dict[str, ClauseElement]:
     return found
 
 
+def named(name: str) -> Any:
+    """The statement a catalogue name (``"messages._CREATE"``, ``"queue._MARK_SENT"``)
+    stands for, as its module holds it: a :class:`Loading` or a Core statement.
+
+    For tools that run the package's own statements beside it (the benchmarks),
+    without reaching into the modules' private names.
+    """
+    module_name, _, attribute = name.partition(".")
+    key = None
+    if attribute.endswith("]"):
+        attribute, _, key = attribute[:-1].partition("[")
+    module = next(m for m in MODULES if m.__name__.rsplit(".", 1)[1] == module_name)
+    value = getattr(module, attribute)
+    if key is None:
+        return value
+    return next(item for k, item in value.items() if str(getattr(k, "value", k)) == key)
+
+
 def sql(statement: ClauseElement) -> str:
     """``statement`` compiled for psycopg: the text it sends, placeholders included."""
     compiled = statement.compile(dialect=_DIALECT)
