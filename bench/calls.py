@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from bench.harness import alternate, say, table
 from zaphub_db.repositories import catalogue, messages, sessions
-from zaphub_db.repositories.execution import Loading
+from zaphub_db.repositories.execution import ModelStatement
 from zaphub_db.testing.statements import recording
 
 JID = "5534999999999@s.whatsapp.net"
@@ -33,17 +33,17 @@ class HotCall:
     """A repository call, its statement and the parameters it binds for operation i."""
 
     name: str
-    statement: Loading[Any, Any]
+    statement: ModelStatement[Any, Any]
     ours: Callable[[Session, dict[str, Any]], object]
     params: Callable[[], dict[str, Any]]
 
 
-def driver_sql(engine: Engine, statement: Loading[Any, Any]) -> str:
+def driver_sql(engine: Engine, statement: ModelStatement[Any, Any]) -> str:
     """The SQL text our statement compiles to (what the cursor receives)."""
     return str(statement.statement.compile(dialect=engine.dialect))
 
 
-def constants(engine: Engine, statement: Loading[Any, Any]) -> dict[str, Any]:
+def constants(engine: Engine, statement: ModelStatement[Any, Any]) -> dict[str, Any]:
     """The values SQLAlchemy binds by itself (literals in expressions such as attempts + 1)."""
     compiled = statement.statement.compile(dialect=engine.dialect)
     return {k: v for k, v in compiled.params.items() if v is not None}

@@ -7,7 +7,7 @@ the two disagree. Regenerate it with::
     python -m zaphub_db.repositories.catalogue > docs/statements.sql
 
 The catalogue finds the statements itself: every module-level statement of
-the modules in ``MODULES`` (a Core statement, or a :class:`Loading` pairing
+the modules in ``MODULES`` (a Core statement, or a :class:`ModelStatement` pairing
 one with its model, or a mapping of them), and each variant of the claim.
 Statements a call derives at run time from one of these (a listing's
 ``LIMIT``, a filter added only when an argument is given) are these plus
@@ -37,7 +37,7 @@ from sqlalchemy.sql import ClauseElement
 
 from zaphub_db import enqueuer
 from zaphub_db.repositories import bulk, events, messages, queue, receipts, sessions
-from zaphub_db.repositories.execution import Loading
+from zaphub_db.repositories.execution import ModelStatement
 
 MODULES: tuple[ModuleType, ...] = (sessions, messages, receipts, bulk, events, queue, enqueuer)
 """The modules whose statements the catalogue lists, in this order."""
@@ -52,7 +52,7 @@ _STATEMENT_TYPES = (Select, CompoundSelect, TextualSelect, TextClause, UpdateBas
 
 
 def _statement(value: Any) -> ClauseElement | None:
-    if isinstance(value, Loading):
+    if isinstance(value, ModelStatement):
         found: ClauseElement = value.statement
         return found
     if isinstance(value, _STATEMENT_TYPES):
@@ -94,7 +94,7 @@ def statements() -> dict[str, ClauseElement]:
 
 def named(name: str) -> Any:
     """The statement a catalogue name (``"messages._CREATE"``, ``"queue._MARK_SENT"``)
-    stands for, as its module holds it: a :class:`Loading` or a Core statement.
+    stands for, as its module holds it: a :class:`ModelStatement` or a Core statement.
 
     For tools that run the package's own statements beside it (the benchmarks),
     without reaching into the modules' private names.

@@ -1,6 +1,6 @@
 """Events: the audit log.
 
-Every function takes a SQLAlchemy ``Session`` first, flushes but never
+Every function takes a SQLAlchemy ``Session`` first_instance, flushes but never
 commits (the caller owns the transaction).
 """
 
@@ -25,7 +25,14 @@ from sqlalchemy.orm import Session
 from zaphub_db.errors import NotFoundError
 from zaphub_db.models import Event, EventCategory, EventSeverity, WhatsAppSession
 from zaphub_db.repositories import validation
-from zaphub_db.repositories.execution import Loading, all_of, execute, first, loading, paginate
+from zaphub_db.repositories.execution import (
+    ModelStatement,
+    all_instances,
+    execute,
+    first_instance,
+    model_statement,
+    paginate,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +41,7 @@ event_columns = events_table.c
 _sessions = cast(Table, WhatsAppSession.__table__)
 
 
-def _insert_statement() -> Loading[Event, Any]:
+def _insert_statement() -> ModelStatement[Event, Any]:
     session_id = bindparam("session_id", type_=event_columns.session_id.type)
     columns = {
         "session_id": session_id,
@@ -59,14 +66,14 @@ def _insert_statement() -> Loading[Event, Any]:
         .from_select(list(columns), select(*columns.values()).where(session_ok))
         .returning(*event_columns)
     )
-    return loading(Event, statement)
+    return model_statement(Event, statement)
 
 
 _INSERT = _insert_statement()
-_NEWEST_FIRST = loading(
+_NEWEST_FIRST = model_statement(
     Event, select(events_table).order_by(event_columns.created_at.desc(), event_columns.seq.desc())
 )
-# Oldest first, so that a batched cleanup deletes in time order.
+# Oldest first_instance, so that a batched cleanup deletes in time order.
 _OLD_IDS = (
     select(event_columns.id)
     .where(event_columns.created_at < func.now() - func.make_interval(0, 0, 0, bindparam("days")))
@@ -101,7 +108,7 @@ def create_event(
         "payload": validation.json_text({} if payload is None else payload, "payload"),
         "severity": validation.choice(severity, EventSeverity, "severity"),
     }
-    event = first(db, _INSERT, params)
+    event = first_instance(db, _INSERT, params)
     if event is None:
         raise NotFoundError(f"session {params['session_id']} does not exist")
     return event
@@ -115,7 +122,7 @@ def _listing(
     severity: str | None,
     limit: int | None,
     offset: int,
-) -> Loading[Event, Any]:
+) -> ModelStatement[Event, Any]:
     if category is not None:
         params["category"] = validation.choice(category, EventCategory, "category")
         conditions.append(event_columns.event_category == bindparam("category"))
@@ -139,7 +146,7 @@ def get_events_by_session(
     limit: int | None = None,
     offset: int = 0,
 ) -> list[Event]:
-    """A session's events, newest first, optionally filtered."""
+    """A session's events, newest first_instance, optionally filtered."""
     params: dict[str, Any] = {"session_id": validation.as_uuid(session_id, "session_id")}
     statement = _listing(
         [event_columns.session_id == bindparam("session_id")],
@@ -150,7 +157,7 @@ def get_events_by_session(
         limit,
         offset,
     )
-    return all_of(db, statement, params)
+    return all_instances(db, statement, params)
 
 
 def get_recent_events(
@@ -163,7 +170,7 @@ def get_recent_events(
     """The newest events of every session and the global ones."""
     params: dict[str, Any] = {}
     statement = _listing([], params, category, None, severity, limit, 0)
-    return all_of(db, statement, params)
+    return all_instances(db, statement, params)
 
 
 MAX_DAYS_TO_KEEP = validation.MAX_AGE.days

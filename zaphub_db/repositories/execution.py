@@ -2,8 +2,8 @@
 
 A repository statement is a Core statement whose columns are exactly its
 table's columns (a SELECT of the table, or DML ``RETURNING`` every column),
-built once at import. :class:`Loading` pairs it with its model, and
-:func:`first` and :func:`all_of` run it through the caller's ``Session`` as
+built once at import. :class:`ModelStatement` pairs it with its model, and
+:func:`first_instance` and :func:`all_instances` run it through the caller's ``Session`` as
 ``select(Model).from_statement(statement)`` with ``populate_existing``: the
 rows become persistent instances of that ``Session`` (identity map, change
 tracking, expiry on commit), and a row refreshes the instance the Session
@@ -40,7 +40,7 @@ def _column_names(model: type[Base]) -> tuple[str, ...]:
 
 
 @dataclass(frozen=True)
-class Loading(Generic[M, S]):
+class ModelStatement(Generic[M, S]):
     """A Core statement that returns whole rows of ``model``'s table."""
 
     model: type[M]
@@ -55,22 +55,22 @@ class Loading(Generic[M, S]):
             .execution_options(populate_existing=True)
         )
 
-    def derived(self, statement: S) -> Loading[M, S]:
-        """The same loading for ``statement``, made per call from this one's statement.
+    def derived(self, statement: S) -> ModelStatement[M, S]:
+        """The same pairing for ``statement``, made per call from this one's statement.
 
         Only for statements that add criteria, order, limits or SET values to
         ``self.statement``, which keep its columns: they are not checked again
         (the check costs more than building the statement).
         """
-        return Loading(self.model, statement)
+        return ModelStatement(self.model, statement)
 
 
-def loading(model: type[M], statement: S) -> Loading[M, S]:
+def model_statement(model: type[M], statement: S) -> ModelStatement[M, S]:
     """Pair ``statement`` with ``model``; it must return every column of the table, in order."""
     names = tuple(c.name for c in statement.exported_columns)
     if names != _column_names(model):
         raise TypeError(f"{model.__name__} cannot be loaded from columns {names}")
-    return Loading(model, statement)
+    return ModelStatement(model, statement)
 
 
 @contextmanager
@@ -106,12 +106,16 @@ def execute(db: Session, statement: Executable, params: Mapping[str, Any]) -> Re
         return db.execute(statement, params)
 
 
-def first(db: Session, loading: Loading[M, Any], params: Mapping[str, Any]) -> M | None:
-    """The first instance ``loading`` returns, or ``None``."""
-    found: M | None = execute(db, loading.orm, params).scalars().first()
+def first_instance(
+    db: Session, model_statement: ModelStatement[M, Any], params: Mapping[str, Any]
+) -> M | None:
+    """The first instance ``model_statement`` returns, or ``None``."""
+    found: M | None = execute(db, model_statement.orm, params).scalars().first()
     return found
 
 
-def all_of(db: Session, loading: Loading[M, Any], params: Mapping[str, Any]) -> list[M]:
-    """Every instance ``loading`` returns."""
-    return list(execute(db, loading.orm, params).scalars().all())
+def all_instances(
+    db: Session, model_statement: ModelStatement[M, Any], params: Mapping[str, Any]
+) -> list[M]:
+    """Every instance ``model_statement`` returns."""
+    return list(execute(db, model_statement.orm, params).scalars().all())

@@ -1,6 +1,6 @@
 """Messages: idempotent creation, lookups, the status lifecycle.
 
-Every function takes a SQLAlchemy ``Session`` first, flushes but never
+Every function takes a SQLAlchemy ``Session`` first_instance, flushes but never
 commits (the caller owns the transaction). Hot statements are built once,
 at import, with bound parameters; each call sends one statement, and a
 duplicate ``create_message`` two.
@@ -40,7 +40,13 @@ from zaphub_db.models import (
     WhatsAppSession,
 )
 from zaphub_db.repositories import validation
-from zaphub_db.repositories.execution import Loading, all_of, first, loading, paginate
+from zaphub_db.repositories.execution import (
+    ModelStatement,
+    all_instances,
+    first_instance,
+    model_statement,
+    paginate,
+)
 from zaphub_db.repositories.lifecycle import (
     CLAIMABLE,
     STATUS_TIMESTAMP,
@@ -55,7 +61,7 @@ logger = logging.getLogger(__name__)
 _sessions = cast(Table, WhatsAppSession.__table__)
 
 
-def _create_statement() -> Loading[Message, Any]:
+def _create_statement() -> ModelStatement[Message, Any]:
     status = bindparam("status", type_=String)
     session_id = bindparam("session_id", type_=message_columns.session_id.type)
     # Each timestamp column is stamped when the initial status is one it records.
@@ -95,22 +101,24 @@ def _create_statement() -> Loading[Message, Any]:
         )
         .returning(*message_columns)
     )
-    return loading(Message, statement)
+    return model_statement(Message, statement)
 
 
 _CREATE = _create_statement()
-_BY_ID = loading(Message, select(messages_table).where(message_columns.id == bindparam("id")))
-_BY_KEY = loading(
+_BY_ID = model_statement(
+    Message, select(messages_table).where(message_columns.id == bindparam("id"))
+)
+_BY_KEY = model_statement(
     Message,
     select(messages_table).where(
         message_columns.session_id == bindparam("session_id"),
         message_columns.message_id == bindparam("message_id"),
     ),
 )
-_BY_SESSION = loading(
+_BY_SESSION = model_statement(
     Message, select(messages_table).where(message_columns.session_id == bindparam("session_id"))
 )
-_BY_WA_ID = loading(
+_BY_WA_ID = model_statement(
     Message,
     select(messages_table)
     .where(
@@ -120,14 +128,14 @@ _BY_WA_ID = loading(
     .order_by(message_columns.created_at, message_columns.seq)
     .limit(1),
 )
-_INCREMENT = loading(
+_INCREMENT = model_statement(
     Message,
     update(messages_table)
     .where(message_columns.id == bindparam("locate_id"))
     .values(attempts=message_columns.attempts + 1)
     .returning(*message_columns),
 )
-_QUEUED = loading(
+_QUEUED = model_statement(
     Message,
     select(messages_table)
     .where(CLAIMABLE)
@@ -136,7 +144,9 @@ _QUEUED = loading(
 )
 
 
-def _status_update(target: MessageStatus, locate: ColumnElement[bool]) -> Loading[Message, Any]:
+def _status_update(
+    target: MessageStatus, locate: ColumnElement[bool]
+) -> ModelStatement[Message, Any]:
     """One UPDATE that applies the lifecycle rules in SQL and returns the row.
 
     A refused move rewrites the row with its own values, so the statement
@@ -177,7 +187,7 @@ def _status_update(target: MessageStatus, locate: ColumnElement[bool]) -> Loadin
         )
         .returning(*message_columns)
     )
-    return loading(Message, statement)
+    return model_statement(Message, statement)
 
 
 _BY_ID_LOCATOR = message_columns.id == bindparam("locate_id")
@@ -283,7 +293,7 @@ def get_or_create_message(
     params = creation_params(
         session_id, message_id, jid, type, payload, direction, status, max_attempts
     )
-    created = first(db, _CREATE, params)
+    created = first_instance(db, _CREATE, params)
     if created is not None:
         logger.info(
             "message created session_id=%s message_id=%r id=%s",
@@ -295,7 +305,9 @@ def get_or_create_message(
         return created, True
     # ON CONFLICT DO NOTHING waited for any concurrent insert of this key to
     # commit, so (under READ COMMITTED) this new snapshot sees the winner.
-    existing = first(db, _BY_KEY, {"session_id": params["session_id"], "message_id": message_id})
+    existing = first_instance(
+        db, _BY_KEY, {"session_id": params["session_id"], "message_id": message_id}
+    )
     if existing is None:
         raise NotFoundError(f"session {params['session_id']} does not exist")
     conflict = idempotency_conflict(existing, params)
@@ -340,7 +352,7 @@ def create_message(
 
 def get_message_by_id(db: Session, id: uuid.UUID | str) -> Message | None:
     """The message with this internal id, or ``None``."""
-    return first(db, _BY_ID, {"id": validation.as_uuid(id)})
+    return first_instance(db, _BY_ID, {"id": validation.as_uuid(id)})
 
 
 def get_message_by_idempotency_key(
@@ -351,7 +363,7 @@ def get_message_by_idempotency_key(
         "session_id": validation.as_uuid(session_id, "session_id"),
         "message_id": validation.text_value(message_id, "message_id", 255),
     }
-    return first(db, _BY_KEY, params)
+    return first_instance(db, _BY_KEY, params)
 
 
 def get_message_by_wa_id(
@@ -362,7 +374,7 @@ def get_message_by_wa_id(
         "session_id": validation.as_uuid(session_id, "session_id"),
         "wa_message_id": validation.text_value(wa_message_id, "wa_message_id", 255),
     }
-    return first(db, _BY_WA_ID, params)
+    return first_instance(db, _BY_WA_ID, params)
 
 
 def get_messages_by_session(
@@ -389,7 +401,7 @@ def get_messages_by_session(
         limit,
         offset,
     )
-    return all_of(db, _BY_SESSION.derived(statement), params)
+    return all_instances(db, _BY_SESSION.derived(statement), params)
 
 
 def _status_params(
@@ -438,7 +450,7 @@ def update_message_status(
         status, error_message, wa_message_id, wa_timestamp, wa_response, at
     )
     params["locate_id"] = validation.as_uuid(id)
-    return first(db, _STATUS_BY_ID[target], params)
+    return first_instance(db, _STATUS_BY_ID[target], params)
 
 
 def update_message_status_by_wa_id(
@@ -456,21 +468,21 @@ def update_message_status_by_wa_id(
     target, params = _status_params(status, error_message, None, wa_timestamp, wa_response, at)
     params["locate_session_id"] = validation.as_uuid(session_id, "session_id")
     params["locate_wa_message_id"] = validation.text_value(wa_message_id, "wa_message_id", 255)
-    return first(db, _STATUS_BY_WA_ID[target], params)
+    return first_instance(db, _STATUS_BY_WA_ID[target], params)
 
 
 def increment_message_attempts(db: Session, id: uuid.UUID | str) -> Message | None:
     """Add one to ``attempts`` atomically, in SQL; the row, or ``None`` if there is none."""
-    return first(db, _INCREMENT, {"locate_id": validation.as_uuid(id)})
+    return first_instance(db, _INCREMENT, {"locate_id": validation.as_uuid(id)})
 
 
 def get_queued_messages(db: Session, limit: int = 100) -> list[Message]:
-    """Queued messages with attempts left, oldest first, without claiming them."""
+    """Queued messages with attempts left, oldest first_instance, without claiming them."""
     checked = validation.integer(limit, "limit", maximum=validation.INT8_MAX)
-    return all_of(db, _QUEUED, {"limit": checked})
+    return all_instances(db, _QUEUED, {"limit": checked})
 
 
-# Re-exported: these were written here first, and are imported from here.
+# Re-exported: these were written here first_instance, and are imported from here.
 from zaphub_db.repositories.bulk import (  # noqa: E402
     BULK_BATCH_SIZE,
     BulkConflict,

@@ -61,7 +61,13 @@ from sqlalchemy.orm.util import identity_key
 from zaphub_db.errors import ValidationError, quoted
 from zaphub_db.models import Message, MessageStatus
 from zaphub_db.repositories import validation
-from zaphub_db.repositories.execution import Loading, all_of, execute, first, loading
+from zaphub_db.repositories.execution import (
+    ModelStatement,
+    all_instances,
+    execute,
+    first_instance,
+    model_statement,
+)
 from zaphub_db.repositories.lifecycle import (
     CLAIMABLE,
     DEAD,
@@ -193,7 +199,9 @@ def _batch_within_room(where: list[ColumnElement[bool]]) -> CTE:
 
 
 @cache
-def claim_statement(*, ordered: bool, limited: bool, one_session: bool) -> Loading[Message, Any]:
+def claim_statement(
+    *, ordered: bool, limited: bool, one_session: bool
+) -> ModelStatement[Message, Any]:
     """The claim for one combination of options, built on first use.
 
     A ``MATERIALIZED`` CTE picks the batch with ``FOR UPDATE SKIP LOCKED``
@@ -218,7 +226,7 @@ def claim_statement(*, ordered: bool, limited: bool, one_session: bool) -> Loadi
         )
         .returning(*message_columns)
     )
-    return loading(Message, statement)
+    return model_statement(Message, statement)
 
 
 _IN_FLIGHT_LOCK = text("SELECT pg_advisory_xact_lock(:key)").bindparams(key=IN_FLIGHT_LOCK_KEY)
@@ -234,7 +242,7 @@ def claim_queued_messages(
     ordered: bool = True,
     max_in_flight_per_session: int | None = None,
 ) -> list[Message]:
-    """Claim up to ``limit`` messages for sending, oldest first, in one statement.
+    """Claim up to ``limit`` messages for sending, oldest first_instance, in one statement.
 
     Claimable: status ``queued``, attempts left, retry time reached. Each
     claimed message moves to ``processing`` with ``attempts`` + 1,
@@ -277,7 +285,7 @@ def claim_queued_messages(
     )
     if limited:
         execute(db, _IN_FLIGHT_LOCK, {})
-    claimed = all_of(db, statement, params)
+    claimed = all_instances(db, statement, params)
     # UPDATE ... RETURNING does not keep the CTE's order.
     claimed.sort(key=lambda m: (m.created_at, m.seq))
     if claimed:
@@ -476,7 +484,7 @@ _CURRENT = _UNSENT_NOW & (
     cast(bindparam("attempt"), Integer).is_(None)
     | (message_columns.attempts == bindparam("attempt"))
 )
-_MARK_FAILED = loading(
+_MARK_FAILED = model_statement(
     Message,
     update(messages_table)
     .where(message_columns.id == bindparam("locate_id"))
@@ -546,7 +554,7 @@ def mark_message_failed(
         # Citus refuses in an UPDATE of a distributed table (docs/scale-out.md).
         "jitter": random.uniform(0.5, 1.0),  # noqa: S311 (spreading retries, not a secret)
     }
-    message = first(db, _MARK_FAILED, params)
+    message = first_instance(db, _MARK_FAILED, params)
     if message is not None:
         logger.info(
             "message failed id=%s status=%s attempts=%d",
@@ -619,7 +627,7 @@ _REQUEUE_VALUES = {
     "queued_at": func.now(),
     "lease_expires_at": None,
 }
-_REQUEUE = loading(
+_REQUEUE = model_statement(
     Message,
     update(messages_table)
     .where(message_columns.id == bindparam("locate_id"))
@@ -650,7 +658,7 @@ def requeue_message(db: Session, id: uuid.UUID | str) -> Message | None:
 
     Other messages are returned unchanged; ``None`` if there is none.
     """
-    return first(db, _REQUEUE, {"locate_id": validation.as_uuid(id)})
+    return first_instance(db, _REQUEUE, {"locate_id": validation.as_uuid(id)})
 
 
 def requeue_dead_letters(db: Session, *, session_id: uuid.UUID | str | None = None) -> int:

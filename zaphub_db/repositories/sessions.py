@@ -1,6 +1,6 @@
 """Sessions: one WhatsApp connection each.
 
-Every function takes a SQLAlchemy ``Session`` first, flushes but never
+Every function takes a SQLAlchemy ``Session`` first_instance, flushes but never
 commits (the caller owns the transaction), and sends one statement.
 """
 
@@ -27,14 +27,20 @@ from sqlalchemy.orm import Session
 from zaphub_db.errors import ValidationError
 from zaphub_db.models import Event, Message, SessionStatus, WhatsAppSession
 from zaphub_db.repositories import validation
-from zaphub_db.repositories.execution import all_of, execute, first, loading, paginate
+from zaphub_db.repositories.execution import (
+    all_instances,
+    execute,
+    first_instance,
+    model_statement,
+    paginate,
+)
 
 logger = logging.getLogger(__name__)
 
 sessions_table = cast(Table, WhatsAppSession.__table__)
 session_columns = sessions_table.c
 
-_INSERT = loading(
+_INSERT = model_statement(
     WhatsAppSession,
     insert(sessions_table)
     .values(
@@ -45,15 +51,15 @@ _INSERT = loading(
     )
     .returning(*sessions_table.c),
 )
-_BY_ID = loading(
+_BY_ID = model_statement(
     WhatsAppSession, select(sessions_table).where(session_columns.id == bindparam("id"))
 )
-_NEWEST_FIRST = loading(
+_NEWEST_FIRST = model_statement(
     WhatsAppSession,
     select(sessions_table).order_by(session_columns.created_at.desc(), session_columns.seq.desc()),
 )
 _DELETE = delete(sessions_table).where(session_columns.id == bindparam("id"))
-_UPDATE = loading(
+_UPDATE = model_statement(
     WhatsAppSession,
     update(sessions_table)
     .where(session_columns.id == bindparam("locate_id"))
@@ -97,7 +103,7 @@ def create_session(
         "webhook_url": validation.optional_text(webhook_url, "webhook_url"),
         "config": validation.json_text({} if config is None else config, "config"),
     }
-    created = first(db, _INSERT, params)
+    created = first_instance(db, _INSERT, params)
     assert created is not None  # INSERT ... RETURNING returns its row
     logger.info(
         "session created id=%s label=%r",
@@ -110,7 +116,7 @@ def create_session(
 
 def get_session_by_id(db: Session, session_id: uuid.UUID | str) -> WhatsAppSession | None:
     """The session with this id, or ``None``."""
-    return first(db, _BY_ID, {"id": validation.as_uuid(session_id, "session_id")})
+    return first_instance(db, _BY_ID, {"id": validation.as_uuid(session_id, "session_id")})
 
 
 def get_all_sessions(
@@ -127,7 +133,7 @@ def get_all_sessions(
         statement = statement.where(session_columns.status == bindparam("status"))
         params["status"] = validation.choice(status, SessionStatus, "status")
     statement = paginate(statement, params, limit, offset)
-    return all_of(db, _NEWEST_FIRST.derived(statement), params)
+    return all_instances(db, _NEWEST_FIRST.derived(statement), params)
 
 
 def update_session(
@@ -160,7 +166,7 @@ def update_session(
     values.update(_side_effects(changes))
     if not values:
         return get_session_by_id(db, session_uuid)
-    updated = first(db, _UPDATE.derived(_UPDATE.statement.values(values)), params)
+    updated = first_instance(db, _UPDATE.derived(_UPDATE.statement.values(values)), params)
     if updated is not None:
         logger.info(
             "session updated id=%s fields=%s",
