@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from functools import cache, cached_property
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy import Executable, Result, Select, Table, UpdateBase, bindparam, select
+from sqlalchemy import Executable, Result, Select, Table, UpdateBase, bindparam, func, select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, class_mapper
 
@@ -63,6 +63,14 @@ class ModelStatement(Generic[M, S]):
         (the check costs more than building the statement).
         """
         return ModelStatement(self.model, statement)
+
+
+# now(), the transaction's start time, as a scalar subquery: the same value,
+# evaluated once per statement (an InitPlan). Statements use it inside CASE
+# and COALESCE, where Citus refuses a bare now() in an UPDATE of a
+# distributed table ("non-IMMUTABLE functions are not allowed in CASE or
+# COALESCE statements") but accepts the subquery, still as one task.
+TRANSACTION_NOW = select(func.now()).scalar_subquery()
 
 
 def model_statement(model: type[M], statement: S) -> ModelStatement[M, S]:

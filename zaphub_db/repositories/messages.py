@@ -41,6 +41,7 @@ from zaphub_db.models import (
 )
 from zaphub_db.repositories import validation
 from zaphub_db.repositories.execution import (
+    TRANSACTION_NOW,
     ModelStatement,
     all_instances,
     first_instance,
@@ -175,7 +176,9 @@ def _status_update(
                 stamp: case(
                     (
                         applies,
-                        func.coalesce(bindparam("at", type_=TIMESTAMP(timezone=True)), func.now()),
+                        func.coalesce(
+                            bindparam("at", type_=TIMESTAMP(timezone=True)), TRANSACTION_NOW
+                        ),
                     ),
                     else_=message_columns[stamp],
                 ),

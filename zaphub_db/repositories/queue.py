@@ -62,6 +62,7 @@ from zaphub_db.errors import ValidationError, quoted
 from zaphub_db.models import Message, MessageStatus
 from zaphub_db.repositories import validation
 from zaphub_db.repositories.execution import (
+    TRANSACTION_NOW,
     ModelStatement,
     all_instances,
     execute,
@@ -360,7 +361,7 @@ _MARK_SENT = text(
     UPDATE messages m SET
         status = 'sent',
         sent_at = CASE WHEN target.status = 'sent' THEN m.sent_at
-                       ELSE coalesce(ack.at, now()) END,
+                       ELSE coalesce(ack.at, (SELECT now())) END,
         wa_message_id = coalesce(ack.wa_message_id, m.wa_message_id),
         wa_timestamp = coalesce(ack.wa_timestamp, m.wa_timestamp),
         wa_response = coalesce(ack.wa_response, m.wa_response),
@@ -500,7 +501,7 @@ _MARK_FAILED = model_statement(
         available_at=case(
             (
                 _CURRENT & _RETRY,
-                func.now()
+                TRANSACTION_NOW
                 + func.coalesce(
                     cast(bindparam("retry_in"), Interval),
                     func.make_interval(0, 0, 0, 0, 0, 0, _BACKOFF_SECONDS),
@@ -508,7 +509,7 @@ _MARK_FAILED = model_statement(
             ),
             else_=message_columns.available_at,
         ),
-        failed_at=case((_CURRENT, func.now()), else_=message_columns.failed_at),
+        failed_at=case((_CURRENT, TRANSACTION_NOW), else_=message_columns.failed_at),
         error_message=case(
             (_CURRENT, bindparam("new_error_message", type_=Text)),
             else_=message_columns.error_message,
@@ -586,7 +587,7 @@ def _recover_statement() -> Executable:
         .where(message_columns.id == stalled.c.id)
         .values(
             status=case((_ATTEMPTS_LEFT, _QUEUED), else_=status_literal(MessageStatus.DLQ)),
-            failed_at=case((_ATTEMPTS_LEFT, message_columns.failed_at), else_=func.now()),
+            failed_at=case((_ATTEMPTS_LEFT, message_columns.failed_at), else_=TRANSACTION_NOW),
             error_message=case(
                 (_ATTEMPTS_LEFT, message_columns.error_message),
                 else_=func.coalesce(message_columns.error_message, "lease lapsed in processing"),
@@ -624,7 +625,7 @@ _REQUEUE_VALUES = {
     "status": _QUEUED,
     "attempts": 0,
     "available_at": None,
-    "queued_at": func.now(),
+    "queued_at": TRANSACTION_NOW,
     "lease_expires_at": None,
 }
 _REQUEUE = model_statement(

@@ -72,11 +72,11 @@ _APPLY_RECEIPTS = text(
     UPDATE messages m SET
         status = CASE t.rank WHEN 2 THEN 'sent' WHEN 3 THEN 'delivered' ELSE 'read' END,
         sent_at = CASE WHEN t.has_sent AND t.before < 2
-                       THEN coalesce(t.sent_at, now()) ELSE m.sent_at END,
+                       THEN coalesce(t.sent_at, (SELECT now())) ELSE m.sent_at END,
         delivered_at = CASE WHEN t.has_delivered AND t.before < 3
-                            THEN coalesce(t.delivered_at, now()) ELSE m.delivered_at END,
+                            THEN coalesce(t.delivered_at, (SELECT now())) ELSE m.delivered_at END,
         read_at = CASE WHEN t.has_read AND t.before < 4
-                       THEN coalesce(t.read_at, now()) ELSE m.read_at END,
+                       THEN coalesce(t.read_at, (SELECT now())) ELSE m.read_at END,
         wa_timestamp = coalesce(t.wa_timestamp, m.wa_timestamp),
         lease_expires_at = NULL
     FROM target t

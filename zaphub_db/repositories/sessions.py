@@ -28,6 +28,7 @@ from zaphub_db.errors import ValidationError
 from zaphub_db.models import Event, Message, SessionStatus, WhatsAppSession
 from zaphub_db.repositories import validation
 from zaphub_db.repositories.execution import (
+    TRANSACTION_NOW,
     all_instances,
     execute,
     first_instance,
@@ -194,7 +195,8 @@ def _side_effects(changes: dict[str, Any]) -> dict[str, ColumnElement[Any]]:
             # Only a change of status counts: "connected" again keeps the
             # time the connection was made.
             effects[stamp] = case(
-                (session_columns.status != new_status, func.now()), else_=session_columns[stamp]
+                (session_columns.status != new_status, TRANSACTION_NOW),
+                else_=session_columns[stamp],
             )
     return effects
 
