@@ -15,7 +15,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
 
 import tests.helpers as queue_helpers
@@ -378,3 +378,47 @@ def test_concurrent_sends_keep_chat_order_and_the_in_flight_limit(
             thread.join(timeout=30)
     assert order == per_chat  # every chat in creation order, each message once
     assert max(highest.values()) <= limit
+
+
+def test_a_freed_send_slot_takes_the_next_claimed_message_while_a_claim_waits(
+    face: str, engine: Engine
+) -> None:
+    """One send slot, four messages claimed at once: when the first send ends, the second
+    starts from the claimed ones at once, even while the loop's next claim is stuck (here
+    on the in-flight limit's advisory lock, which another connection holds)."""
+    ids = enqueue(engine, ["ok"] * 8, chats=8)
+    blocker = engine.connect()
+    blocker.begin()
+    started: list[str] = []
+    second_started = threading.Event()
+
+    def send(message: Message) -> str:
+        started.append(message.message_id)
+        if len(started) == 1:
+            # The loop's next claim will wait for this lock.
+            blocker.execute(
+                text("SELECT pg_advisory_xact_lock(:k)"), {"k": queue.IN_FLIGHT_LOCK_KEY}
+            )
+        elif len(started) == 2:
+            second_started.set()
+        return f"wamid.{message.message_id}"
+
+    thread, stop, summaries = in_thread(
+        face,
+        engine,
+        send,
+        batch_size=4,
+        max_concurrent_sends=1,
+        max_in_flight_per_session=10,
+    )
+    try:
+        # Within the 5 s lock timeout of the stuck claim: the slot did not wait for it.
+        refilled = second_started.wait(timeout=4)
+        blocker.rollback()
+        assert refilled, f"only {started} started while the claim waited"
+        wait_until_drained(engine, timeout=60)
+    finally:
+        blocker.close()
+        stop.set()
+        thread.join(timeout=30)
+    assert summaries[0].sent == len(ids)

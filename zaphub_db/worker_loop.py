@@ -290,7 +290,13 @@ class SendLoop:
         while self.ready and len(self.running) < self.sends and not self.port.stopped():
             task = asyncio.create_task(self._send(self.ready.popleft()))
             self.running.add(task)
-            task.add_done_callback(self.running.discard)
+            task.add_done_callback(self._send_done)
+
+    def _send_done(self, task: asyncio.Task[None]) -> None:
+        # The freed slot takes the next claimed message at once, not when the
+        # loop comes round (it may be waiting for a claim's commit).
+        self.running.discard(task)
+        self._start_sends()
 
     async def _send(self, message: Message) -> None:
         try:
