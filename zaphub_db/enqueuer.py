@@ -42,12 +42,12 @@ from sqlalchemy.orm import Session
 from zaphub_db.errors import NotFoundError, TransientError, ValidationError, ZaphubDBError
 from zaphub_db.models import Message
 from zaphub_db.repositories import bulk, validation
-from zaphub_db.repositories.execution import database_errors
-from zaphub_db.repositories.messages import (
+from zaphub_db.repositories.creation import (
     CREATION_DEFAULTS,
     creation_params_of,
     idempotency_conflict,
 )
+from zaphub_db.repositories.execution import database_errors
 from zaphub_db.worker import async_in_transaction, in_transaction
 
 if TYPE_CHECKING:  # the asyncio extension needs greenlet, which only the asyncio extra installs

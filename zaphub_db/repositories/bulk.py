@@ -14,14 +14,14 @@ from sqlalchemy.orm import Session
 
 from zaphub_db.errors import NotFoundError, ValidationError
 from zaphub_db.repositories import validation
-from zaphub_db.repositories.execution import execute
-from zaphub_db.repositories.lifecycle import (
-    message_columns,
-)
-from zaphub_db.repositories.messages import (
+from zaphub_db.repositories.creation import (
     CREATION_DEFAULTS,
     creation_params_of,
     idempotency_conflict,
+)
+from zaphub_db.repositories.execution import execute
+from zaphub_db.repositories.lifecycle import (
+    message_columns,
 )
 
 logger = logging.getLogger(__name__)

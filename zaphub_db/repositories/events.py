@@ -1,6 +1,6 @@
 """Events: the audit log.
 
-Every function takes a SQLAlchemy ``Session`` first_instance, flushes but never
+Every function takes a SQLAlchemy ``Session`` first, flushes but never
 commits (the caller owns the transaction).
 """
 
@@ -73,7 +73,7 @@ _INSERT = _insert_statement()
 _NEWEST_FIRST = model_statement(
     Event, select(events_table).order_by(event_columns.created_at.desc(), event_columns.seq.desc())
 )
-# Oldest first_instance, so that a batched cleanup deletes in time order.
+# Oldest first, so that a batched cleanup deletes in time order.
 _OLD_IDS = (
     select(event_columns.id)
     .where(event_columns.created_at < func.now() - func.make_interval(0, 0, 0, bindparam("days")))
@@ -146,7 +146,7 @@ def get_events_by_session(
     limit: int | None = None,
     offset: int = 0,
 ) -> list[Event]:
-    """A session's events, newest first_instance, optionally filtered."""
+    """A session's events, newest first, optionally filtered."""
     params: dict[str, Any] = {"session_id": validation.as_uuid(session_id, "session_id")}
     statement = _listing(
         [event_columns.session_id == bindparam("session_id")],

@@ -115,15 +115,15 @@ def execute(db: Session, statement: Executable, params: Mapping[str, Any]) -> Re
 
 
 def first_instance(
-    db: Session, model_statement: ModelStatement[M, Any], params: Mapping[str, Any]
+    db: Session, statement: ModelStatement[M, Any], params: Mapping[str, Any]
 ) -> M | None:
-    """The first instance ``model_statement`` returns, or ``None``."""
-    found: M | None = execute(db, model_statement.orm, params).scalars().first()
+    """The first instance ``statement`` returns, or ``None``."""
+    found: M | None = execute(db, statement.orm, params).scalars().first()
     return found
 
 
 def all_instances(
-    db: Session, model_statement: ModelStatement[M, Any], params: Mapping[str, Any]
+    db: Session, statement: ModelStatement[M, Any], params: Mapping[str, Any]
 ) -> list[M]:
-    """Every instance ``model_statement`` returns."""
-    return list(execute(db, model_statement.orm, params).scalars().all())
+    """Every instance ``statement`` returns."""
+    return list(execute(db, statement.orm, params).scalars().all())

@@ -1,15 +1,13 @@
 """Messages: idempotent creation, lookups, the status lifecycle.
 
-Every function takes a SQLAlchemy ``Session`` first_instance, flushes but never
+Every function takes a SQLAlchemy ``Session`` first, flushes but never
 commits (the caller owns the transaction). Hot statements are built once,
 at import, with bound parameters; each call sends one statement, and a
 duplicate ``create_message`` two.
 """
 
-import json
 import logging
 import uuid
-from collections.abc import Mapping
 from datetime import datetime
 from typing import Any, cast
 
@@ -31,15 +29,22 @@ from sqlalchemy.dialects.postgresql import JSONB, TIMESTAMP
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
-from zaphub_db.errors import IdempotencyConflictError, NotFoundError, quoted
+from zaphub_db.errors import NotFoundError
 from zaphub_db.models import (
     Message,
     MessageDirection,
     MessageStatus,
-    MessageType,
     WhatsAppSession,
 )
 from zaphub_db.repositories import validation
+
+# bulk_create_messages and update_message_statuses live in modules of their
+# own; they are re-exported here, where they were first written and imported.
+from zaphub_db.repositories.bulk import BULK_BATCH_SIZE as BULK_BATCH_SIZE
+from zaphub_db.repositories.bulk import BulkConflict as BulkConflict
+from zaphub_db.repositories.bulk import BulkResult as BulkResult
+from zaphub_db.repositories.bulk import bulk_create_messages as bulk_create_messages
+from zaphub_db.repositories.creation import creation_params, idempotency_conflict
 from zaphub_db.repositories.execution import (
     TRANSACTION_NOW,
     ModelStatement,
@@ -56,6 +61,8 @@ from zaphub_db.repositories.lifecycle import (
     messages_table,
     status_literal,
 )
+from zaphub_db.repositories.receipts import RECEIPT_BATCH_SIZE as RECEIPT_BATCH_SIZE
+from zaphub_db.repositories.receipts import update_message_statuses as update_message_statuses
 
 logger = logging.getLogger(__name__)
 
@@ -199,76 +206,6 @@ _BY_WA_LOCATOR = (message_columns.session_id == bindparam("locate_session_id")) 
 )
 _STATUS_BY_ID = {s: _status_update(s, _BY_ID_LOCATOR) for s in MessageStatus}
 _STATUS_BY_WA_ID = {s: _status_update(s, _BY_WA_LOCATOR) for s in MessageStatus}
-
-
-def creation_params(
-    session_id: uuid.UUID | str,
-    message_id: str,
-    jid: str,
-    type: str,
-    payload: dict[str, Any],
-    direction: str,
-    status: str,
-    max_attempts: int,
-) -> dict[str, Any]:
-    """``create_message``'s arguments checked and converted to its statements' parameters."""
-    return {
-        "session_id": validation.as_uuid(session_id, "session_id"),
-        "message_id": validation.text_value(message_id, "message_id", 255),
-        "direction": validation.choice(direction, MessageDirection, "direction"),
-        "jid": validation.text_value(jid, "jid", 255),
-        "type": validation.choice(type, MessageType, "type"),
-        "payload": validation.json_text(payload, "payload"),
-        "status": validation.choice(status, MessageStatus, "status"),
-        # At least one attempt: a message with none could never be claimed.
-        "max_attempts": validation.integer(max_attempts, "max_attempts", minimum=1),
-    }
-
-
-CREATION_DEFAULTS = {"direction": "outbound", "status": "queued", "max_attempts": 5}
-"""``create_message``'s optional arguments and their defaults."""
-
-
-def creation_params_of(session_id: uuid.UUID | str, item: Mapping[str, Any]) -> dict[str, Any]:
-    """:func:`creation_params` from a mapping of ``create_message``'s keyword arguments.
-
-    ``item`` holds ``message_id``, ``jid``, ``type`` and ``payload``, and
-    optionally the keys of ``CREATION_DEFAULTS``; the caller has checked for
-    missing and unknown keys.
-    """
-    optional = {**CREATION_DEFAULTS, **{k: item[k] for k in CREATION_DEFAULTS if k in item}}
-    return creation_params(
-        session_id,
-        item["message_id"],
-        item["jid"],
-        item["type"],
-        item["payload"],
-        optional["direction"],
-        optional["status"],
-        optional["max_attempts"],
-    )
-
-
-def idempotency_conflict(
-    existing: Any, params: Mapping[str, Any]
-) -> IdempotencyConflictError | None:
-    """The error for ``params`` reusing ``existing``'s key with other content, or ``None``.
-
-    ``existing`` is a stored row (a ``Message`` or a row with its columns);
-    ``params`` are :func:`creation_params`' checked values for the new call.
-    """
-    differing = [
-        name for name in ("direction", "jid", "type") if getattr(existing, name) != params[name]
-    ]
-    if existing.payload != json.loads(params["payload"]):
-        differing.append("payload")
-    if not differing:
-        return None
-    return IdempotencyConflictError(
-        f"idempotency key {quoted(params['message_id'])} of session {params['session_id']} is "
-        f"already used by message {existing.id} with a different {', '.join(differing)}",
-        existing_id=existing.id,
-    )
 
 
 def get_or_create_message(
@@ -480,42 +417,6 @@ def increment_message_attempts(db: Session, id: uuid.UUID | str) -> Message | No
 
 
 def get_queued_messages(db: Session, limit: int = 100) -> list[Message]:
-    """Queued messages with attempts left, oldest first_instance, without claiming them."""
+    """Queued messages with attempts left, oldest first, without claiming them."""
     checked = validation.integer(limit, "limit", maximum=validation.INT8_MAX)
     return all_instances(db, _QUEUED, {"limit": checked})
-
-
-# Re-exported: these were written here first_instance, and are imported from here.
-from zaphub_db.repositories.bulk import (  # noqa: E402
-    BULK_BATCH_SIZE,
-    BulkConflict,
-    BulkResult,
-    bulk_create_messages,
-)
-from zaphub_db.repositories.receipts import (  # noqa: E402
-    RECEIPT_BATCH_SIZE,
-    update_message_statuses,
-)
-
-__all__ = [
-    "BULK_BATCH_SIZE",
-    "RECEIPT_BATCH_SIZE",
-    "STATUS_TIMESTAMP",
-    "BulkConflict",
-    "BulkResult",
-    "allowed_sources",
-    "bulk_create_messages",
-    "create_message",
-    "creation_params",
-    "get_message_by_id",
-    "get_message_by_idempotency_key",
-    "get_message_by_wa_id",
-    "get_messages_by_session",
-    "get_or_create_message",
-    "get_queued_messages",
-    "idempotency_conflict",
-    "increment_message_attempts",
-    "update_message_status",
-    "update_message_status_by_wa_id",
-    "update_message_statuses",
-]

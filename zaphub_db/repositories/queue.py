@@ -243,7 +243,7 @@ def claim_queued_messages(
     ordered: bool = True,
     max_in_flight_per_session: int | None = None,
 ) -> list[Message]:
-    """Claim up to ``limit`` messages for sending, oldest first_instance, in one statement.
+    """Claim up to ``limit`` messages for sending, oldest first, in one statement.
 
     Claimable: status ``queued``, attempts left, retry time reached. Each
     claimed message moves to ``processing`` with ``attempts`` + 1,

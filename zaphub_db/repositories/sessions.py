@@ -1,6 +1,6 @@
 """Sessions: one WhatsApp connection each.
 
-Every function takes a SQLAlchemy ``Session`` first_instance, flushes but never
+Every function takes a SQLAlchemy ``Session`` first, flushes but never
 commits (the caller owns the transaction), and sends one statement.
 """
 
