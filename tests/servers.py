@@ -38,8 +38,16 @@ def _bindir() -> Path:
 class ThrowawayServer:
     """A PostgreSQL server of a test's own, in a temporary directory."""
 
-    def __init__(self, primary: ThrowawayServer | None = None) -> None:
-        self.bindir = _bindir()
+    def __init__(
+        self,
+        primary: ThrowawayServer | None = None,
+        *,
+        bindir: Path | None = None,
+        settings: dict[str, str] | None = None,
+    ) -> None:
+        self.bindir = bindir if bindir is not None else _bindir()
+        # Server settings beyond the fault tests' own (Citus's preload library, say).
+        self.settings = dict(settings or {})
         self.root = Path(tempfile.mkdtemp(prefix="zaphub-fault-"))
         self.data = self.root / "data"
         self.port = free_port()
@@ -69,6 +77,8 @@ class ThrowawayServer:
             f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 "
             "-c fsync=off -c full_page_writes=off"
         )
+        for name, value in self.settings.items():
+            options += f" -c {name}={value}"
         self._run(
             "pg_ctl", "-D", str(self.data), "-l", str(self.root / "log"), "-o", options, *args
         )
@@ -99,9 +109,14 @@ class ThrowawayServer:
 
 
 @contextmanager
-def throwaway_server(primary: ThrowawayServer | None = None) -> Iterator[ThrowawayServer]:
+def throwaway_server(
+    primary: ThrowawayServer | None = None,
+    *,
+    bindir: Path | None = None,
+    settings: dict[str, str] | None = None,
+) -> Iterator[ThrowawayServer]:
     """A started server (a streaming replica of ``primary``, if given), removed afterwards."""
-    server = ThrowawayServer(primary)
+    server = ThrowawayServer(primary, bindir=bindir, settings=settings)
     server.start()
     try:
         yield server

@@ -40,8 +40,8 @@ from sqlalchemy import Engine, select, text
 from sqlalchemy.orm import Session
 
 from zaphub_db.errors import NotFoundError, TransientError, ValidationError, ZaphubDBError
-from zaphub_db.models import Message
-from zaphub_db.repositories import bulk, validation
+from zaphub_db.models import Message, MessageStatus
+from zaphub_db.repositories import bulk, layout, validation
 from zaphub_db.repositories.creation import (
     CREATION_DEFAULTS,
     creation_params_of,
@@ -131,6 +131,8 @@ def create_messages_together(db: Session, rows: Sequence[Mapping[str, Any]]) -> 
         inserted = {
             (m.session_id, m.message_id): m for m in db.execute(_INSERT_ORM, params).scalars()
         }
+    if any(message.status == MessageStatus.QUEUED for message in inserted.values()):
+        layout.notify(db)
     outcomes: list[Outcome | None] = [None] * len(rows)
     for key, message in inserted.items():
         outcomes[first_use[key]] = (message, True)

@@ -20,7 +20,8 @@ import inspect
 import os
 import socket
 import threading
-from collections.abc import Awaitable, Callable
+import uuid
+from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import TYPE_CHECKING, TypeVar
@@ -123,6 +124,7 @@ def run_worker(
     poll_interval: float = 5.0,
     retry_in: timedelta | None = None,
     max_concurrent_sends: int | None = None,
+    sessions: Iterable[uuid.UUID | str] | None = None,
 ) -> WorkerSummary:
     """Send queued messages with ``handler`` until ``stop`` is set; blocks, then a summary.
 
@@ -150,7 +152,10 @@ def run_worker(
     them, gives back the claimed messages it has not started, and returns.
 
     ``retry_in`` sets the delay before a failed message is retried (default:
-    ``mark_message_failed``'s exponential backoff).
+    ``mark_message_failed``'s exponential backoff). ``sessions``: serve only
+    these sessions, claiming from each in turn (one claim statement per
+    session, each on the session's shard on the distributed layout); default
+    every session.
     """
     sends = check_arguments(handler, batch_size, poll_interval, max_concurrent_sends)
     stop = stop if stop is not None else threading.Event()
@@ -164,6 +169,7 @@ def run_worker(
         poll_interval=poll_interval,
         retry_in=retry_in,
         sends=sends,
+        sessions=sessions,
     )
     return run_in_loop(loop.run())
 
@@ -236,6 +242,7 @@ async def async_run_worker(
     poll_interval: float = 5.0,
     retry_in: timedelta | None = None,
     max_concurrent_sends: int | None = None,
+    sessions: Iterable[uuid.UUID | str] | None = None,
 ) -> WorkerSummary:
     """The async twin of :func:`run_worker` (``zaphub_db.aio.run_worker``): the same loop, on tasks.
 
@@ -253,5 +260,6 @@ async def async_run_worker(
         poll_interval=poll_interval,
         retry_in=retry_in,
         sends=sends,
+        sessions=sessions,
     )
     return await loop.run()

@@ -35,7 +35,7 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Protocol, TypeVar
@@ -136,6 +136,14 @@ def check_arguments(
     )
 
 
+def _each(sessions: object) -> Iterable[object]:
+    if isinstance(sessions, str | bytes | uuid.UUID) or not isinstance(sessions, Iterable):
+        raise ValidationError(
+            f"sessions must be an iterable of session ids, got {quoted(sessions)}"
+        )
+    return sessions
+
+
 def failure_text(exc: BaseException) -> str:
     """A handler's exception as the text ``error_message`` keeps (storable, at most 2,000 chars)."""
     described = f"{type(exc).__name__}: {exc}".replace("\x00", "\\x00")
@@ -158,6 +166,7 @@ class SendLoop:
         poll_interval: float,
         retry_in: timedelta | None,
         sends: int,
+        sessions: Iterable[uuid.UUID | str] | None = None,
     ) -> None:
         self.port = port
         self.name = name
@@ -170,6 +179,14 @@ class SendLoop:
             "max_in_flight_per_session": max_in_flight_per_session,
         }
         self.poll_interval = poll_interval
+        self.sessions = (
+            None
+            if sessions is None
+            else list(dict.fromkeys(validation.as_uuid(s, "sessions") for s in _each(sessions)))
+        )
+        if self.sessions == []:
+            raise ValidationError("sessions must name at least one session (or be None: all)")
+        self.turn = 0  # the session the next claim starts with, in turn
         self.retry_in = retry_in
         self.sends = sends
         self.min_claim = max(1, min(batch_size, sends) // 2)
@@ -228,9 +245,7 @@ class SendLoop:
             # Claim when half a batch has room (a claim per finished send would
             # cost a statement per message), or when nothing is in hand.
             if room >= self.min_claim or (room > 0 and not self.ready and not self.running):
-                claim = functools.partial(
-                    queue.claim_queued_messages, limit=room, **self.claim_options
-                )
+                claim = functools.partial(self._claim, limit=room)
                 result = await self._database(claim)
                 if result is None:
                     continue
@@ -242,6 +257,21 @@ class SendLoop:
             if claimed and len(claimed) == room and room == self.batch_size:
                 continue  # a full claim: there may be more, and the sends are running
             await self._wait_for_work(idle=not self.running and not self.ready)
+
+    def _claim(self, db: Session, *, limit: int) -> list[Message]:
+        """One claim: across every session, or from this worker's sessions in turn."""
+        if self.sessions is None:
+            return queue.claim_queued_messages(db, limit=limit, **self.claim_options)
+        claimed: list[Message] = []
+        start, self.turn = self.turn, (self.turn + 1) % len(self.sessions)
+        for k in range(len(self.sessions)):
+            session_id = self.sessions[(start + k) % len(self.sessions)]
+            claimed += queue.claim_queued_messages(
+                db, limit=limit - len(claimed), session_id=session_id, **self.claim_options
+            )
+            if len(claimed) >= limit:
+                break
+        return claimed
 
     async def _wait_for_work(self, *, idle: bool) -> None:
         """Until a claim may find something new.
@@ -308,7 +338,11 @@ class SendLoop:
             logger.warning("send of message %s failed: %s", message.id, failure_text(exc))
             await self._record_failure(message, exc, retryable=True)
             return
-        ack: dict[str, Any] = {"id": message.id, "attempt": message.attempts}
+        ack: dict[str, Any] = {
+            "id": message.id,
+            "attempt": message.attempts,
+            "session_id": message.session_id,
+        }
         if isinstance(wa_message_id, str):
             ack["wa_message_id"] = wa_message_id
         elif wa_message_id is not None:
@@ -353,6 +387,7 @@ class SendLoop:
                 retryable=retryable,
                 retry_in=self.retry_in,
                 attempt=message.attempts,
+                session_id=message.session_id,
             ),
             None,
         )

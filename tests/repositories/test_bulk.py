@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session
 from tests.helpers import engine_of
 from zaphub_db.errors import NotFoundError, ValidationError
 from zaphub_db.models import WhatsAppSession
-from zaphub_db.repositories import messages
+from zaphub_db.repositories import layout, messages
 from zaphub_db.testing.factories import SessionFactory
 from zaphub_db.testing.statements import recording
 
@@ -102,5 +102,7 @@ def test_round_trips_are_fixed_per_batch(db: Session) -> None:
         sent.clear()
         messages.bulk_create_messages(db, session.id, items(3500))
         with_duplicates = len(sent)
-    assert new_only == 1
+    # The distributed layout wakes the queue's listeners with one statement
+    # more, once per transaction (a trigger does it on a single node).
+    assert new_only == 1 + (1 if layout.distributed(db) else 0)
     assert with_duplicates == 2

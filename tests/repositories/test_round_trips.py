@@ -7,7 +7,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from zaphub_db.models import Message, WhatsAppSession
-from zaphub_db.repositories import events, messages, sessions
+from zaphub_db.repositories import events, layout, messages, sessions
 from zaphub_db.testing.factories import MessageFactory, SessionFactory
 from zaphub_db.testing.statements import recording
 
@@ -25,10 +25,14 @@ def test_round_trip_budgets(zaphub_engine: Engine, zaphub_session: Session) -> N
     session: WhatsAppSession = SessionFactory.create()
     message: Message = MessageFactory.create(session=session)
     new: dict[str, Any] = {"session_id": session.id, "jid": JID, "type": "text", "payload": {}}
+    # The distributed layout sends one more statement where it must: the
+    # wake-up a single node's trigger sends, and the look-up of the session
+    # of a message named by id alone (give session_id= to spare it).
+    extra = 1 if layout.distributed(db) else 0
 
     budgets: dict[str, tuple[int, Callable[[], Any]]] = {
         "create_message (new key)": (
-            1,
+            1 + extra,
             lambda: messages.create_message(db, message_id="n1", **new),
         ),
         "create_message (duplicate)": (
@@ -37,12 +41,22 @@ def test_round_trip_budgets(zaphub_engine: Engine, zaphub_session: Session) -> N
         ),
         "get_message_by_id": (1, lambda: messages.get_message_by_id(db, message.id)),
         "update_message_status": (
-            1,
+            1 + extra,
             lambda: messages.update_message_status(db, message.id, "sent"),
         ),
-        "increment_message_attempts": (
+        "update_message_status (session_id given)": (
             1,
+            lambda: messages.update_message_status(
+                db, message.id, "delivered", session_id=session.id
+            ),
+        ),
+        "increment_message_attempts": (
+            1 + extra,
             lambda: messages.increment_message_attempts(db, message.id),
+        ),
+        "increment_message_attempts (session_id given)": (
+            1,
+            lambda: messages.increment_message_attempts(db, message.id, session_id=session.id),
         ),
         "get_queued_messages": (1, lambda: messages.get_queued_messages(db)),
         "get_messages_by_session": (

@@ -149,9 +149,11 @@ def test_connection_timestamps_follow_status_changes(db: Session) -> None:
     first_connected_at = connected.connected_at
     assert first_connected_at is not None
     # Backdate, then "connected" again must not move it: it is not a change.
+    # (A value bound, not "connected_at - interval": Citus refuses STABLE
+    # functions of a column in an UPDATE, and the suite runs there too.)
     db.execute(
-        text("UPDATE sessions SET connected_at = connected_at - interval '1 day' WHERE id = :i"),
-        {"i": created.id},
+        text("UPDATE sessions SET connected_at = :at WHERE id = :i"),
+        {"i": created.id, "at": first_connected_at - timedelta(days=1)},
     )
     again = repo.update_session(db, created.id, status="connected")
     assert again is not None

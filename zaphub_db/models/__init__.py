@@ -9,7 +9,7 @@ from zaphub_db.models.choices import (
     MessageType,
     SessionStatus,
 )
-from zaphub_db.models.event import Event
+from zaphub_db.models.event import Event, GlobalEvent, global_events_table
 from zaphub_db.models.message import Message
 from zaphub_db.models.migration_history import MigrationHistory
 from zaphub_db.models.session import WhatsAppSession
@@ -19,6 +19,7 @@ __all__ = [
     "Event",
     "EventCategory",
     "EventSeverity",
+    "GlobalEvent",
     "Message",
     "MessageDirection",
     "MessageStatus",
@@ -26,4 +27,5 @@ __all__ = [
     "MigrationHistory",
     "SessionStatus",
     "WhatsAppSession",
+    "global_events_table",
 ]

@@ -7,10 +7,14 @@ from typing import Any
 from sqlalchemy import (
     BigInteger,
     CheckConstraint,
+    Column,
+    FetchedValue,
     ForeignKey,
     Identity,
     Index,
+    MetaData,
     String,
+    Table,
     func,
     text,
 )
@@ -81,3 +85,36 @@ class Event(Base):
 
     def __repr__(self) -> str:
         return f"<Event {self.id} {self.event_type} {self.severity}>"
+
+
+# The distributed layout (zaphub_db.distribute) keeps events without a
+# session in a table of their own: a distributed table cannot hold a NULL
+# distribution column. Its own MetaData: not one of the tables the revisions
+# create, so neither `alembic check` nor `create_all` sees it.
+global_events_table = Table(
+    "global_events",
+    MetaData(),
+    *(
+        Column(
+            column.name,
+            column.type,
+            primary_key=column.primary_key,
+            # The server makes these (zaphub_db.distribute).
+            server_default=None if column.server_default is None else FetchedValue(),
+        )
+        for column in Event.__table__.columns
+    ),
+    comment="Events without a session, on the distributed layout",
+)
+
+
+class GlobalEvent(Event):
+    """An :class:`Event` without a session, stored in ``global_events`` (distributed layout only).
+
+    It is an ``Event`` (``isinstance`` holds, the same attributes), mapped
+    to the table its row lives in, so that it refreshes and expires like
+    any other instance.
+    """
+
+    __table__ = global_events_table
+    __mapper_args__ = {"concrete": True, "eager_defaults": True}

@@ -13,7 +13,8 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session
 
 from zaphub_db.errors import NotFoundError, ValidationError
-from zaphub_db.repositories import validation
+from zaphub_db.models import MessageStatus
+from zaphub_db.repositories import layout, validation
 from zaphub_db.repositories.creation import (
     CREATION_DEFAULTS,
     creation_params_of,
@@ -183,6 +184,8 @@ def _bulk_batch(
     }
     created = set(execute(db, _BULK_INSERT, params).scalars())
     result.created += len(created)
+    if any(first_use[key]["status"] == MessageStatus.QUEUED for key in created):
+        layout.notify(db)
     # Everything but the rows just inserted: keys that already existed, and
     # repeats within the batch (judged against the row their first use made).
     others = [

@@ -23,8 +23,15 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
 from zaphub_db.errors import NotFoundError
-from zaphub_db.models import Event, EventCategory, EventSeverity, WhatsAppSession
-from zaphub_db.repositories import validation
+from zaphub_db.models import (
+    Event,
+    EventCategory,
+    EventSeverity,
+    GlobalEvent,
+    WhatsAppSession,
+    global_events_table,
+)
+from zaphub_db.repositories import layout, validation
 from zaphub_db.repositories.execution import (
     ModelStatement,
     all_instances,
@@ -39,6 +46,7 @@ logger = logging.getLogger(__name__)
 events_table = cast(Table, Event.__table__)
 event_columns = events_table.c
 _sessions = cast(Table, WhatsAppSession.__table__)
+_global_columns = global_events_table.c
 
 
 def _insert_statement() -> ModelStatement[Event, Any]:
@@ -70,6 +78,17 @@ def _insert_statement() -> ModelStatement[Event, Any]:
 
 
 _INSERT = _insert_statement()
+_INSERT_GLOBAL = model_statement(
+    GlobalEvent,
+    pg_insert(global_events_table)
+    .values(
+        event_type=bindparam("event_type", type_=String),
+        event_category=bindparam("event_category", type_=String),
+        payload=validation.jsonb("payload"),
+        severity=bindparam("severity", type_=String),
+    )
+    .returning(*_global_columns),
+)
 _NEWEST_FIRST = model_statement(
     Event, select(events_table).order_by(event_columns.created_at.desc(), event_columns.seq.desc())
 )
@@ -84,6 +103,17 @@ _DELETE_OLD = delete(events_table).where(
 )
 _DELETE_OLD_BATCH = delete(events_table).where(
     event_columns.id.in_(_OLD_IDS.limit(bindparam("batch_size")).scalar_subquery())
+)
+_OLD = _global_columns.created_at < func.now() - func.make_interval(0, 0, 0, bindparam("days"))
+_DELETE_OLD_GLOBAL = delete(global_events_table).where(_OLD)
+_DELETE_OLD_GLOBAL_BATCH = delete(global_events_table).where(
+    _global_columns.id.in_(
+        select(_global_columns.id)
+        .where(_OLD)
+        .order_by(_global_columns.created_at)
+        .limit(bindparam("batch_size"))
+        .scalar_subquery()
+    )
 )
 
 
@@ -108,10 +138,34 @@ def create_event(
         "payload": validation.json_text({} if payload is None else payload, "payload"),
         "severity": validation.choice(severity, EventSeverity, "severity"),
     }
-    event = first_instance(db, _INSERT, params)
+    statement = _INSERT
+    if params["session_id"] is None and layout.distributed(db):
+        statement = _INSERT_GLOBAL
+    event = first_instance(db, statement, params)
     if event is None:
         raise NotFoundError(f"session {params['session_id']} does not exist")
     return event
+
+
+def _filters(
+    columns: Any,
+    params: dict[str, Any],
+    category: str | None,
+    event_type: str | None,
+    severity: str | None,
+) -> list[Any]:
+    """The criteria of the optional filters on ``columns`` (events' or global_events')."""
+    criteria = []
+    if category is not None:
+        params["category"] = validation.choice(category, EventCategory, "category")
+        criteria.append(columns.event_category == bindparam("category"))
+    if event_type is not None:
+        params["event_type"] = validation.text_value(event_type, "event_type", 100)
+        criteria.append(columns.event_type == bindparam("event_type"))
+    if severity is not None:
+        params["severity"] = validation.choice(severity, EventSeverity, "severity")
+        criteria.append(columns.severity == bindparam("severity"))
+    return criteria
 
 
 def _listing(
@@ -123,15 +177,7 @@ def _listing(
     limit: int | None,
     offset: int,
 ) -> ModelStatement[Event, Any]:
-    if category is not None:
-        params["category"] = validation.choice(category, EventCategory, "category")
-        conditions.append(event_columns.event_category == bindparam("category"))
-    if event_type is not None:
-        params["event_type"] = validation.text_value(event_type, "event_type", 100)
-        conditions.append(event_columns.event_type == bindparam("event_type"))
-    if severity is not None:
-        params["severity"] = validation.choice(severity, EventSeverity, "severity")
-        conditions.append(event_columns.severity == bindparam("severity"))
+    conditions.extend(_filters(event_columns, params, category, event_type, severity))
     statement = _NEWEST_FIRST.statement.where(*conditions)
     return _NEWEST_FIRST.derived(paginate(statement, params, limit, offset))
 
@@ -169,8 +215,25 @@ def get_recent_events(
 ) -> list[Event]:
     """The newest events of every session and the global ones."""
     params: dict[str, Any] = {}
+    if not layout.distributed(db):
+        statement = _listing([], params, category, None, severity, limit, 0)
+        return all_instances(db, statement, params)
+    # The distributed layout: the newest of events and of global_events (two
+    # statements, each its table's own instances), merged.
     statement = _listing([], params, category, None, severity, limit, 0)
-    return all_instances(db, statement, params)
+    found: list[Event] = all_instances(db, statement, params)
+    global_listing = select(global_events_table).where(
+        *_filters(_global_columns, params, category, None, severity)
+    )
+    global_listing = paginate(
+        global_listing.order_by(_global_columns.created_at.desc(), _global_columns.seq.desc()),
+        params,
+        limit,
+        0,
+    )
+    found += all_instances(db, model_statement(GlobalEvent, global_listing), params)
+    found.sort(key=lambda event: (event.created_at, event.seq), reverse=True)
+    return found[: params.get("limit", len(found))]
 
 
 MAX_DAYS_TO_KEEP = validation.MAX_AGE.days
@@ -190,6 +253,12 @@ def delete_old_events(db: Session, days_to_keep: int = 30, *, batch_size: int | 
         params["batch_size"] = validation.integer(batch_size, "batch_size", minimum=1)
         statement = _DELETE_OLD_BATCH
     deleted: int = execute(db, statement, params).rowcount  # type: ignore[attr-defined]
+    if layout.distributed(db) and (batch_size is None or deleted < params["batch_size"]):
+        if batch_size is None:
+            deleted += execute(db, _DELETE_OLD_GLOBAL, params).rowcount  # type: ignore[attr-defined]
+        else:
+            rest = {**params, "batch_size": params["batch_size"] - deleted}
+            deleted += execute(db, _DELETE_OLD_GLOBAL_BATCH, rest).rowcount  # type: ignore[attr-defined]
     logger.info(
         "old events deleted count=%d days_to_keep=%d",
         deleted,

@@ -36,7 +36,7 @@ from zaphub_db.models import (
     MessageStatus,
     WhatsAppSession,
 )
-from zaphub_db.repositories import validation
+from zaphub_db.repositories import layout, validation
 
 # bulk_create_messages and update_message_statuses live in modules of their
 # own; they are re-exported here, where they were first written and imported.
@@ -143,6 +143,13 @@ _INCREMENT = model_statement(
     .values(attempts=message_columns.attempts + 1)
     .returning(*message_columns),
 )
+# The by-id statements again, with the session too: routed to one shard on
+# the distributed layout (layout.message_session says which to run).
+_IN_SESSION = message_columns.session_id == bindparam("locate_session_id")
+_BY_ID_IN_SESSION = _BY_ID.derived(
+    _BY_ID.statement.where(message_columns.session_id == bindparam("session_id"))
+)
+_INCREMENT_IN_SESSION = _INCREMENT.derived(_INCREMENT.statement.where(_IN_SESSION))
 _QUEUED = model_statement(
     Message,
     select(messages_table)
@@ -205,6 +212,9 @@ _BY_WA_LOCATOR = (message_columns.session_id == bindparam("locate_session_id")) 
     message_columns.wa_message_id == bindparam("locate_wa_message_id")
 )
 _STATUS_BY_ID = {s: _status_update(s, _BY_ID_LOCATOR) for s in MessageStatus}
+_STATUS_BY_ID_IN_SESSION = {
+    s: _status_update(s, _BY_ID_LOCATOR & _IN_SESSION) for s in MessageStatus
+}
 _STATUS_BY_WA_ID = {s: _status_update(s, _BY_WA_LOCATOR) for s in MessageStatus}
 
 
@@ -242,6 +252,8 @@ def get_or_create_message(
             created.id,
             extra={"session_id": str(params["session_id"]), "message_key": message_id},
         )
+        if created.status == MessageStatus.QUEUED:
+            layout.notify(db)
         return created, True
     # ON CONFLICT DO NOTHING waited for any concurrent insert of this key to
     # commit, so (under READ COMMITTED) this new snapshot sees the winner.
@@ -290,9 +302,19 @@ def create_message(
     return message
 
 
-def get_message_by_id(db: Session, id: uuid.UUID | str) -> Message | None:
-    """The message with this internal id, or ``None``."""
-    return first_instance(db, _BY_ID, {"id": validation.as_uuid(id)})
+def get_message_by_id(
+    db: Session, id: uuid.UUID | str, *, session_id: uuid.UUID | str | None = None
+) -> Message | None:
+    """The message with this internal id, or ``None``.
+
+    ``session_id`` (optional) narrows the look-up to that session: on the
+    distributed layout it then reads one shard instead of all.
+    """
+    params: dict[str, Any] = {"id": validation.as_uuid(id)}
+    if session_id is None:
+        return first_instance(db, _BY_ID, params)
+    params["session_id"] = validation.as_uuid(session_id, "session_id")
+    return first_instance(db, _BY_ID_IN_SESSION, params)
 
 
 def get_message_by_idempotency_key(
@@ -378,19 +400,28 @@ def update_message_status(
     wa_timestamp: int | None = None,
     wa_response: dict[str, Any] | None = None,
     at: datetime | None = None,
+    session_id: uuid.UUID | str | None = None,
 ) -> Message | None:
     """Move a message to ``status``; the row afterwards, or ``None`` if there is none.
 
     Stamps the new status's timestamp column (``at`` overrides now). Moves
     that :func:`allowed_sources` refuses change nothing and return the row
     as it is (a late "delivered" after "read"); the same status again only
-    updates the other fields given.
+    updates the other fields given. ``session_id`` (optional): the message's
+    session, which routes the statement to one shard on the distributed
+    layout (without it, that layout looks the session up first).
     """
     target, params = _status_params(
         status, error_message, wa_message_id, wa_timestamp, wa_response, at
     )
     params["locate_id"] = validation.as_uuid(id)
-    return first_instance(db, _STATUS_BY_ID[target], params)
+    where = layout.message_session(db, params["locate_id"], session_id)
+    if where is False:
+        return None
+    if where is None:
+        return first_instance(db, _STATUS_BY_ID[target], params)
+    params["locate_session_id"] = where
+    return first_instance(db, _STATUS_BY_ID_IN_SESSION[target], params)
 
 
 def update_message_status_by_wa_id(
@@ -411,9 +442,21 @@ def update_message_status_by_wa_id(
     return first_instance(db, _STATUS_BY_WA_ID[target], params)
 
 
-def increment_message_attempts(db: Session, id: uuid.UUID | str) -> Message | None:
-    """Add one to ``attempts`` atomically, in SQL; the row, or ``None`` if there is none."""
-    return first_instance(db, _INCREMENT, {"locate_id": validation.as_uuid(id)})
+def increment_message_attempts(
+    db: Session, id: uuid.UUID | str, *, session_id: uuid.UUID | str | None = None
+) -> Message | None:
+    """Add one to ``attempts`` atomically, in SQL; the row, or ``None`` if there is none.
+
+    ``session_id`` (optional) routes it as in :func:`update_message_status`.
+    """
+    params: dict[str, Any] = {"locate_id": validation.as_uuid(id)}
+    where = layout.message_session(db, params["locate_id"], session_id)
+    if where is False:
+        return None
+    if where is None:
+        return first_instance(db, _INCREMENT, params)
+    params["locate_session_id"] = where
+    return first_instance(db, _INCREMENT_IN_SESSION, params)
 
 
 def get_queued_messages(db: Session, limit: int = 100) -> list[Message]:

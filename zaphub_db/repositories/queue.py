@@ -42,6 +42,7 @@ from sqlalchemy import (
     Interval,
     String,
     Text,
+    TextClause,
     bindparam,
     case,
     cast,
@@ -60,7 +61,7 @@ from sqlalchemy.orm.util import identity_key
 
 from zaphub_db.errors import ValidationError, quoted
 from zaphub_db.models import Message, MessageStatus
-from zaphub_db.repositories import validation
+from zaphub_db.repositories import layout, validation
 from zaphub_db.repositories.execution import (
     TRANSACTION_NOW,
     ModelStatement,
@@ -152,7 +153,9 @@ def _batch(where: list[ColumnElement[bool]]) -> CTE:
     )
 
 
-def _batch_within_room(where: list[ColumnElement[bool]]) -> CTE:
+def _batch_within_room(
+    where: list[ColumnElement[bool]], in_session: list[ColumnElement[bool]]
+) -> CTE:
     """:func:`_batch` that never brings a session above ``:max_in_flight`` messages in flight.
 
     Candidates come from sessions with room left, ranked within their
@@ -190,7 +193,7 @@ def _batch_within_room(where: list[ColumnElement[bool]]) -> CTE:
     return (
         select(message_columns.id)
         .select_from(messages_table.join(ranked, ranked.c.id == message_columns.id))
-        .where(ranked.c.load <= room, CLAIMABLE)
+        .where(ranked.c.load <= room, CLAIMABLE, *in_session)
         .order_by(*_CLAIM_ORDER)
         .limit(bindparam("limit"))
         .with_for_update(of=messages_table, skip_locked=True)
@@ -209,15 +212,16 @@ def claim_statement(
     and ``LIMIT`` (a plain ``id IN (subquery LIMIT n)`` may be re-evaluated
     and update more than n rows); the UPDATE claims what it picked.
     """
-    where: list[ColumnElement[bool]] = [CLAIMABLE]
-    if one_session:
-        where.append(message_columns.session_id == bindparam("claim_session_id"))
+    in_session = (
+        [message_columns.session_id == bindparam("claim_session_id")] if one_session else []
+    )
+    where: list[ColumnElement[bool]] = [CLAIMABLE, *in_session]
     if ordered:
         where.append(_chat_order_clause())
-    batch = _batch_within_room(where) if limited else _batch(where)
+    batch = _batch_within_room(where, in_session) if limited else _batch(where)
     statement = (
         update(messages_table)
-        .where(message_columns.id == batch.c.id)
+        .where(message_columns.id == batch.c.id, *in_session)
         .values(
             status=_PROCESSING,
             processing_at=func.now(),
@@ -281,12 +285,15 @@ def claim_queued_messages(
         params["max_in_flight"] = validation.integer(
             max_in_flight_per_session, "max_in_flight_per_session", minimum=1
         )
-    statement = claim_statement(
-        ordered=ordered, limited=limited, one_session=session_id is not None
-    )
     if limited:
         execute(db, _IN_FLIGHT_LOCK, {})
-    claimed = all_instances(db, statement, params)
+    if layout.distributed(db):
+        claimed = _claim_session_by_session(db, params, ordered=ordered, limited=limited)
+    else:
+        statement = claim_statement(
+            ordered=ordered, limited=limited, one_session=session_id is not None
+        )
+        claimed = all_instances(db, statement, params)
     # UPDATE ... RETURNING does not keep the CTE's order.
     claimed.sort(key=lambda m: (m.created_at, m.seq))
     if claimed:
@@ -296,6 +303,57 @@ def claim_queued_messages(
             worker,
             extra={"count": len(claimed), "worker": worker},
         )
+    return claimed
+
+
+# Sessions with messages ready to claim, the longest-waiting first: a read
+# across all shards without row locks, for the distributed layout, where a
+# claim with FOR UPDATE SKIP LOCKED runs per session (on the session's shard).
+_READY_SESSIONS = text(
+    "SELECT session_id FROM messages "
+    "WHERE status = 'queued' AND attempts < max_attempts "
+    "AND (available_at IS NULL OR available_at <= now()) "
+    "GROUP BY session_id ORDER BY min(created_at) LIMIT :limit"
+)
+
+
+_IN_FLIGHT_OF_SESSION = text(
+    "SELECT count(*) FROM messages WHERE session_id = :session_id AND status = 'processing'"
+).bindparams(bindparam("session_id", type_=UUID))
+
+
+def _claim_session_by_session(
+    db: Session, params: dict[str, Any], *, ordered: bool, limited: bool
+) -> list[Message]:
+    """A claim on the distributed layout, where every statement stays on one shard.
+
+    Across sessions: one claim per session with ready messages, oldest
+    session first, until ``limit`` is reached. With a limit in flight, a
+    session's room is counted first and bounds its claim: exact, since such
+    claims hold the advisory lock (the single-node statement ranks the
+    candidates in one statement instead, which Citus cannot route).
+    """
+    statement = claim_statement(ordered=ordered, limited=False, one_session=True)
+    wanted: int = params["limit"]
+    given = params.get("claim_session_id")
+    if given is not None:
+        sessions = [given]
+    else:
+        sessions = execute(db, _READY_SESSIONS, {"limit": wanted}).scalars().all()
+    claimed: list[Message] = []
+    for session_id in sessions:
+        limit = wanted - len(claimed)
+        if limited:
+            busy = execute(db, _IN_FLIGHT_OF_SESSION, {"session_id": session_id}).scalar_one()
+            limit = min(limit, params["max_in_flight"] - busy)
+            if limit <= 0:
+                continue
+        batch = all_instances(
+            db, statement, {**params, "limit": limit, "claim_session_id": session_id}
+        )
+        claimed.extend(batch)
+        if len(claimed) >= wanted:
+            break
     return claimed
 
 
@@ -337,14 +395,17 @@ def extend_lease(db: Session, ids: Iterable[uuid.UUID | str], *, lease: timedelt
 _SENT_SOURCES = ", ".join(
     f"'{s.value}'" for s in (*allowed_sources(MessageStatus.SENT), MessageStatus.SENT)
 )
+
+
 # One statement per batch of acks. The rows are locked first (FOR NO KEY
 # UPDATE in READ COMMITTED returns each row's latest version), so that the
 # status each had before is known and RETURNING can tell which ones moved.
 # The rules of update_message_status(..., "sent"): never backwards (delivered
 # and read rows are not touched), sent_at stamped only by the move, and an ack
 # of a row already sent only fills in the WhatsApp fields given.
-_MARK_SENT = text(
-    f"""
+def _mark_sent(in_session: str) -> TextClause:
+    return text(
+        f"""
     WITH ack AS (
         SELECT * FROM unnest(CAST(:ids AS uuid[]), CAST(:wa_message_ids AS varchar[]),
                              CAST(:wa_timestamps AS bigint[]), CAST(:wa_responses AS jsonb[]),
@@ -352,7 +413,7 @@ _MARK_SENT = text(
                  AS a(id, wa_message_id, wa_timestamp, wa_response, at, attempt)
     ), target AS (
         SELECT m.id, m.status FROM messages m JOIN ack ON ack.id = m.id
-        WHERE m.status IN ({_SENT_SOURCES})
+        WHERE m.status IN ({_SENT_SOURCES}){in_session}
           -- An ack fenced by its attempt: a worker whose lease lapsed and
           -- whose message was claimed again cannot settle the new claim.
           AND (ack.attempt IS NULL OR m.attempts = ack.attempt)
@@ -367,11 +428,20 @@ _MARK_SENT = text(
         wa_response = coalesce(ack.wa_response, m.wa_response),
         lease_expires_at = NULL
     FROM target JOIN ack ON ack.id = target.id
-    WHERE m.id = target.id
+    WHERE m.id = target.id{in_session.replace(":session_id", ":session_id_again")}
     RETURNING m.id, target.status <> 'sent' AS moved
     """
-)
-_ACK_KEYS = {"id", "wa_message_id", "wa_timestamp", "wa_response", "at", "attempt"}
+    )
+
+
+_MARK_SENT = _mark_sent("")
+# The distributed layout acks one session at a time: FOR NO KEY UPDATE is
+# not run across shards, and the session's filter routes it to one.
+# (Two names for the one value: Citus mixes up the parameters of a statement
+# that names one twice when it sends the statement on.)
+_MARK_SENT_IN_SESSION = _mark_sent(" AND m.session_id = CAST(:session_id AS uuid)")
+_SESSIONS_OF = text("SELECT id, session_id FROM messages WHERE id = ANY(CAST(:ids AS uuid[]))")
+_ACK_KEYS = {"id", "wa_message_id", "wa_timestamp", "wa_response", "at", "attempt", "session_id"}
 
 
 def _ack_row(index: int, ack: Any) -> tuple[Any, ...]:
@@ -396,6 +466,9 @@ def _ack_row(index: int, ack: Any) -> tuple[Any, ...]:
             None if wa_response is None else validation.json_text(wa_response, "wa_response"),
             validation.timestamp(ack.get("at"), "at"),
             None if ack.get("attempt") is None else validation.integer(ack["attempt"], "attempt"),
+            None
+            if ack.get("session_id") is None
+            else validation.as_uuid(ack["session_id"], "session_id"),
         )
     except ValidationError as exc:
         raise ValidationError(f"ack {index}: {exc}") from exc
@@ -418,30 +491,52 @@ def mark_messages_sent(db: Session, acks: Iterable[Mapping[str, Any]]) -> int:
     messages in ``db`` are expired, so that they reload their new state.
     """
     rows = {row[0]: row for row in (_ack_row(i, ack) for i, ack in enumerate(acks))}
-    ordered_rows = list(rows.values())
+    if rows and layout.distributed(db):
+        groups = _by_session(db, rows)
+    else:
+        groups = {None: list(rows.values())}
     moved = 0
-    for start in range(0, len(ordered_rows), ACK_BATCH_SIZE):
-        chunk = ordered_rows[start : start + ACK_BATCH_SIZE]
-        ids, wa_ids, wa_timestamps, wa_responses, ats, attempts = (
-            list(column) for column in zip(*chunk, strict=True)
-        )
-        result = execute(
-            db,
-            _MARK_SENT,
-            {
-                "ids": ids,
-                "wa_message_ids": wa_ids,
-                "wa_timestamps": wa_timestamps,
-                "wa_responses": wa_responses,
-                "ats": ats,
-                "attempts": attempts,
-            },
-        )
-        moved += sum(1 for row in result if row.moved)
+    for session_id, group in groups.items():
+        statement = _MARK_SENT if session_id is None else _MARK_SENT_IN_SESSION
+        for start in range(0, len(group), ACK_BATCH_SIZE):
+            chunk = group[start : start + ACK_BATCH_SIZE]
+            ids, wa_ids, wa_timestamps, wa_responses, ats, attempts, _sessions = (
+                list(column) for column in zip(*chunk, strict=True)
+            )
+            result = execute(
+                db,
+                statement,
+                {
+                    "ids": ids,
+                    "wa_message_ids": wa_ids,
+                    "wa_timestamps": wa_timestamps,
+                    "wa_responses": wa_responses,
+                    "ats": ats,
+                    "attempts": attempts,
+                    "session_id": session_id,
+                    "session_id_again": session_id,
+                },
+            )
+            moved += sum(1 for row in result if row.moved)
     _expire(db, rows, _SENT_COLUMNS)
     if moved:
         logger.info("messages sent count=%d", moved, extra={"count": moved})
     return moved
+
+
+def _by_session(
+    db: Session, rows: dict[uuid.UUID, tuple[Any, ...]]
+) -> dict[uuid.UUID | None, list[tuple[Any, ...]]]:
+    """Acks grouped by their message's session (looked up, in one statement, where the
+    ack does not say); acks of messages that do not exist are dropped."""
+    unknown = [id for id, row in rows.items() if row[-1] is None]
+    found = dict(execute(db, _SESSIONS_OF, {"ids": unknown}).tuples().all()) if unknown else {}
+    groups: dict[uuid.UUID | None, list[tuple[Any, ...]]] = {}
+    for id, row in rows.items():
+        session_id = row[-1] if row[-1] is not None else found.get(id)
+        if session_id is not None:
+            groups.setdefault(session_id, []).append(row)
+    return groups
 
 
 _SENT_COLUMNS = (
@@ -501,11 +596,17 @@ _MARK_FAILED = model_statement(
         available_at=case(
             (
                 _CURRENT & _RETRY,
-                TRANSACTION_NOW
-                + func.coalesce(
-                    cast(bindparam("retry_in"), Interval),
-                    func.make_interval(0, 0, 0, 0, 0, 0, _BACKOFF_SECONDS),
-                ),
+                # A scalar subquery (one value per row): Citus refuses the
+                # STABLE timestamptz + interval inside a CASE of an UPDATE.
+                select(
+                    func.now()
+                    + func.coalesce(
+                        cast(bindparam("retry_in"), Interval),
+                        func.make_interval(0, 0, 0, 0, 0, 0, _BACKOFF_SECONDS),
+                    )
+                )
+                .correlate(messages_table)
+                .scalar_subquery(),
             ),
             else_=message_columns.available_at,
         ),
@@ -518,6 +619,8 @@ _MARK_FAILED = model_statement(
     )
     .returning(*message_columns),
 )
+_IN_SESSION = message_columns.session_id == bindparam("locate_session_id")
+_MARK_FAILED_IN_SESSION = _MARK_FAILED.derived(_MARK_FAILED.statement.where(_IN_SESSION))
 
 
 def mark_message_failed(
@@ -528,6 +631,7 @@ def mark_message_failed(
     retryable: bool = True,
     retry_in: timedelta | None = None,
     attempt: int | None = None,
+    session_id: uuid.UUID | str | None = None,
 ) -> Message | None:
     """Record a failed send attempt; the row afterwards, or ``None`` if there is none.
 
@@ -538,7 +642,9 @@ def mark_message_failed(
     ``error_message``; the lease is cleared. A message already sent is
     returned unchanged, and so is one whose ``attempts`` differs from
     ``attempt`` when that is given: the report comes from a worker whose
-    lease lapsed, and another worker holds the message now.
+    lease lapsed, and another worker holds the message now. ``session_id``
+    (optional): the message's session, which routes the statement to one
+    shard on the distributed layout (the worker passes it).
     """
     if not isinstance(retryable, bool):
         raise ValidationError(f"retryable must be a bool, got {quoted(retryable)}")
@@ -555,7 +661,17 @@ def mark_message_failed(
         # Citus refuses in an UPDATE of a distributed table (docs/scale-out.md).
         "jitter": random.uniform(0.5, 1.0),  # noqa: S311 (spreading retries, not a secret)
     }
-    message = first_instance(db, _MARK_FAILED, params)
+    where = layout.message_session(db, params["locate_id"], session_id)
+    if where is False:
+        return None
+    if where is None:
+        message = first_instance(db, _MARK_FAILED, params)
+    else:
+        message = first_instance(
+            db, _MARK_FAILED_IN_SESSION, {**params, "locate_session_id": where}
+        )
+    if message is not None and message.status == MessageStatus.QUEUED:
+        _notify_if_ready(db, message)
     if message is not None:
         logger.info(
             "message failed id=%s status=%s attempts=%d",
@@ -567,16 +683,25 @@ def mark_message_failed(
     return message
 
 
-def _recover_statement() -> Executable:
+def _notify_if_ready(db: Session, message: Message) -> None:
+    """Wake listeners for a message requeued ready to claim (what the requeue trigger does
+    on a single node), on the distributed layout."""
+    ready = message.available_at is None or message.available_at <= message.failed_at
+    if ready:
+        layout.notify(db)
+
+
+def _recover_statement(*, in_session: bool) -> Executable:
     older_than = cast(bindparam("older_than"), Interval)
     lapsed = (message_columns.lease_expires_at < func.now()) | (
         message_columns.lease_expires_at.is_(None)
         & older_than.is_not(None)
         & (message_columns.processing_at < func.now() - older_than)
     )
+    session = [message_columns.session_id == bindparam("recover_session_id")] if in_session else []
     stalled = (
         select(message_columns.id)
-        .where(message_columns.status == _PROCESSING, lapsed)
+        .where(message_columns.status == _PROCESSING, lapsed, *session)
         # A row another transaction is changing right now (an ack) is left to it.
         .with_for_update(skip_locked=True)
         .cte("stalled")
@@ -584,7 +709,7 @@ def _recover_statement() -> Executable:
     )
     return (
         update(messages_table)
-        .where(message_columns.id == stalled.c.id)
+        .where(message_columns.id == stalled.c.id, *session)
         .values(
             status=case((_ATTEMPTS_LEFT, _QUEUED), else_=status_literal(MessageStatus.DLQ)),
             failed_at=case((_ATTEMPTS_LEFT, message_columns.failed_at), else_=TRANSACTION_NOW),
@@ -598,7 +723,16 @@ def _recover_statement() -> Executable:
     )
 
 
-_RECOVER = _recover_statement()
+_RECOVER = _recover_statement(in_session=False)
+# The distributed layout recovers session by session (FOR UPDATE SKIP LOCKED
+# runs on one shard only): first which sessions have lapsed leases.
+_RECOVER_IN_SESSION = _recover_statement(in_session=True)
+_STALLED_SESSIONS = text(
+    "SELECT DISTINCT session_id FROM messages WHERE status = 'processing' "
+    "AND (lease_expires_at < now() OR (lease_expires_at IS NULL "
+    "AND CAST(:older_than AS interval) IS NOT NULL "
+    "AND processing_at < now() - CAST(:older_than AS interval)))"
+).bindparams(bindparam("older_than", type_=Interval))
 
 
 def recover_stalled_messages(db: Session, *, older_than: timedelta | None = None) -> int:
@@ -615,7 +749,15 @@ def recover_stalled_messages(db: Session, *, older_than: timedelta | None = None
         if older_than is None
         else validation.interval(older_than, "older_than", validation.MAX_AGE)
     }
-    recovered: int = execute(db, _RECOVER, params).rowcount  # type: ignore[attr-defined]
+    if layout.distributed(db):
+        recovered = 0
+        for session_id in execute(db, _STALLED_SESSIONS, params).scalars().all():
+            result = execute(db, _RECOVER_IN_SESSION, {**params, "recover_session_id": session_id})
+            recovered += result.rowcount  # type: ignore[attr-defined]
+        if recovered:
+            layout.notify(db)
+    else:
+        recovered = execute(db, _RECOVER, params).rowcount  # type: ignore[attr-defined]
     if recovered:
         logger.info("stalled messages recovered count=%d", recovered, extra={"count": recovered})
     return recovered
@@ -643,38 +785,62 @@ _REQUEUE = model_statement(
     )
     .returning(*message_columns),
 )
+_REQUEUE_IN_SESSION = _REQUEUE.derived(_REQUEUE.statement.where(_IN_SESSION))
+# now() itself, not TRANSACTION_NOW (the same value): no CASE here, and
+# across shards Citus takes now() but not a subquery in SET.
 _REQUEUE_DLQ = (
     update(messages_table)
-    .where(
-        message_columns.status == status_literal(MessageStatus.DLQ),
-        cast(bindparam("in_session"), UUID).is_(None)
-        | (message_columns.session_id == cast(bindparam("in_session"), UUID)),
-    )
-    .values(_REQUEUE_VALUES)
+    .where(message_columns.status == status_literal(MessageStatus.DLQ))
+    .values({**_REQUEUE_VALUES, "queued_at": func.now()})
+)
+_REQUEUE_DLQ_IN_SESSION = _REQUEUE_DLQ.where(
+    message_columns.session_id == bindparam("in_session", type_=UUID)
 )
 
 
-def requeue_message(db: Session, id: uuid.UUID | str) -> Message | None:
+def requeue_message(
+    db: Session, id: uuid.UUID | str, *, session_id: uuid.UUID | str | None = None
+) -> Message | None:
     """Put a ``dlq`` or ``failed`` message back in the queue with ``attempts`` reset.
 
     Other messages are returned unchanged; ``None`` if there is none.
+    ``session_id`` (optional) routes it as in ``mark_message_failed``.
     """
-    return first_instance(db, _REQUEUE, {"locate_id": validation.as_uuid(id)})
+    params: dict[str, Any] = {"locate_id": validation.as_uuid(id)}
+    where = layout.message_session(db, params["locate_id"], session_id)
+    if where is False:
+        return None
+    if where is None:
+        message = first_instance(db, _REQUEUE, params)
+    else:
+        message = first_instance(db, _REQUEUE_IN_SESSION, {**params, "locate_session_id": where})
+    if message is not None and message.status == MessageStatus.QUEUED:
+        layout.notify(db)
+    return message
 
 
 def requeue_dead_letters(db: Session, *, session_id: uuid.UUID | str | None = None) -> int:
     """Put every ``dlq`` message (of one session, if given) back in the queue; how many."""
-    session_uuid = None if session_id is None else validation.as_uuid(session_id, "session_id")
-    requeued: int = execute(db, _REQUEUE_DLQ, {"in_session": session_uuid}).rowcount  # type: ignore[attr-defined]
+    if session_id is None:
+        result = execute(db, _REQUEUE_DLQ, {})
+    else:
+        session_uuid = validation.as_uuid(session_id, "session_id")
+        result = execute(db, _REQUEUE_DLQ_IN_SESSION, {"in_session": session_uuid})
+    requeued: int = result.rowcount  # type: ignore[attr-defined]
+    if requeued:
+        layout.notify(db)
     return requeued
 
 
-_RELEASE = text(
+_RELEASE_SQL = (
     "UPDATE messages m SET status = 'queued', attempts = m.attempts - 1, "
     "lease_expires_at = NULL "
     "FROM unnest(CAST(:ids AS uuid[]), CAST(:attempts AS integer[])) AS held(id, attempt) "
     "WHERE m.id = held.id AND m.attempts = held.attempt AND m.status = 'processing'"
 )
+_RELEASE = text(_RELEASE_SQL)
+# Per session on the distributed layout: one shard each.
+_RELEASE_IN_SESSION = text(_RELEASE_SQL + " AND m.session_id = CAST(:session_id AS uuid)")
 
 
 def release_messages(db: Session, messages: Iterable[Message]) -> int:
@@ -686,11 +852,27 @@ def release_messages(db: Session, messages: Iterable[Message]) -> int:
     lease lapsed and that another worker claimed since is left alone). One
     statement.
     """
-    held = {m.id: m.attempts for m in messages}
+    given = list(messages)
+    held = {m.id: m.attempts for m in given}
     if not held:
         return 0
-    result = execute(db, _RELEASE, {"ids": list(held), "attempts": list(held.values())})
-    released: int = result.rowcount  # type: ignore[attr-defined]
+    released = 0
+    if layout.distributed(db):
+        by_session: dict[uuid.UUID, dict[uuid.UUID, int]] = {}
+        for message in given:
+            by_session.setdefault(message.session_id, {})[message.id] = message.attempts
+        for session_id, group in by_session.items():
+            params = {
+                "ids": list(group),
+                "attempts": list(group.values()),
+                "session_id": session_id,
+            }
+            released += execute(db, _RELEASE_IN_SESSION, params).rowcount  # type: ignore[attr-defined]
+    else:
+        result = execute(db, _RELEASE, {"ids": list(held), "attempts": list(held.values())})
+        released = result.rowcount  # type: ignore[attr-defined]
+    if released:
+        layout.notify(db)
     _expire(db, held, _RELEASED_COLUMNS)
     return released
 
@@ -712,8 +894,7 @@ class QueueStats:
     oldest_ready_age: timedelta | None
 
 
-_STATS = text(
-    """
+_STATS_SQL = """
     SELECT
         count(*) FILTER (WHERE status = 'queued') AS queued,
         count(*) FILTER (WHERE status = 'queued' AND attempts < max_attempts
@@ -727,9 +908,10 @@ _STATS = text(
                          AND (available_at IS NULL OR available_at <= now())) AS oldest_ready_age
     FROM messages
     WHERE status IN ('queued', 'processing', 'failed', 'dlq')
-      AND (CAST(:session_id AS uuid) IS NULL OR session_id = CAST(:session_id AS uuid))
     """
-)
+_STATS = text(_STATS_SQL)
+# Its own statement (not "IS NULL OR ="), so that Citus routes it to one shard.
+_STATS_OF_SESSION = text(_STATS_SQL + " AND session_id = CAST(:session_id AS uuid)")
 
 
 def queue_stats(db: Session, *, session_id: uuid.UUID | str | None = None) -> QueueStats:
@@ -741,8 +923,11 @@ def queue_stats(db: Session, *, session_id: uuid.UUID | str | None = None) -> Qu
     ``recover_stalled_messages`` would take). ``oldest_ready_age`` is how long
     the oldest ready message has waited since it was created, or ``None``.
     """
-    session_uuid = None if session_id is None else validation.as_uuid(session_id, "session_id")
-    row = execute(db, _STATS, {"session_id": session_uuid}).one()
+    if session_id is None:
+        row = execute(db, _STATS, {}).one()
+    else:
+        session_uuid = validation.as_uuid(session_id, "session_id")
+        row = execute(db, _STATS_OF_SESSION, {"session_id": session_uuid}).one()
     return QueueStats(*tuple(row))
 
 

@@ -46,15 +46,25 @@ _RANK = {
     MessageStatus.READ: 4,
 }
 _RECEIPT_STATUSES = (MessageStatus.SENT, MessageStatus.DELIVERED, MessageStatus.READ)
-_RANK_SQL = " ".join(f"WHEN '{status.value}' THEN {rank}" for status, rank in _RANK.items())
+# Searched CASEs (CASE WHEN x = ...), not simple ones (CASE x WHEN ...): Citus
+# 13 sends a simple CASE on to a worker node with its WHEN values replaced
+# by NULL::boolean.
+_RANK_SQL = " ".join(
+    f"WHEN m.status = '{status.value}' THEN {rank}" for status, rank in _RANK.items()
+)
 # One statement per batch: the receipts of each message travel pre-merged
 # (furthest status, and which statuses were seen with their times), the rows
 # are locked to read the status each had before the batch, and each stamp is
-# set when its status lies beyond that one.
+# set when its status lies beyond that one. A receipt without a time takes
+# now() here, outside the CASEs of the UPDATE, where Citus refuses it; and
+# the UPDATE names the session too, which routes it to one shard there.
 _APPLY_RECEIPTS = text(
     f"""
     WITH receipt AS (
-        SELECT * FROM unnest(
+        SELECT r.wa_message_id, r.rank, r.has_sent, coalesce(r.sent_at, now()) AS sent_at,
+               r.has_delivered, coalesce(r.delivered_at, now()) AS delivered_at,
+               r.has_read, coalesce(r.read_at, now()) AS read_at, r.wa_timestamp
+        FROM unnest(
             CAST(:wa_message_ids AS varchar[]), CAST(:ranks AS integer[]),
             CAST(:has_sent AS boolean[]), CAST(:sent_ats AS timestamptz[]),
             CAST(:has_delivered AS boolean[]), CAST(:delivered_ats AS timestamptz[]),
@@ -63,26 +73,31 @@ _APPLY_RECEIPTS = text(
         AS r(wa_message_id, rank, has_sent, sent_at, has_delivered, delivered_at,
              has_read, read_at, wa_timestamp)
     ), target AS (
-        SELECT m.id, CASE m.status {_RANK_SQL} END AS before, receipt.*
+        SELECT m.id, CASE {_RANK_SQL} END AS before, receipt.*
         FROM messages m JOIN receipt ON m.wa_message_id = receipt.wa_message_id
         WHERE m.session_id = :session_id
-          AND receipt.rank > CASE m.status {_RANK_SQL} END
+          AND receipt.rank > CASE {_RANK_SQL} END
         FOR NO KEY UPDATE OF m
     )
     UPDATE messages m SET
-        status = CASE t.rank WHEN 2 THEN 'sent' WHEN 3 THEN 'delivered' ELSE 'read' END,
+        status = CASE WHEN t.rank = 2 THEN 'sent' WHEN t.rank = 3 THEN 'delivered' ELSE 'read' END,
         sent_at = CASE WHEN t.has_sent AND t.before < 2
-                       THEN coalesce(t.sent_at, (SELECT now())) ELSE m.sent_at END,
+                       THEN t.sent_at ELSE m.sent_at END,
         delivered_at = CASE WHEN t.has_delivered AND t.before < 3
-                            THEN coalesce(t.delivered_at, (SELECT now())) ELSE m.delivered_at END,
+                            THEN t.delivered_at ELSE m.delivered_at END,
         read_at = CASE WHEN t.has_read AND t.before < 4
-                       THEN coalesce(t.read_at, (SELECT now())) ELSE m.read_at END,
+                       THEN t.read_at ELSE m.read_at END,
         wa_timestamp = coalesce(t.wa_timestamp, m.wa_timestamp),
         lease_expires_at = NULL
     FROM target t
-    WHERE m.id = t.id
+    WHERE m.id = t.id AND m.session_id = :session_id_again
     """
-).bindparams(bindparam("session_id", type_=message_columns.session_id.type))
+).bindparams(
+    bindparam("session_id", type_=message_columns.session_id.type),
+    # The same value under a second name: Citus mixes up the parameters of a
+    # statement that names one twice when it sends the statement on.
+    bindparam("session_id_again", type_=message_columns.session_id.type),
+)
 _RECEIPT_KEYS = {"wa_message_id", "status", "at", "wa_timestamp"}
 
 
@@ -152,6 +167,7 @@ def update_message_statuses(
         chunk = items[start : start + RECEIPT_BATCH_SIZE]
         params: dict[str, Any] = {
             "session_id": session_uuid,
+            "session_id_again": session_uuid,
             "wa_message_ids": [wa_id for wa_id, _ in chunk],
             "ranks": [entry.rank for _, entry in chunk],
             "wa_timestamps": [entry.wa_timestamp for _, entry in chunk],

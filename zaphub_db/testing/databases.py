@@ -21,6 +21,23 @@ from zaphub_db.errors import DatabaseUnavailableError
 logger = logging.getLogger(__name__)
 
 TEST_URL_VARIABLE = "ZAPHUB_TEST_DATABASE_URL"
+# ``host:port,host:port``: the test server is a Citus coordinator with these
+# worker nodes, and migrated test databases get the distributed layout.
+CITUS_WORKERS_VARIABLE = "ZAPHUB_TEST_CITUS_WORKERS"
+
+
+def citus_workers() -> list[tuple[str, int]]:
+    """The worker nodes of ``ZAPHUB_TEST_CITUS_WORKERS`` (empty: not a Citus cluster)."""
+    configured = os.environ.get(CITUS_WORKERS_VARIABLE, "").strip()
+    workers = []
+    for address in filter(None, (part.strip() for part in configured.split(","))):
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit():
+            raise DatabaseUnavailableError(
+                f"{CITUS_WORKERS_VARIABLE}: {address!r} is not host:port"
+            )
+        workers.append((host, int(port)))
+    return workers
 
 
 def test_server_url() -> URL:
@@ -57,17 +74,39 @@ def throwaway_database(server: URL | None = None, prefix: str = "zaphub_test") -
     """
     server = server if server is not None else test_server_url()
     name = f"{prefix}_{secrets.token_hex(6)}"
-    with psycopg.connect(_admin_dsn(server), autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    logger.info("created throwaway database %s", name)
+    # On a Citus cluster the database is made on every node, with the
+    # extension, and the coordinator's copy knows the workers.
+    nodes = [server, *(server.set(host=host, port=port) for host, port in citus_workers())]
+    for node in nodes:
+        with psycopg.connect(_admin_dsn(node), autocommit=True) as admin:
+            admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    url = server.set(database=name)
     try:
-        yield server.set(database=name)
+        if len(nodes) > 1:
+            _join_cluster(url, nodes)
+        logger.info("created throwaway database %s", name)
+        yield url
     finally:
-        with psycopg.connect(_admin_dsn(server), autocommit=True) as admin:
-            admin.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-            )
+        for node in nodes:
+            with psycopg.connect(_admin_dsn(node), autocommit=True) as admin:
+                admin.execute(
+                    sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+                )
         logger.info("dropped throwaway database %s", name)
+
+
+def _join_cluster(url: URL, nodes: list[URL]) -> None:
+    for node in nodes:
+        with psycopg.connect(libpq_dsn(node.set(database=url.database)), autocommit=True) as db:
+            db.execute("CREATE EXTENSION IF NOT EXISTS citus")
+    coordinator, *workers = nodes
+    with psycopg.connect(libpq_dsn(url), autocommit=True) as db:
+        db.execute(
+            "SELECT citus_set_coordinator_host(%s, %s)",
+            (coordinator.host, coordinator.port or 5432),
+        )
+        for worker in workers:
+            db.execute("SELECT citus_add_node(%s, %s)", (worker.host, worker.port or 5432))
 
 
 def migrate(url: URL) -> None:
@@ -80,11 +119,25 @@ def migrate(url: URL) -> None:
         engine.dispose()
 
 
+def distribute_database(url: URL) -> None:
+    """Give a migrated database the distributed layout (what ``zaphub-db distribute`` does)."""
+    from zaphub_db.distribute import distribute
+
+    engine = migrations.create_migration_engine(url)
+    try:
+        with engine.begin() as connection:
+            distribute(connection)
+    finally:
+        engine.dispose()
+
+
 @contextmanager
 def migrated_database(server: URL | None = None) -> Iterator[Engine]:
     """A throwaway database at head, as a ``zaphub_db.create_engine`` engine; dropped afterwards."""
     with throwaway_database(server) as url:
         migrate(url)
+        if citus_workers():
+            distribute_database(url)
         engine = zaphub_db.create_engine(url)
         try:
             yield engine

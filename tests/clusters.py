@@ -1,0 +1,102 @@
+"""A Citus cluster of throwaway servers: a coordinator and worker nodes on loopback ports.
+
+Each node is a PostgreSQL 15 server (Citus 13 is built for it here) of its
+own, started with ``shared_preload_libraries = citus``. The ``postgres``
+database of every node gets the extension, and the coordinator's knows the
+workers, so that a look at the cluster needs no set-up; the databases the
+suite makes are prepared by ``zaphub_db.testing.databases`` the same way.
+Nothing here touches any other server.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psycopg
+
+from tests.servers import ThrowawayServer, throwaway_server
+from zaphub_db.config import libpq_dsn
+
+# Citus keeps connections from the coordinator to every worker for each
+# shard a statement touches at once; the suite's widest races (32 clients)
+# need more than the default 100.
+CITUS_SETTINGS = {
+    "shared_preload_libraries": "citus",
+    "max_connections": "400",
+    "max_prepared_transactions": "400",
+}
+
+
+def citus_bindir() -> Path:
+    """The PostgreSQL binaries Citus is installed for (``pg_config --bindir``)."""
+    found = subprocess.run(
+        ["pg_config", "--bindir"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    return Path(found)
+
+
+def citus_installed() -> bool:
+    """Whether this PostgreSQL has the Citus library (``citus.so`` in its lib directory)."""
+    libdir = subprocess.run(
+        ["pg_config", "--pkglibdir"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    return (Path(libdir) / "citus.so").exists()
+
+
+@dataclass
+class Cluster:
+    """The running nodes of a Citus cluster."""
+
+    coordinator: ThrowawayServer
+    workers: list[ThrowawayServer] = field(default_factory=list)
+    _stack: ExitStack = field(default_factory=ExitStack)
+
+    @property
+    def worker_addresses(self) -> str:
+        """``host:port,...`` of the workers, as ``ZAPHUB_TEST_CITUS_WORKERS`` takes them."""
+        return ",".join(f"127.0.0.1:{worker.port}" for worker in self.workers)
+
+    def add_worker(self, *, register_in: tuple[str, ...] = ("postgres",)) -> ThrowawayServer:
+        """Start one more worker node and add it to the cluster in ``register_in`` databases."""
+        worker = self._stack.enter_context(
+            throwaway_server(bindir=citus_bindir(), settings=CITUS_SETTINGS)
+        )
+        self.workers.append(worker)
+        for database in register_in:
+            if database != "postgres":
+                _autocommit(worker, "postgres", f'CREATE DATABASE "{database}"')
+            _autocommit(worker, database, "CREATE EXTENSION IF NOT EXISTS citus")
+            _autocommit(
+                self.coordinator,
+                database,
+                f"SELECT citus_add_node('127.0.0.1', {worker.port})",
+            )
+        return worker
+
+
+def _autocommit(server: ThrowawayServer, database: str, statement: str) -> None:
+    with psycopg.connect(libpq_dsn(server.url(database)), autocommit=True) as connection:
+        connection.execute(statement)  # type: ignore[call-overload]
+
+
+@contextmanager
+def citus_cluster(workers: int = 2) -> Iterator[Cluster]:
+    """A started coordinator and ``workers`` worker nodes, stopped and removed afterwards."""
+    bindir = citus_bindir()
+    with ExitStack() as stack:
+        coordinator = stack.enter_context(throwaway_server(bindir=bindir, settings=CITUS_SETTINGS))
+        cluster = Cluster(coordinator)
+        stack.enter_context(cluster._stack)
+        _autocommit(coordinator, "postgres", "CREATE EXTENSION IF NOT EXISTS citus")
+        _autocommit(
+            coordinator,
+            "postgres",
+            f"SELECT citus_set_coordinator_host('127.0.0.1', {coordinator.port})",
+        )
+        for _ in range(workers):
+            cluster.add_worker()
+        yield cluster

@@ -1,0 +1,103 @@
+"""Which layout the database has: one node, or the distributed one (``zaphub_db.distribute``).
+
+Most statements are the same on both. The few that differ ask
+:func:`distributed`, which looks once per database connection (one catalog
+query, kept in the pooled connection's ``info``; none again while the
+connection lives) and answers from memory afterwards. A process whose
+database gets distributed while it runs keeps the old answer on its open
+connections: restart it after ``zaphub-db distribute`` (the docs say so).
+
+What differs on the distributed layout:
+
+- wake-ups: :func:`notify` sends ``zaphub_messages`` from the coordinator's
+  transaction, where the NOTIFY triggers of a single node cannot (they run
+  on the worker node that stores the row, and Citus's two-phase commit
+  refuses a transaction that notified);
+- statements across sessions that lock rows (``FOR UPDATE`` is not run
+  across shards): the queue claims per session, and its acks and recovery
+  run without the row-lock ordering a single node uses;
+- global events live in ``global_events``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any, Literal
+
+from sqlalchemy import UUID, bindparam, text
+from sqlalchemy.orm import Session
+
+from zaphub_db.repositories import validation
+from zaphub_db.wakeups import CHANNEL
+
+_KEY = "zaphub_db.distributed"
+_NOTIFIED = "zaphub_db.notified"  # in Session.info: the transaction that notified
+# pg_dist_partition exists only where the citus extension does: asked in a
+# second statement, only then.
+_HAS_CITUS = "SELECT to_regclass('pg_catalog.pg_dist_partition') IS NOT NULL"
+_MESSAGES_DISTRIBUTED = (
+    "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_dist_partition "
+    "WHERE logicalrelid = to_regclass('messages'))"
+)
+_NOTIFY = text(f"SELECT pg_notify('{CHANNEL}', '')")
+
+
+def distributed(db: Session) -> bool:
+    """Whether ``db``'s database has the distributed layout (one query per connection, once)."""
+    connection = db.connection()
+    info = connection.info
+    known = info.get(_KEY)
+    if known is None:
+        known = info[_KEY] = _look(connection.connection.dbapi_connection)
+    return bool(known)
+
+
+def _look(dbapi_connection: Any) -> bool:
+    # On the driver's own cursor, like the pool's pre-ping: once in a
+    # connection's life, not one of the statements a call sends.
+    cursor = dbapi_connection.cursor()
+    try:
+        for query in (_HAS_CITUS, _MESSAGES_DISTRIBUTED):
+            cursor.execute(query)
+            row = cursor.fetchone()
+            if not (row and row[0]):
+                return False
+        return True
+    finally:
+        cursor.close()
+
+
+def notify(db: Session) -> None:
+    """Wake the queue's listeners at commit, on the distributed layout (a trigger does it
+    on a single node): one statement, sent once per transaction."""
+    if not distributed(db):
+        return
+    # The innermost transaction: a NOTIFY in a savepoint that rolls back is gone.
+    transaction = db.get_nested_transaction() or db.get_transaction()
+    if transaction is not None and db.info.get(_NOTIFIED) is transaction:
+        return  # PostgreSQL delivers a transaction's same notification once anyway
+    db.execute(_NOTIFY)
+    db.info[_NOTIFIED] = transaction
+
+
+_SESSION_OF_MESSAGE = text("SELECT session_id FROM messages WHERE id = :id").bindparams(
+    bindparam("id", type_=UUID(as_uuid=True))
+)
+
+
+def message_session(
+    db: Session, id: uuid.UUID, session_id: uuid.UUID | str | None
+) -> uuid.UUID | Literal[False] | None:
+    """The session to route a statement about message ``id`` to.
+
+    The ``session_id`` the caller gave (checked); else, on the distributed
+    layout, the session that holds ``id`` (one more statement, a look-up on
+    every shard: pass ``session_id`` to spare it); else ``None``: a single
+    node finds the row by its key alone. ``False``: there is no such message.
+    """
+    if session_id is not None:
+        return validation.as_uuid(session_id, "session_id")
+    if not distributed(db):
+        return None
+    found: uuid.UUID | None = db.execute(_SESSION_OF_MESSAGE, {"id": id}).scalar()
+    return False if found is None else found
