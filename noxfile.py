@@ -107,6 +107,53 @@ def pgbouncer(session: nox.Session) -> None:
         session.run("pytest", *session.posargs, env={"ZAPHUB_TEST_DATABASE_URL": url})
 
 
+CITUS_INSTALLER = ROOT.parent / "shared" / "citus" / "install.sh"
+# Tests that start servers of their own (crashes, failover, replicas, PgBouncer)
+# test single-node concerns the other cells cover; on the cluster they would
+# only repeat them, several minutes' worth.
+SINGLE_NODE_ONLY = ("test_faults.py", "test_failover.py", "test_replicas.py", "test_pgbouncer.py")
+
+
+def _ensure_citus(session: nox.Session) -> None:
+    """Install Citus for the local PostgreSQL 15 when it is missing."""
+    sys.path.insert(0, str(ROOT))
+    from tests.clusters import citus_installed
+
+    if citus_installed():
+        return
+    if not CITUS_INSTALLER.exists() or os.geteuid() != 0:
+        session.error(
+            "Citus is not installed for this PostgreSQL: install it from Citus's own packages "
+            "(https://docs.citusdata.com/en/stable/installation/) or use its container image"
+        )
+    session.log(f"installing Citus with {CITUS_INSTALLER}")
+    session.run("bash", str(CITUS_INSTALLER), external=True)
+
+
+@nox.session
+def citus(session: nox.Session) -> None:
+    """The test suite on a Citus cluster (a coordinator and two workers on loopback ports),
+    every migrated test database in the distributed layout (``zaphub-db distribute``)."""
+    _ensure_citus(session)
+    session.install("-e", ".[embedded,testing]", *TEST_TOOLS)
+    sys.path.insert(0, str(ROOT))
+    from tests.clusters import citus_cluster
+
+    with citus_cluster(workers=2) as cluster:
+        coordinator = f"postgresql://postgres@127.0.0.1:{cluster.coordinator.port}/postgres"
+        session.log(f"Citus coordinator on {coordinator}, workers {cluster.worker_addresses}")
+        deselected = [f"--deselect=tests/{name}" for name in SINGLE_NODE_ONLY]
+        session.run(
+            "pytest",
+            *deselected,
+            *session.posargs,
+            env={
+                "ZAPHUB_TEST_DATABASE_URL": coordinator,
+                "ZAPHUB_TEST_CITUS_WORKERS": cluster.worker_addresses,
+            },
+        )
+
+
 @nox.session
 def lint(session: nox.Session) -> None:
     """ruff check and ruff format --check."""

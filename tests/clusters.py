@@ -80,7 +80,7 @@ class Cluster:
 
 def _autocommit(server: ThrowawayServer, database: str, statement: str) -> None:
     with psycopg.connect(libpq_dsn(server.url(database)), autocommit=True) as connection:
-        connection.execute(statement)  # type: ignore[call-overload]
+        connection.execute(statement)
 
 
 @contextmanager

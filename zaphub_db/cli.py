@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 
 # migrations.DEFAULT_LOCK_TIMEOUT, without importing Alembic to build the parser.
 DEFAULT_LOCK_TIMEOUT = 60.0
+# zaphub_db.distribute.DEFAULT_SHARD_COUNT, for the same reason.
+DEFAULT_SHARD_COUNT = 32
 
 
 def _say(line: str, stream: TextIO = sys.stdout) -> None:
@@ -65,6 +67,25 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             # Read after the run: a run that waited for a concurrent one on the
             # advisory lock finds that one's work done.
             _say(f"nothing to apply: database already at {at}")
+        return 0
+
+    return _connect(args, work)
+
+
+def cmd_distribute(args: argparse.Namespace) -> int:
+    from zaphub_db import distribute, migrations
+
+    def work(connection: Connection) -> int:
+        started = time.perf_counter()
+        # One transaction, under the migration lock: all of the layout or
+        # none of it, and no migrate run in between.
+        with connection.begin(), migrations.migration_lock(connection, args.lock_timeout):
+            result = distribute.distribute(connection, shard_count=args.shard_count, progress=_say)
+        total_ms = round((time.perf_counter() - started) * 1000)
+        if result.steps:
+            _say(f"distributed layout ready: {len(result.steps)} step(s) in {total_ms} ms")
+        else:
+            _say("nothing to do: the database has the distributed layout already")
         return 0
 
     return _connect(args, work)
@@ -347,7 +368,7 @@ def _add_schema_commands(
     commands: Any,  # argparse names its type privately
     url: argparse.ArgumentParser,
 ) -> None:
-    """migrate, downgrade, status, verify."""
+    """migrate, downgrade, distribute, status, verify."""
     locked = _Parser(add_help=False, parents=[url])  # commands that take the migration lock
     locked.add_argument(
         "--lock-timeout",
@@ -362,6 +383,18 @@ def _add_schema_commands(
     down = commands.add_parser("downgrade", parents=[locked], help="revert to a revision")
     down.add_argument("revision", help="target revision, e.g. 0003, -1 or base")
     down.set_defaults(handler=cmd_downgrade)
+    distribute = commands.add_parser(
+        "distribute",
+        parents=[locked],
+        help="give a migrated database on a Citus coordinator the distributed layout",
+    )
+    distribute.add_argument(
+        "--shard-count",
+        type=_positive,
+        default=DEFAULT_SHARD_COUNT,
+        help=f"shards per table (default {DEFAULT_SHARD_COUNT}; Citus's own default)",
+    )
+    distribute.set_defaults(handler=cmd_distribute)
     commands.add_parser(
         "status", parents=[url], help="current revision, pending ones, history"
     ).set_defaults(handler=cmd_status)

@@ -64,7 +64,10 @@ class DistributeResult:
 
 def citus_version(connection: Connection) -> str | None:
     """The version of the ``citus`` extension in this database, or None."""
-    return connection.scalar(text("SELECT extversion FROM pg_extension WHERE extname = 'citus'"))
+    version: str | None = connection.scalar(
+        text("SELECT extversion FROM pg_extension WHERE extname = 'citus'")
+    )
+    return version
 
 
 def distributed_tables(connection: Connection) -> set[str]:

@@ -55,6 +55,52 @@ def _ours(name: str | None, type_: str, _parent_names: Any) -> bool:
     return type_ != "table" or name in Base.metadata.tables
 
 
+# What the distributed layout (zaphub_db.distribute) changes on purpose, as
+# autogenerate reports it: events' key (id, session_id) makes session_id NOT
+# NULL (global events live in global_events there). Primary keys themselves
+# are not compared, and global_events is not one of our tables.
+_LAYOUT_CHANGES = {("modify_nullable", "events", "session_id")}
+
+
+def _layout_change(diff: Any) -> bool:
+    return (
+        isinstance(diff, tuple)
+        and len(diff) >= 4
+        and (diff[0], diff[2], diff[3]) in _LAYOUT_CHANGES
+    )
+
+
+def _distributed(connection: Connection | None) -> bool:
+    from zaphub_db.distribute import is_distributed
+
+    return connection is not None and is_distributed(connection)
+
+
+def _layout_directives(context: Any, _revision: Any, directives: list[Any]) -> None:
+    """``process_revision_directives``: drop what the distributed layout changes on purpose,
+    so that ``alembic check`` (and autogenerate) on it compare the rest."""
+    if not _distributed(context.connection):
+        return
+    for script in directives:
+        for table_ops in list(script.upgrade_ops.ops):
+            if not hasattr(table_ops, "ops"):
+                continue
+            table_ops.ops = [
+                op
+                for op in table_ops.ops
+                if not (
+                    getattr(op, "table_name", None) == "events"
+                    and getattr(op, "column_name", None) == "session_id"
+                    and op.modify_nullable is not None
+                    and op.modify_type is None
+                    and op.modify_server_default is False
+                    and op.modify_comment is False
+                )
+            ]
+            if not table_ops.ops:
+                script.upgrade_ops.ops.remove(table_ops)
+
+
 # Shared by env.py and verify(), so `alembic check` and `zaphub-db verify`
 # compare the same things. CHECK constraints are only compared by name, and
 # only with the plugin below (Alembic 1.19.2+ leaves it off by default).
@@ -63,6 +109,7 @@ AUTOGENERATE_OPTIONS: dict[str, Any] = {
     "compare_server_default": True,
     "include_name": _ours,
     "autogenerate_plugins": ["alembic.autogenerate.*", "alembic.ext.checkconstraint_byname"],
+    "process_revision_directives": _layout_directives,
 }
 
 Progress = Callable[[str], None]
@@ -594,7 +641,14 @@ def model_drift(connection: Connection) -> list[str]:
     context = MigrationContext.configure(
         connection, opts={"target_metadata": Base.metadata, **AUTOGENERATE_OPTIONS}
     )
-    return [_describe(diff) for diff in compare_metadata(context, Base.metadata)]
+    diffs = compare_metadata(context, Base.metadata)
+    if _distributed(connection):
+        diffs = [
+            diff
+            for diff in diffs
+            if not (isinstance(diff, list) and all(_layout_change(item) for item in diff))
+        ]
+    return [_describe(diff) for diff in diffs]
 
 
 def _describe(diff: Any) -> str:

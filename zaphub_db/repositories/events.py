@@ -138,10 +138,11 @@ def create_event(
         "payload": validation.json_text({} if payload is None else payload, "payload"),
         "severity": validation.choice(severity, EventSeverity, "severity"),
     }
-    statement = _INSERT
+    event: Event | None
     if params["session_id"] is None and layout.distributed(db):
-        statement = _INSERT_GLOBAL
-    event = first_instance(db, statement, params)
+        event = first_instance(db, _INSERT_GLOBAL, params)
+    else:
+        event = first_instance(db, _INSERT, params)
     if event is None:
         raise NotFoundError(f"session {params['session_id']} does not exist")
     return event

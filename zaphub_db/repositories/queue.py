@@ -336,10 +336,11 @@ def _claim_session_by_session(
     statement = claim_statement(ordered=ordered, limited=False, one_session=True)
     wanted: int = params["limit"]
     given = params.get("claim_session_id")
-    if given is not None:
-        sessions = [given]
-    else:
-        sessions = execute(db, _READY_SESSIONS, {"limit": wanted}).scalars().all()
+    sessions: list[uuid.UUID] = (
+        [given]
+        if given is not None
+        else list(execute(db, _READY_SESSIONS, {"limit": wanted}).scalars())
+    )
     claimed: list[Message] = []
     for session_id in sessions:
         limit = wanted - len(claimed)
@@ -530,7 +531,11 @@ def _by_session(
     """Acks grouped by their message's session (looked up, in one statement, where the
     ack does not say); acks of messages that do not exist are dropped."""
     unknown = [id for id, row in rows.items() if row[-1] is None]
-    found = dict(execute(db, _SESSIONS_OF, {"ids": unknown}).tuples().all()) if unknown else {}
+    found: dict[uuid.UUID, uuid.UUID] = (
+        {row.id: row.session_id for row in execute(db, _SESSIONS_OF, {"ids": unknown})}
+        if unknown
+        else {}
+    )
     groups: dict[uuid.UUID | None, list[tuple[Any, ...]]] = {}
     for id, row in rows.items():
         session_id = row[-1] if row[-1] is not None else found.get(id)
@@ -661,7 +666,7 @@ def mark_message_failed(
         # Citus refuses in an UPDATE of a distributed table (docs/scale-out.md).
         "jitter": random.uniform(0.5, 1.0),  # noqa: S311 (spreading retries, not a secret)
     }
-    where = layout.message_session(db, params["locate_id"], session_id)
+    where = layout.message_session(db, validation.as_uuid(id), session_id)
     if where is False:
         return None
     if where is None:
@@ -686,7 +691,9 @@ def mark_message_failed(
 def _notify_if_ready(db: Session, message: Message) -> None:
     """Wake listeners for a message requeued ready to claim (what the requeue trigger does
     on a single node), on the distributed layout."""
-    ready = message.available_at is None or message.available_at <= message.failed_at
+    ready = message.available_at is None or (
+        message.failed_at is not None and message.available_at <= message.failed_at
+    )
     if ready:
         layout.notify(db)
 

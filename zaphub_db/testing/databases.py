@@ -66,17 +66,23 @@ def _admin_dsn(server: URL) -> str:
 
 
 @contextmanager
-def throwaway_database(server: URL | None = None, prefix: str = "zaphub_test") -> Iterator[URL]:
+def throwaway_database(
+    server: URL | None = None, prefix: str = "zaphub_test", *, cluster: bool = False
+) -> Iterator[URL]:
     """Create an empty database on ``server``, yield its URL, then drop it.
 
     Only the database created here is touched; ``DROP ... WITH (FORCE)``
-    ends connections a failed test left open.
+    ends connections a failed test left open. ``cluster``: on a Citus cluster
+    (``ZAPHUB_TEST_CITUS_WORKERS``), a database on every node with the
+    ``citus`` extension, its coordinator knowing the workers.
     """
     server = server if server is not None else test_server_url()
     name = f"{prefix}_{secrets.token_hex(6)}"
-    # On a Citus cluster the database is made on every node, with the
-    # extension, and the coordinator's copy knows the workers.
-    nodes = [server, *(server.set(host=host, port=port) for host, port in citus_workers())]
+    # With ``cluster`` (on a Citus cluster, ZAPHUB_TEST_CITUS_WORKERS) the
+    # database is made on every node, with the extension, and the
+    # coordinator's copy knows the workers. Without, a plain database.
+    workers = citus_workers() if cluster else []
+    nodes = [server, *(server.set(host=host, port=port) for host, port in workers)]
     for node in nodes:
         with psycopg.connect(_admin_dsn(node), autocommit=True) as admin:
             admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
@@ -134,9 +140,10 @@ def distribute_database(url: URL) -> None:
 @contextmanager
 def migrated_database(server: URL | None = None) -> Iterator[Engine]:
     """A throwaway database at head, as a ``zaphub_db.create_engine`` engine; dropped afterwards."""
-    with throwaway_database(server) as url:
+    distributed = bool(citus_workers())
+    with throwaway_database(server, cluster=distributed) as url:
         migrate(url)
-        if citus_workers():
+        if distributed:
             distribute_database(url)
         engine = zaphub_db.create_engine(url)
         try:
