@@ -108,10 +108,17 @@ def pgbouncer(session: nox.Session) -> None:
 
 
 CITUS_INSTALLER = ROOT.parent / "shared" / "citus" / "install.sh"
-# Tests that start servers of their own (crashes, failover, replicas, PgBouncer)
-# test single-node concerns the other cells cover; on the cluster they would
-# only repeat them, several minutes' worth.
-SINGLE_NODE_ONLY = ("test_faults.py", "test_failover.py", "test_replicas.py", "test_pgbouncer.py")
+# Modules that never touch the distributed layout: servers of their own
+# (crashes, failover, replicas, PgBouncer, the embedded one), plain databases
+# built by the revisions (migrations, Alembic's and pytest-alembic's checks,
+# the schema, the CLI's parsing and output), no database at all. The other
+# cells run them; on the cluster they would repeat the same single-node work,
+# many minutes' worth. tests/test_citus.py runs the CLI on the distributed layout.
+SINGLE_NODE_ONLY = (
+    "test_faults.py", "test_failover.py", "test_replicas.py", "test_pgbouncer.py",
+    "test_embedded.py", "test_migrations.py", "test_own_alembic.py", "test_pytest_alembic.py",
+    "test_schema.py", "test_cli.py", "test_config.py", "test_imports.py", "test_statements.py",
+)  # fmt: skip
 
 
 def _ensure_citus(session: nox.Session) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from bench import aio, bulk, bullmq, calls, citus_prep, pooler, queue, receipts, wakeups
+from bench import aio, bulk, bullmq, calls, cluster, pooler, queue, receipts, wakeups
 from bench.harness import benchmark_database, machine, say, server_version
 
 
@@ -43,8 +43,10 @@ def main() -> None:
             url = engine.url.render_as_string(hide_password=False)
             say(pooler.run(url, quick=args.quick) + "\n")
         if "citus" in wanted:
-            say("## Preparing messages for Citus: a unique (session_id, id) index today\n")
-            say(citus_prep.run(engine, dsn, quick=args.quick) + "\n")
+            say(
+                "## On a Citus cluster (coordinator and workers on this machine) against one node\n"
+            )
+            say(cluster.run(engine, quick=args.quick) + "\n")
         if "wakeups" in wanted:
             say("## Wake-up latency: from the enqueuing commit to the waiting worker\n")
             say(wakeups.run(engine, dsn, quick=args.quick) + "\n")

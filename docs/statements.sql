@@ -49,6 +49,14 @@ WHERE messages.session_id = %(session_id)s::UUID AND messages.wa_message_id = %(
 -- messages._INCREMENT
 UPDATE messages SET attempts=(messages.attempts + %(attempts_1)s::INTEGER) WHERE messages.id = %(locate_id)s::UUID RETURNING messages.id, messages.session_id, messages.message_id, messages.direction, messages.jid, messages.type, messages.payload, messages.status, messages.attempts, messages.max_attempts, messages.error_message, messages.created_at, messages.queued_at, messages.processing_at, messages.sent_at, messages.delivered_at, messages.read_at, messages.failed_at, messages.wa_message_id, messages.wa_timestamp, messages.wa_response, messages.available_at, messages.lease_expires_at, messages.claimed_by, messages.seq;
 
+-- messages._BY_ID_IN_SESSION
+SELECT messages.id, messages.session_id, messages.message_id, messages.direction, messages.jid, messages.type, messages.payload, messages.status, messages.attempts, messages.max_attempts, messages.error_message, messages.created_at, messages.queued_at, messages.processing_at, messages.sent_at, messages.delivered_at, messages.read_at, messages.failed_at, messages.wa_message_id, messages.wa_timestamp, messages.wa_response, messages.available_at, messages.lease_expires_at, messages.claimed_by, messages.seq
+FROM messages
+WHERE messages.id = %(id)s::UUID AND messages.session_id = %(session_id)s::UUID;
+
+-- messages._INCREMENT_IN_SESSION
+UPDATE messages SET attempts=(messages.attempts + %(attempts_1)s::INTEGER) WHERE messages.id = %(locate_id)s::UUID AND messages.session_id = %(locate_session_id)s::UUID RETURNING messages.id, messages.session_id, messages.message_id, messages.direction, messages.jid, messages.type, messages.payload, messages.status, messages.attempts, messages.max_attempts, messages.error_message, messages.created_at, messages.queued_at, messages.processing_at, messages.sent_at, messages.delivered_at, messages.read_at, messages.failed_at, messages.wa_message_id, messages.wa_timestamp, messages.wa_response, messages.available_at, messages.lease_expires_at, messages.claimed_by, messages.seq;
+
 -- messages._QUEUED
 SELECT messages.id, messages.session_id, messages.message_id, messages.direction, messages.jid, messages.type, messages.payload, messages.status, messages.attempts, messages.max_attempts, messages.error_message, messages.created_at, messages.queued_at, messages.processing_at, messages.sent_at, messages.delivered_at, messages.read_at, messages.failed_at, messages.wa_message_id, messages.wa_timestamp, messages.wa_response, messages.available_at, messages.lease_expires_at, messages.claimed_by, messages.seq
 FROM messages
@@ -76,6 +84,27 @@ UPDATE messages SET status=CASE WHEN (messages.status IN ('queued', 'processing'
 -- messages._STATUS_BY_ID[dlq]
 UPDATE messages SET status=CASE WHEN (messages.status IN ('queued', 'processing', 'failed')) THEN 'dlq' ELSE messages.status END, error_message=CASE WHEN (messages.status IN ('queued', 'processing', 'failed') OR messages.status = 'dlq') THEN coalesce(%(new_error_message)s::VARCHAR, messages.error_message) ELSE messages.error_message END, failed_at=CASE WHEN (messages.status IN ('queued', 'processing', 'failed')) THEN coalesce(%(at)s::TIMESTAMP WITH TIME ZONE, (SELECT now() AS now_1)) ELSE messages.failed_at END, wa_message_id=CASE WHEN (messages.status IN ('queued', 'processing', 'failed') OR messages.status = 'dlq') THEN coalesce(%(new_wa_message_id)s::VARCHAR, messages.wa_message_id) ELSE messages.wa_message_id END, wa_timestamp=CASE WHEN (messages.status IN ('queued', 'processing', 'failed') OR messages.status = 'dlq') THEN coalesce(%(new_wa_timestamp)s::BIGINT, messages.wa_timestamp) ELSE messages.wa_timestamp END, wa_response=CASE WHEN (messages.status IN ('queued', 'processing', 'failed') OR messages.status = 'dlq') THEN coalesce(CAST(%(new_wa_response)s::VARCHAR AS JSONB), messages.wa_response) ELSE messages.wa_response END WHERE messages.id = %(locate_id)s::UUID RETURNING messages.id, messages.session_id, messages.message_id, messages.direction, messages.jid, messages.type, messages.payload, messages.status, messages.attempts, messages.max_attempts, messages.error_message, messages.created_at, messages.queued_at, messages.processing_at, messages.sent_at, messages.delivered_at, messages.read_at, messages.failed_at, messages.wa_message_id, messages.wa_timestamp, messages.wa_response, messages.available_at, messages.lease_expires_at, messages.claimed_by, messages.seq;
 
+-- messages._STATUS_BY_ID_IN_SESSION[queued]
+UPDATE messages SET status=CASE WHEN (messages.status IN (__[POSTCOMPILE_status_1])) THEN 'queued' ELSE messages.status END, error_message=CASE WHEN (messages.status IN (__[POSTCOMPILE_status_1]) OR messages.status = 'queued') THEN coalesce(%(new_error_message)s::VARCHAR, messages.error_message) ELSE messages.error_message END, queued_at=CASE WHEN (messages.status IN (__[POSTCOMPILE_status_1])) THEN coalesce(%(at)s::TIMESTAMP WITH TIME ZONE, (SELECT now() AS now_1)) ELSE messages.queued_at END, wa_message_id=CASE WHEN (messages.status IN (__[POSTCOMPILE_status_1]) OR messages.status = 'queued') THEN coalesce(%(new_wa_message_id)s::VARCHAR, messages.wa_message_id) ELSE messages.wa_message_id END, wa_timestamp=CASE WHEN (messages.status IN (__[POSTCOMPILE_status_1]) OR messages.status = 'queued') THEN coalesce(%(new_wa_timestamp)s::BIGINT, messages.wa_timestamp) ELSE messages.wa_timestamp END, wa_response=CASE WHEN (messages.status IN (__[POSTCOMPILE_status_1]) OR messages.status = 'queued') THEN coalesce(CAST(%(new_wa_response)s::VARCHAR AS JSONB), messages.wa_response) ELSE messages.wa_response END WHERE messages.id = %(locate_id)s::UUID AND messages.session_id = %(locate_session_id)s::UUID RETURNING messages.id, messages.session_id, messages.message_id, messages.direction, messages.jid, messages.type, messages.payload, messages.status, messages.attempts, messages.max_attempts, messages.error_message, messages.created_at, messages.queued_at, messages.processing_at, messages.sent_at, messages.delivered_at, messages.read_at, messages.failed_at, messages.wa_message_id, messages.wa_timestamp, messages.wa_response, messages.available_at, messages.lease_expires_at, messages.claimed_by, messages.seq;
+
+-- messages._STATUS_BY_ID_IN_SESSION[processing]
+UPDATE messages SET status=CASE WHEN (messages.status IN ('queued')) THEN 'processing' ELSE messages.status END, error_message=CASE WHEN (messages.status IN ('queued') OR messages.status = 'processing') THEN coalesce(%(new_error_message)s::VARCHAR, messages.error_message) ELSE messages.error_message END, processing_at=CASE WHEN (messages.status IN ('queued')) THEN coalesce(%(at)s::TIMESTAMP WITH TIME ZONE, (SELECT now() AS now_1)) ELSE messages.processing_at END, wa_message_id=CASE WHEN (messages.status IN ('queued') OR messages.status = 'processing') THEN coalesce(%(new_wa_message_id)s::VARCHAR, messages.wa_message_id) ELSE messages.wa_message_id END, wa_timestamp=CASE WHEN (messages.status IN ('queued') OR messages.status = 'processing') THEN coalesce(%(new_wa_timestamp)s::BIGINT, messages.wa_timestamp) ELSE messages.wa_timestamp END, wa_response=CASE WHEN (messages.status IN ('queued') OR messages.status = 'processing') THEN coalesce(CAST(%(new_wa_response)s::VARCHAR AS JSONB), messages.wa_response) ELSE messages.wa_response END WHERE messages.id = %(locate_id)s::UUID AND messages.session_id = %(locate_session_id)s::UUID RETURNING messages.id, messages.session_id, messages.message_id, messages.direction, messages.jid, messages.type, messages.payload, messages.status, messages.attempts, messages.max_attempts, messages.error_message, messages.created_at, messages.queued_at, messages.processing_at, messages.sent_at, messages.delivered_at, messages.read_at, messages.failed_at, messages.wa_message_id, messages.wa_timestamp, messages.wa_response, messages.available_at, messages.lease_expires_at, messages.claimed_by, messages.seq;
+
+-- messages._STATUS_BY_ID_IN_SESSION[sent]
+UPDATE messages SET status=CASE WHEN (messages.status IN ('queued', 'processing', 'failed', 'dlq')) THEN 'sent' ELSE messages.status END, error_message=CASE WHEN (messages.status IN ('queued', 'processing', 'failed', 'dlq') OR messages.status = 'sent') THEN coalesce(%(new_error_message)s::VARCHAR, messages.error_message) ELSE messages.error_message END, sent_at=CASE WHEN (messages.status IN ('queued', 'processing', 'failed', 'dlq')) THEN coalesce(%(at)s::TIMESTAMP WITH TIME ZONE, (SELECT now() AS now_1)) ELSE messages.sent_at END, wa_message_id=CASE WHEN (messages.status IN ('queued', 'processing', 'failed', 'dlq') OR messages.status = 'sent') THEN coalesce(%(new_wa_message_id)s::VARCHAR, messages.wa_message_id) ELSE messages.wa_message_id END, wa_timestamp=CASE WHEN (messages.status IN ('queued', 'processing', 'failed', 'dlq') OR messages.status = 'sent') THEN coalesce(%(new_wa_timestamp)s::BIGINT, messages.wa_timestamp) ELSE messages.wa_timestamp END, wa_response=CASE WHEN (messages.status IN ('queued', 'processing', 'failed', 'dlq') OR messages.status = 'sent') THEN coalesce(CAST(%(new_wa_response)s::VARCHAR AS JSONB), messages.wa_response) ELSE messages.wa_response END WHERE messages.id = %(locate_id)s::UUID AND messages.session_id = %(locate_session_id)s::UUID RETURNING messages.id, messages.session_id, messages.message_id, messages.direction, messages.jid, messages.type, messages.payload, messages.status, messages.attempts, messages.max_attempts, messages.error_message, messages.created_at, messages.queued_at, messages.processing_at, messages.sent_at, messages.delivered_at, messages.read_at, messages.failed_at, messages.wa_message_id, messages.wa_timestamp, messages.wa_response, messages.available_at, messages.lease_expires_at, messages.claimed_by, messages.seq;
+
+-- messages._STATUS_BY_ID_IN_SESSION[delivered]
+UPDATE messages SET status=CASE WHEN (messages.status IN ('queued', 'processing', 'sent', 'failed', 'dlq')) THEN 'delivered' ELSE messages.status END, error_message=CASE WHEN (messages.status IN ('queued', 'processing', 'sent', 'failed', 'dlq') OR messages.status = 'delivered') THEN coalesce(%(new_error_message)s::VARCHAR, messages.error_message) ELSE messages.error_message END, delivered_at=CASE WHEN (messages.status IN ('queued', 'processing', 'sent', 'failed', 'dlq')) THEN coalesce(%(at)s::TIMESTAMP WITH TIME ZONE, (SELECT now() AS now_1)) ELSE messages.delivered_at END, wa_message_id=CASE WHEN (messages.status IN ('queued', 'processing', 'sent', 'failed', 'dlq') OR messages.status = 'delivered') THEN coalesce(%(new_wa_message_id)s::VARCHAR, messages.wa_message_id) ELSE messages.wa_message_id END, wa_timestamp=CASE WHEN (messages.status IN ('queued', 'processing', 'sent', 'failed', 'dlq') OR messages.status = 'delivered') THEN coalesce(%(new_wa_timestamp)s::BIGINT, messages.wa_timestamp) ELSE messages.wa_timestamp END, wa_response=CASE WHEN (messages.status IN ('queued', 'processing', 'sent', 'failed', 'dlq') OR messages.status = 'delivered') THEN coalesce(CAST(%(new_wa_response)s::VARCHAR AS JSONB), messages.wa_response) ELSE messages.wa_response END WHERE messages.id = %(locate_id)s::UUID AND messages.session_id = %(locate_session_id)s::UUID RETURNING messages.id, messages.session_id, messages.message_id, messages.direction, messages.jid, messages.type, messages.payload, messages.status, messages.attempts, messages.max_attempts, messages.error_message, messages.created_at, messages.queued_at, messages.processing_at, messages.sent_at, messages.delivered_at, messages.read_at, messages.failed_at, messages.wa_message_id, messages.wa_timestamp, messages.wa_response, messages.available_at, messages.lease_expires_at, messages.claimed_by, messages.seq;
+
+-- messages._STATUS_BY_ID_IN_SESSION[read]
+UPDATE messages SET status=CASE WHEN (messages.status IN ('queued', 'processing', 'sent', 'delivered', 'failed', 'dlq')) THEN 'read' ELSE messages.status END, error_message=CASE WHEN (messages.status IN ('queued', 'processing', 'sent', 'delivered', 'failed', 'dlq') OR messages.status = 'read') THEN coalesce(%(new_error_message)s::VARCHAR, messages.error_message) ELSE messages.error_message END, read_at=CASE WHEN (messages.status IN ('queued', 'processing', 'sent', 'delivered', 'failed', 'dlq')) THEN coalesce(%(at)s::TIMESTAMP WITH TIME ZONE, (SELECT now() AS now_1)) ELSE messages.read_at END, wa_message_id=CASE WHEN (messages.status IN ('queued', 'processing', 'sent', 'delivered', 'failed', 'dlq') OR messages.status = 'read') THEN coalesce(%(new_wa_message_id)s::VARCHAR, messages.wa_message_id) ELSE messages.wa_message_id END, wa_timestamp=CASE WHEN (messages.status IN ('queued', 'processing', 'sent', 'delivered', 'failed', 'dlq') OR messages.status = 'read') THEN coalesce(%(new_wa_timestamp)s::BIGINT, messages.wa_timestamp) ELSE messages.wa_timestamp END, wa_response=CASE WHEN (messages.status IN ('queued', 'processing', 'sent', 'delivered', 'failed', 'dlq') OR messages.status = 'read') THEN coalesce(CAST(%(new_wa_response)s::VARCHAR AS JSONB), messages.wa_response) ELSE messages.wa_response END WHERE messages.id = %(locate_id)s::UUID AND messages.session_id = %(locate_session_id)s::UUID RETURNING messages.id, messages.session_id, messages.message_id, messages.direction, messages.jid, messages.type, messages.payload, messages.status, messages.attempts, messages.max_attempts, messages.error_message, messages.created_at, messages.queued_at, messages.processing_at, messages.sent_at, messages.delivered_at, messages.read_at, messages.failed_at, messages.wa_message_id, messages.wa_timestamp, messages.wa_response, messages.available_at, messages.lease_expires_at, messages.claimed_by, messages.seq;
+
+-- messages._STATUS_BY_ID_IN_SESSION[failed]
+UPDATE messages SET status=CASE WHEN (messages.status IN ('queued', 'processing', 'dlq')) THEN 'failed' ELSE messages.status END, error_message=CASE WHEN (messages.status IN ('queued', 'processing', 'dlq') OR messages.status = 'failed') THEN coalesce(%(new_error_message)s::VARCHAR, messages.error_message) ELSE messages.error_message END, failed_at=CASE WHEN (messages.status IN ('queued', 'processing', 'dlq')) THEN coalesce(%(at)s::TIMESTAMP WITH TIME ZONE, (SELECT now() AS now_1)) ELSE messages.failed_at END, wa_message_id=CASE WHEN (messages.status IN ('queued', 'processing', 'dlq') OR messages.status = 'failed') THEN coalesce(%(new_wa_message_id)s::VARCHAR, messages.wa_message_id) ELSE messages.wa_message_id END, wa_timestamp=CASE WHEN (messages.status IN ('queued', 'processing', 'dlq') OR messages.status = 'failed') THEN coalesce(%(new_wa_timestamp)s::BIGINT, messages.wa_timestamp) ELSE messages.wa_timestamp END, wa_response=CASE WHEN (messages.status IN ('queued', 'processing', 'dlq') OR messages.status = 'failed') THEN coalesce(CAST(%(new_wa_response)s::VARCHAR AS JSONB), messages.wa_response) ELSE messages.wa_response END WHERE messages.id = %(locate_id)s::UUID AND messages.session_id = %(locate_session_id)s::UUID RETURNING messages.id, messages.session_id, messages.message_id, messages.direction, messages.jid, messages.type, messages.payload, messages.status, messages.attempts, messages.max_attempts, messages.error_message, messages.created_at, messages.queued_at, messages.processing_at, messages.sent_at, messages.delivered_at, messages.read_at, messages.failed_at, messages.wa_message_id, messages.wa_timestamp, messages.wa_response, messages.available_at, messages.lease_expires_at, messages.claimed_by, messages.seq;
+
+-- messages._STATUS_BY_ID_IN_SESSION[dlq]
+UPDATE messages SET status=CASE WHEN (messages.status IN ('queued', 'processing', 'failed')) THEN 'dlq' ELSE messages.status END, error_message=CASE WHEN (messages.status IN ('queued', 'processing', 'failed') OR messages.status = 'dlq') THEN coalesce(%(new_error_message)s::VARCHAR, messages.error_message) ELSE messages.error_message END, failed_at=CASE WHEN (messages.status IN ('queued', 'processing', 'failed')) THEN coalesce(%(at)s::TIMESTAMP WITH TIME ZONE, (SELECT now() AS now_1)) ELSE messages.failed_at END, wa_message_id=CASE WHEN (messages.status IN ('queued', 'processing', 'failed') OR messages.status = 'dlq') THEN coalesce(%(new_wa_message_id)s::VARCHAR, messages.wa_message_id) ELSE messages.wa_message_id END, wa_timestamp=CASE WHEN (messages.status IN ('queued', 'processing', 'failed') OR messages.status = 'dlq') THEN coalesce(%(new_wa_timestamp)s::BIGINT, messages.wa_timestamp) ELSE messages.wa_timestamp END, wa_response=CASE WHEN (messages.status IN ('queued', 'processing', 'failed') OR messages.status = 'dlq') THEN coalesce(CAST(%(new_wa_response)s::VARCHAR AS JSONB), messages.wa_response) ELSE messages.wa_response END WHERE messages.id = %(locate_id)s::UUID AND messages.session_id = %(locate_session_id)s::UUID RETURNING messages.id, messages.session_id, messages.message_id, messages.direction, messages.jid, messages.type, messages.payload, messages.status, messages.attempts, messages.max_attempts, messages.error_message, messages.created_at, messages.queued_at, messages.processing_at, messages.sent_at, messages.delivered_at, messages.read_at, messages.failed_at, messages.wa_message_id, messages.wa_timestamp, messages.wa_response, messages.available_at, messages.lease_expires_at, messages.claimed_by, messages.seq;
+
 -- messages._STATUS_BY_WA_ID[queued]
 UPDATE messages SET status=CASE WHEN (messages.status IN (__[POSTCOMPILE_status_1])) THEN 'queued' ELSE messages.status END, error_message=CASE WHEN (messages.status IN (__[POSTCOMPILE_status_1]) OR messages.status = 'queued') THEN coalesce(%(new_error_message)s::VARCHAR, messages.error_message) ELSE messages.error_message END, queued_at=CASE WHEN (messages.status IN (__[POSTCOMPILE_status_1])) THEN coalesce(%(at)s::TIMESTAMP WITH TIME ZONE, (SELECT now() AS now_1)) ELSE messages.queued_at END, wa_message_id=CASE WHEN (messages.status IN (__[POSTCOMPILE_status_1]) OR messages.status = 'queued') THEN coalesce(%(new_wa_message_id)s::VARCHAR, messages.wa_message_id) ELSE messages.wa_message_id END, wa_timestamp=CASE WHEN (messages.status IN (__[POSTCOMPILE_status_1]) OR messages.status = 'queued') THEN coalesce(%(new_wa_timestamp)s::BIGINT, messages.wa_timestamp) ELSE messages.wa_timestamp END, wa_response=CASE WHEN (messages.status IN (__[POSTCOMPILE_status_1]) OR messages.status = 'queued') THEN coalesce(CAST(%(new_wa_response)s::VARCHAR AS JSONB), messages.wa_response) ELSE messages.wa_response END WHERE messages.session_id = %(locate_session_id)s::UUID AND messages.wa_message_id = %(locate_wa_message_id)s::VARCHAR RETURNING messages.id, messages.session_id, messages.message_id, messages.direction, messages.jid, messages.type, messages.payload, messages.status, messages.attempts, messages.max_attempts, messages.error_message, messages.created_at, messages.queued_at, messages.processing_at, messages.sent_at, messages.delivered_at, messages.read_at, messages.failed_at, messages.wa_message_id, messages.wa_timestamp, messages.wa_response, messages.available_at, messages.lease_expires_at, messages.claimed_by, messages.seq;
 
@@ -99,7 +128,10 @@ UPDATE messages SET status=CASE WHEN (messages.status IN ('queued', 'processing'
 
 -- receipts._APPLY_RECEIPTS
 WITH receipt AS (
-        SELECT * FROM unnest(
+        SELECT r.wa_message_id, r.rank, r.has_sent, coalesce(r.sent_at, now()) AS sent_at,
+               r.has_delivered, coalesce(r.delivered_at, now()) AS delivered_at,
+               r.has_read, coalesce(r.read_at, now()) AS read_at, r.wa_timestamp
+        FROM unnest(
             CAST(%(wa_message_ids)s AS varchar[]), CAST(%(ranks)s AS integer[]),
             CAST(%(has_sent)s AS boolean[]), CAST(%(sent_ats)s AS timestamptz[]),
             CAST(%(has_delivered)s AS boolean[]), CAST(%(delivered_ats)s AS timestamptz[]),
@@ -108,24 +140,24 @@ WITH receipt AS (
         AS r(wa_message_id, rank, has_sent, sent_at, has_delivered, delivered_at,
              has_read, read_at, wa_timestamp)
     ), target AS (
-        SELECT m.id, CASE m.status WHEN 'queued' THEN 0 WHEN 'processing' THEN 1 WHEN 'failed' THEN 1 WHEN 'dlq' THEN 1 WHEN 'sent' THEN 2 WHEN 'delivered' THEN 3 WHEN 'read' THEN 4 END AS before, receipt.*
+        SELECT m.id, CASE WHEN m.status = 'queued' THEN 0 WHEN m.status = 'processing' THEN 1 WHEN m.status = 'failed' THEN 1 WHEN m.status = 'dlq' THEN 1 WHEN m.status = 'sent' THEN 2 WHEN m.status = 'delivered' THEN 3 WHEN m.status = 'read' THEN 4 END AS before, receipt.*
         FROM messages m JOIN receipt ON m.wa_message_id = receipt.wa_message_id
         WHERE m.session_id = %(session_id)s::UUID
-          AND receipt.rank > CASE m.status WHEN 'queued' THEN 0 WHEN 'processing' THEN 1 WHEN 'failed' THEN 1 WHEN 'dlq' THEN 1 WHEN 'sent' THEN 2 WHEN 'delivered' THEN 3 WHEN 'read' THEN 4 END
+          AND receipt.rank > CASE WHEN m.status = 'queued' THEN 0 WHEN m.status = 'processing' THEN 1 WHEN m.status = 'failed' THEN 1 WHEN m.status = 'dlq' THEN 1 WHEN m.status = 'sent' THEN 2 WHEN m.status = 'delivered' THEN 3 WHEN m.status = 'read' THEN 4 END
         FOR NO KEY UPDATE OF m
     )
     UPDATE messages m SET
-        status = CASE t.rank WHEN 2 THEN 'sent' WHEN 3 THEN 'delivered' ELSE 'read' END,
+        status = CASE WHEN t.rank = 2 THEN 'sent' WHEN t.rank = 3 THEN 'delivered' ELSE 'read' END,
         sent_at = CASE WHEN t.has_sent AND t.before < 2
-                       THEN coalesce(t.sent_at, (SELECT now())) ELSE m.sent_at END,
+                       THEN t.sent_at ELSE m.sent_at END,
         delivered_at = CASE WHEN t.has_delivered AND t.before < 3
-                            THEN coalesce(t.delivered_at, (SELECT now())) ELSE m.delivered_at END,
+                            THEN t.delivered_at ELSE m.delivered_at END,
         read_at = CASE WHEN t.has_read AND t.before < 4
-                       THEN coalesce(t.read_at, (SELECT now())) ELSE m.read_at END,
+                       THEN t.read_at ELSE m.read_at END,
         wa_timestamp = coalesce(t.wa_timestamp, m.wa_timestamp),
         lease_expires_at = NULL
     FROM target t
-    WHERE m.id = t.id;
+    WHERE m.id = t.id AND m.session_id = %(session_id_again)s::UUID;
 
 -- bulk._BULK_INSERT
 INSERT INTO messages (session_id, message_id, direction, jid, type, payload, status,
@@ -160,6 +192,9 @@ WHERE %(session_id)s::UUID IS NULL OR (EXISTS (SELECT 1
 FROM sessions
 WHERE sessions.id = %(session_id)s::UUID FOR KEY SHARE)) RETURNING events.id, events.session_id, events.event_type, events.event_category, events.payload, events.severity, events.created_at, events.seq;
 
+-- events._INSERT_GLOBAL
+INSERT INTO global_events (event_type, event_category, payload, severity) VALUES (%(event_type)s::VARCHAR, %(event_category)s::VARCHAR, CAST(%(payload)s::VARCHAR AS JSONB), %(severity)s::VARCHAR) RETURNING global_events.id, global_events.session_id, global_events.event_type, global_events.event_category, global_events.payload, global_events.severity, global_events.created_at, global_events.seq;
+
 -- events._NEWEST_FIRST
 SELECT events.id, events.session_id, events.event_type, events.event_category, events.payload, events.severity, events.created_at, events.seq
 FROM events ORDER BY events.created_at DESC, events.seq DESC;
@@ -178,8 +213,23 @@ FROM events
 WHERE events.created_at < now() - make_interval(%(make_interval_1)s::INTEGER, %(make_interval_2)s::INTEGER, %(make_interval_3)s::INTEGER, %(days)s) ORDER BY events.created_at
  LIMIT %(batch_size)s);
 
+-- events._DELETE_OLD_GLOBAL
+DELETE FROM global_events WHERE global_events.created_at < now() - make_interval(%(make_interval_1)s::INTEGER, %(make_interval_2)s::INTEGER, %(make_interval_3)s::INTEGER, %(days)s);
+
+-- events._DELETE_OLD_GLOBAL_BATCH
+DELETE FROM global_events WHERE global_events.id IN (SELECT global_events.id
+FROM global_events
+WHERE global_events.created_at < now() - make_interval(%(make_interval_1)s::INTEGER, %(make_interval_2)s::INTEGER, %(make_interval_3)s::INTEGER, %(days)s) ORDER BY global_events.created_at
+ LIMIT %(batch_size)s);
+
 -- queue._IN_FLIGHT_LOCK
 SELECT pg_advisory_xact_lock(%(key)s::BIGINT);
+
+-- queue._READY_SESSIONS
+SELECT session_id FROM messages WHERE status = 'queued' AND attempts < max_attempts AND (available_at IS NULL OR available_at <= now()) GROUP BY session_id ORDER BY min(created_at) LIMIT %(limit)s;
+
+-- queue._IN_FLIGHT_OF_SESSION
+SELECT count(*) FROM messages WHERE session_id = %(session_id)s::UUID AND status = 'processing';
 
 -- queue._EXTEND_LEASE
 UPDATE messages SET lease_expires_at = now() + %(lease)s WHERE id = ANY(%(ids)s::UUID[]) AND status = 'processing';
@@ -210,8 +260,40 @@ WITH ack AS (
     WHERE m.id = target.id
     RETURNING m.id, target.status <> 'sent' AS moved;
 
+-- queue._MARK_SENT_IN_SESSION
+WITH ack AS (
+        SELECT * FROM unnest(CAST(%(ids)s AS uuid[]), CAST(%(wa_message_ids)s AS varchar[]),
+                             CAST(%(wa_timestamps)s AS bigint[]), CAST(%(wa_responses)s AS jsonb[]),
+                             CAST(%(ats)s AS timestamptz[]), CAST(%(attempts)s AS integer[]))
+                 AS a(id, wa_message_id, wa_timestamp, wa_response, at, attempt)
+    ), target AS (
+        SELECT m.id, m.status FROM messages m JOIN ack ON ack.id = m.id
+        WHERE m.status IN ('queued', 'processing', 'failed', 'dlq', 'sent') AND m.session_id = CAST(%(session_id)s AS uuid)
+          -- An ack fenced by its attempt: a worker whose lease lapsed and
+          -- whose message was claimed again cannot settle the new claim.
+          AND (ack.attempt IS NULL OR m.attempts = ack.attempt)
+        FOR NO KEY UPDATE OF m
+    )
+    UPDATE messages m SET
+        status = 'sent',
+        sent_at = CASE WHEN target.status = 'sent' THEN m.sent_at
+                       ELSE coalesce(ack.at, (SELECT now())) END,
+        wa_message_id = coalesce(ack.wa_message_id, m.wa_message_id),
+        wa_timestamp = coalesce(ack.wa_timestamp, m.wa_timestamp),
+        wa_response = coalesce(ack.wa_response, m.wa_response),
+        lease_expires_at = NULL
+    FROM target JOIN ack ON ack.id = target.id
+    WHERE m.id = target.id AND m.session_id = CAST(%(session_id_again)s AS uuid)
+    RETURNING m.id, target.status <> 'sent' AS moved;
+
+-- queue._SESSIONS_OF
+SELECT id, session_id FROM messages WHERE id = ANY(CAST(%(ids)s AS uuid[]));
+
 -- queue._MARK_FAILED
-UPDATE messages SET status=CASE WHEN (NOT (messages.status IN ('queued', 'processing') AND (CAST(%(attempt)s AS INTEGER) IS NULL OR messages.attempts = %(attempt)s::INTEGER))) THEN messages.status WHEN (%(retryable)s AND messages.attempts < messages.max_attempts) THEN 'queued' WHEN %(retryable)s THEN 'dlq' ELSE 'failed' END, error_message=CASE WHEN (messages.status IN ('queued', 'processing') AND (CAST(%(attempt)s AS INTEGER) IS NULL OR messages.attempts = %(attempt)s::INTEGER)) THEN %(new_error_message)s::VARCHAR ELSE messages.error_message END, failed_at=CASE WHEN (messages.status IN ('queued', 'processing') AND (CAST(%(attempt)s AS INTEGER) IS NULL OR messages.attempts = %(attempt)s::INTEGER)) THEN (SELECT now() AS now_1) ELSE messages.failed_at END, available_at=CASE WHEN (messages.status IN ('queued', 'processing') AND (CAST(%(attempt)s AS INTEGER) IS NULL OR messages.attempts = %(attempt)s::INTEGER) AND %(retryable)s AND messages.attempts < messages.max_attempts) THEN (SELECT now() AS now_1) + coalesce(CAST(%(retry_in)s AS INTERVAL), make_interval(%(make_interval_1)s::INTEGER, %(make_interval_2)s::INTEGER, %(make_interval_3)s::INTEGER, %(make_interval_4)s::INTEGER, %(make_interval_5)s::INTEGER, %(make_interval_6)s::INTEGER, least(%(least_1)s, %(power_1)s * power(%(power_2)s::INTEGER, greatest(messages.attempts - %(attempts_1)s::INTEGER, %(greatest_1)s::INTEGER))) * %(jitter)s)) ELSE messages.available_at END, lease_expires_at=CASE WHEN (messages.status IN ('queued', 'processing') AND (CAST(%(attempt)s AS INTEGER) IS NULL OR messages.attempts = %(attempt)s::INTEGER)) THEN NULL ELSE messages.lease_expires_at END WHERE messages.id = %(locate_id)s::UUID RETURNING messages.id, messages.session_id, messages.message_id, messages.direction, messages.jid, messages.type, messages.payload, messages.status, messages.attempts, messages.max_attempts, messages.error_message, messages.created_at, messages.queued_at, messages.processing_at, messages.sent_at, messages.delivered_at, messages.read_at, messages.failed_at, messages.wa_message_id, messages.wa_timestamp, messages.wa_response, messages.available_at, messages.lease_expires_at, messages.claimed_by, messages.seq;
+UPDATE messages SET status=CASE WHEN (NOT (messages.status IN ('queued', 'processing') AND (CAST(%(attempt)s AS INTEGER) IS NULL OR messages.attempts = %(attempt)s::INTEGER))) THEN messages.status WHEN (%(retryable)s AND messages.attempts < messages.max_attempts) THEN 'queued' WHEN %(retryable)s THEN 'dlq' ELSE 'failed' END, error_message=CASE WHEN (messages.status IN ('queued', 'processing') AND (CAST(%(attempt)s AS INTEGER) IS NULL OR messages.attempts = %(attempt)s::INTEGER)) THEN %(new_error_message)s::VARCHAR ELSE messages.error_message END, failed_at=CASE WHEN (messages.status IN ('queued', 'processing') AND (CAST(%(attempt)s AS INTEGER) IS NULL OR messages.attempts = %(attempt)s::INTEGER)) THEN (SELECT now() AS now_1) ELSE messages.failed_at END, available_at=CASE WHEN (messages.status IN ('queued', 'processing') AND (CAST(%(attempt)s AS INTEGER) IS NULL OR messages.attempts = %(attempt)s::INTEGER) AND %(retryable)s AND messages.attempts < messages.max_attempts) THEN (SELECT now() + coalesce(CAST(%(retry_in)s AS INTERVAL), make_interval(%(make_interval_1)s::INTEGER, %(make_interval_2)s::INTEGER, %(make_interval_3)s::INTEGER, %(make_interval_4)s::INTEGER, %(make_interval_5)s::INTEGER, %(make_interval_6)s::INTEGER, least(%(least_1)s, %(power_1)s * power(%(power_2)s::INTEGER, greatest(messages.attempts - %(attempts_1)s::INTEGER, %(greatest_1)s::INTEGER))) * %(jitter)s)) AS anon_1) ELSE messages.available_at END, lease_expires_at=CASE WHEN (messages.status IN ('queued', 'processing') AND (CAST(%(attempt)s AS INTEGER) IS NULL OR messages.attempts = %(attempt)s::INTEGER)) THEN NULL ELSE messages.lease_expires_at END WHERE messages.id = %(locate_id)s::UUID RETURNING messages.id, messages.session_id, messages.message_id, messages.direction, messages.jid, messages.type, messages.payload, messages.status, messages.attempts, messages.max_attempts, messages.error_message, messages.created_at, messages.queued_at, messages.processing_at, messages.sent_at, messages.delivered_at, messages.read_at, messages.failed_at, messages.wa_message_id, messages.wa_timestamp, messages.wa_response, messages.available_at, messages.lease_expires_at, messages.claimed_by, messages.seq;
+
+-- queue._MARK_FAILED_IN_SESSION
+UPDATE messages SET status=CASE WHEN (NOT (messages.status IN ('queued', 'processing') AND (CAST(%(attempt)s AS INTEGER) IS NULL OR messages.attempts = %(attempt)s::INTEGER))) THEN messages.status WHEN (%(retryable)s AND messages.attempts < messages.max_attempts) THEN 'queued' WHEN %(retryable)s THEN 'dlq' ELSE 'failed' END, error_message=CASE WHEN (messages.status IN ('queued', 'processing') AND (CAST(%(attempt)s AS INTEGER) IS NULL OR messages.attempts = %(attempt)s::INTEGER)) THEN %(new_error_message)s::VARCHAR ELSE messages.error_message END, failed_at=CASE WHEN (messages.status IN ('queued', 'processing') AND (CAST(%(attempt)s AS INTEGER) IS NULL OR messages.attempts = %(attempt)s::INTEGER)) THEN (SELECT now() AS now_1) ELSE messages.failed_at END, available_at=CASE WHEN (messages.status IN ('queued', 'processing') AND (CAST(%(attempt)s AS INTEGER) IS NULL OR messages.attempts = %(attempt)s::INTEGER) AND %(retryable)s AND messages.attempts < messages.max_attempts) THEN (SELECT now() + coalesce(CAST(%(retry_in)s AS INTERVAL), make_interval(%(make_interval_1)s::INTEGER, %(make_interval_2)s::INTEGER, %(make_interval_3)s::INTEGER, %(make_interval_4)s::INTEGER, %(make_interval_5)s::INTEGER, %(make_interval_6)s::INTEGER, least(%(least_1)s, %(power_1)s * power(%(power_2)s::INTEGER, greatest(messages.attempts - %(attempts_1)s::INTEGER, %(greatest_1)s::INTEGER))) * %(jitter)s)) AS anon_1) ELSE messages.available_at END, lease_expires_at=CASE WHEN (messages.status IN ('queued', 'processing') AND (CAST(%(attempt)s AS INTEGER) IS NULL OR messages.attempts = %(attempt)s::INTEGER)) THEN NULL ELSE messages.lease_expires_at END WHERE messages.id = %(locate_id)s::UUID AND messages.session_id = %(locate_session_id)s::UUID RETURNING messages.id, messages.session_id, messages.message_id, messages.direction, messages.jid, messages.type, messages.payload, messages.status, messages.attempts, messages.max_attempts, messages.error_message, messages.created_at, messages.queued_at, messages.processing_at, messages.sent_at, messages.delivered_at, messages.read_at, messages.failed_at, messages.wa_message_id, messages.wa_timestamp, messages.wa_response, messages.available_at, messages.lease_expires_at, messages.claimed_by, messages.seq;
 
 -- queue._RECOVER
 WITH stalled AS MATERIALIZED
@@ -220,14 +302,33 @@ FROM messages
 WHERE messages.status = 'processing' AND (messages.lease_expires_at < now() OR messages.lease_expires_at IS NULL AND CAST(%(older_than)s AS INTERVAL) IS NOT NULL AND messages.processing_at < now() - CAST(%(older_than)s AS INTERVAL)) FOR UPDATE SKIP LOCKED)
  UPDATE messages SET status=CASE WHEN (messages.attempts < messages.max_attempts) THEN 'queued' ELSE 'dlq' END, error_message=CASE WHEN (messages.attempts < messages.max_attempts) THEN messages.error_message ELSE coalesce(messages.error_message, %(coalesce_1)s::VARCHAR) END, failed_at=CASE WHEN (messages.attempts < messages.max_attempts) THEN messages.failed_at ELSE (SELECT now() AS now_1) END, available_at=%(available_at)s::TIMESTAMP WITH TIME ZONE, lease_expires_at=%(lease_expires_at)s::TIMESTAMP WITH TIME ZONE FROM stalled WHERE messages.id = stalled.id;
 
+-- queue._RECOVER_IN_SESSION
+WITH stalled AS MATERIALIZED
+(SELECT messages.id AS id
+FROM messages
+WHERE messages.status = 'processing' AND (messages.lease_expires_at < now() OR messages.lease_expires_at IS NULL AND CAST(%(older_than)s AS INTERVAL) IS NOT NULL AND messages.processing_at < now() - CAST(%(older_than)s AS INTERVAL)) AND messages.session_id = %(recover_session_id)s::UUID FOR UPDATE SKIP LOCKED)
+ UPDATE messages SET status=CASE WHEN (messages.attempts < messages.max_attempts) THEN 'queued' ELSE 'dlq' END, error_message=CASE WHEN (messages.attempts < messages.max_attempts) THEN messages.error_message ELSE coalesce(messages.error_message, %(coalesce_1)s::VARCHAR) END, failed_at=CASE WHEN (messages.attempts < messages.max_attempts) THEN messages.failed_at ELSE (SELECT now() AS now_1) END, available_at=%(available_at)s::TIMESTAMP WITH TIME ZONE, lease_expires_at=%(lease_expires_at)s::TIMESTAMP WITH TIME ZONE FROM stalled WHERE messages.id = stalled.id AND messages.session_id = %(recover_session_id)s::UUID;
+
+-- queue._STALLED_SESSIONS
+SELECT DISTINCT session_id FROM messages WHERE status = 'processing' AND (lease_expires_at < now() OR (lease_expires_at IS NULL AND CAST(%(older_than)s AS interval) IS NOT NULL AND processing_at < now() - CAST(%(older_than)s AS interval)));
+
 -- queue._REQUEUE
 UPDATE messages SET status=CASE WHEN (messages.status IN ('failed', 'dlq')) THEN 'queued' ELSE messages.status END, attempts=CASE WHEN (messages.status IN ('failed', 'dlq')) THEN %(param_1)s::INTEGER ELSE messages.attempts END, queued_at=CASE WHEN (messages.status IN ('failed', 'dlq')) THEN (SELECT now() AS now_1) ELSE messages.queued_at END, available_at=CASE WHEN (messages.status IN ('failed', 'dlq')) THEN NULL ELSE messages.available_at END, lease_expires_at=CASE WHEN (messages.status IN ('failed', 'dlq')) THEN NULL ELSE messages.lease_expires_at END WHERE messages.id = %(locate_id)s::UUID RETURNING messages.id, messages.session_id, messages.message_id, messages.direction, messages.jid, messages.type, messages.payload, messages.status, messages.attempts, messages.max_attempts, messages.error_message, messages.created_at, messages.queued_at, messages.processing_at, messages.sent_at, messages.delivered_at, messages.read_at, messages.failed_at, messages.wa_message_id, messages.wa_timestamp, messages.wa_response, messages.available_at, messages.lease_expires_at, messages.claimed_by, messages.seq;
 
+-- queue._REQUEUE_IN_SESSION
+UPDATE messages SET status=CASE WHEN (messages.status IN ('failed', 'dlq')) THEN 'queued' ELSE messages.status END, attempts=CASE WHEN (messages.status IN ('failed', 'dlq')) THEN %(param_1)s::INTEGER ELSE messages.attempts END, queued_at=CASE WHEN (messages.status IN ('failed', 'dlq')) THEN (SELECT now() AS now_1) ELSE messages.queued_at END, available_at=CASE WHEN (messages.status IN ('failed', 'dlq')) THEN NULL ELSE messages.available_at END, lease_expires_at=CASE WHEN (messages.status IN ('failed', 'dlq')) THEN NULL ELSE messages.lease_expires_at END WHERE messages.id = %(locate_id)s::UUID AND messages.session_id = %(locate_session_id)s::UUID RETURNING messages.id, messages.session_id, messages.message_id, messages.direction, messages.jid, messages.type, messages.payload, messages.status, messages.attempts, messages.max_attempts, messages.error_message, messages.created_at, messages.queued_at, messages.processing_at, messages.sent_at, messages.delivered_at, messages.read_at, messages.failed_at, messages.wa_message_id, messages.wa_timestamp, messages.wa_response, messages.available_at, messages.lease_expires_at, messages.claimed_by, messages.seq;
+
 -- queue._REQUEUE_DLQ
-UPDATE messages SET status='queued', attempts=%(attempts)s::INTEGER, queued_at=(SELECT now() AS now_1), available_at=%(available_at)s::TIMESTAMP WITH TIME ZONE, lease_expires_at=%(lease_expires_at)s::TIMESTAMP WITH TIME ZONE WHERE messages.status = 'dlq' AND (CAST(%(in_session)s AS UUID) IS NULL OR messages.session_id = CAST(%(in_session)s AS UUID));
+UPDATE messages SET status='queued', attempts=%(attempts)s::INTEGER, queued_at=now(), available_at=%(available_at)s::TIMESTAMP WITH TIME ZONE, lease_expires_at=%(lease_expires_at)s::TIMESTAMP WITH TIME ZONE WHERE messages.status = 'dlq';
+
+-- queue._REQUEUE_DLQ_IN_SESSION
+UPDATE messages SET status='queued', attempts=%(attempts)s::INTEGER, queued_at=now(), available_at=%(available_at)s::TIMESTAMP WITH TIME ZONE, lease_expires_at=%(lease_expires_at)s::TIMESTAMP WITH TIME ZONE WHERE messages.status = 'dlq' AND messages.session_id = %(in_session)s::UUID;
 
 -- queue._RELEASE
 UPDATE messages m SET status = 'queued', attempts = m.attempts - 1, lease_expires_at = NULL FROM unnest(CAST(%(ids)s AS uuid[]), CAST(%(attempts)s AS integer[])) AS held(id, attempt) WHERE m.id = held.id AND m.attempts = held.attempt AND m.status = 'processing';
+
+-- queue._RELEASE_IN_SESSION
+UPDATE messages m SET status = 'queued', attempts = m.attempts - 1, lease_expires_at = NULL FROM unnest(CAST(%(ids)s AS uuid[]), CAST(%(attempts)s AS integer[])) AS held(id, attempt) WHERE m.id = held.id AND m.attempts = held.attempt AND m.status = 'processing' AND m.session_id = CAST(%(session_id)s AS uuid);
 
 -- queue._STATS
 SELECT
@@ -242,8 +343,23 @@ SELECT
         now() - min(created_at) FILTER (WHERE status = 'queued' AND attempts < max_attempts
                          AND (available_at IS NULL OR available_at <= now())) AS oldest_ready_age
     FROM messages
+    WHERE status IN ('queued', 'processing', 'failed', 'dlq');
+
+-- queue._STATS_OF_SESSION
+SELECT
+        count(*) FILTER (WHERE status = 'queued') AS queued,
+        count(*) FILTER (WHERE status = 'queued' AND attempts < max_attempts
+                         AND (available_at IS NULL OR available_at <= now())) AS ready,
+        count(*) FILTER (WHERE status = 'queued' AND available_at > now()) AS delayed,
+        count(*) FILTER (WHERE status = 'processing') AS processing,
+        count(*) FILTER (WHERE status = 'processing' AND lease_expires_at < now()) AS expired,
+        count(*) FILTER (WHERE status = 'failed') AS failed,
+        count(*) FILTER (WHERE status = 'dlq') AS dlq,
+        now() - min(created_at) FILTER (WHERE status = 'queued' AND attempts < max_attempts
+                         AND (available_at IS NULL OR available_at <= now())) AS oldest_ready_age
+    FROM messages
     WHERE status IN ('queued', 'processing', 'failed', 'dlq')
-      AND (CAST(%(session_id)s AS uuid) IS NULL OR session_id = CAST(%(session_id)s AS uuid));
+     AND session_id = CAST(%(session_id)s AS uuid);
 
 -- enqueuer._INSERT
 INSERT INTO messages (session_id, message_id, direction, jid, type, payload, status,
@@ -288,7 +404,7 @@ WITH batch AS MATERIALIZED
 FROM messages
 WHERE messages.status = 'queued' AND messages.attempts < messages.max_attempts AND (messages.available_at IS NULL OR messages.available_at <= now()) AND messages.session_id = %(claim_session_id)s::UUID ORDER BY messages.created_at, messages.seq
  LIMIT %(limit)s FOR UPDATE SKIP LOCKED)
- UPDATE messages SET status='processing', attempts=(messages.attempts + %(attempts_1)s::INTEGER), processing_at=now(), lease_expires_at=(now() + CAST(%(lease)s AS INTERVAL)), claimed_by=%(worker)s::VARCHAR FROM batch WHERE messages.id = batch.id RETURNING messages.id, messages.session_id, messages.message_id, messages.direction, messages.jid, messages.type, messages.payload, messages.status, messages.attempts, messages.max_attempts, messages.error_message, messages.created_at, messages.queued_at, messages.processing_at, messages.sent_at, messages.delivered_at, messages.read_at, messages.failed_at, messages.wa_message_id, messages.wa_timestamp, messages.wa_response, messages.available_at, messages.lease_expires_at, messages.claimed_by, messages.seq;
+ UPDATE messages SET status='processing', attempts=(messages.attempts + %(attempts_1)s::INTEGER), processing_at=now(), lease_expires_at=(now() + CAST(%(lease)s AS INTERVAL)), claimed_by=%(worker)s::VARCHAR FROM batch WHERE messages.id = batch.id AND messages.session_id = %(claim_session_id)s::UUID RETURNING messages.id, messages.session_id, messages.message_id, messages.direction, messages.jid, messages.type, messages.payload, messages.status, messages.attempts, messages.max_attempts, messages.error_message, messages.created_at, messages.queued_at, messages.processing_at, messages.sent_at, messages.delivered_at, messages.read_at, messages.failed_at, messages.wa_message_id, messages.wa_timestamp, messages.wa_response, messages.available_at, messages.lease_expires_at, messages.claimed_by, messages.seq;
 
 -- queue.claim_statement(ordered=False, limited=True, one_session=False)
 WITH candidates AS MATERIALIZED
@@ -326,9 +442,9 @@ FROM candidates),
 batch AS MATERIALIZED
 (SELECT messages.id AS id
 FROM messages JOIN ranked ON ranked.id = messages.id
-WHERE ranked.load <= %(max_in_flight)s::INTEGER AND messages.status = 'queued' AND messages.attempts < messages.max_attempts AND (messages.available_at IS NULL OR messages.available_at <= now()) ORDER BY messages.created_at, messages.seq
+WHERE ranked.load <= %(max_in_flight)s::INTEGER AND messages.status = 'queued' AND messages.attempts < messages.max_attempts AND (messages.available_at IS NULL OR messages.available_at <= now()) AND messages.session_id = %(claim_session_id)s::UUID ORDER BY messages.created_at, messages.seq
  LIMIT %(limit)s FOR UPDATE OF messages SKIP LOCKED)
- UPDATE messages SET status='processing', attempts=(messages.attempts + %(attempts_1)s::INTEGER), processing_at=now(), lease_expires_at=(now() + CAST(%(lease)s AS INTERVAL)), claimed_by=%(worker)s::VARCHAR FROM batch WHERE messages.id = batch.id RETURNING messages.id, messages.session_id, messages.message_id, messages.direction, messages.jid, messages.type, messages.payload, messages.status, messages.attempts, messages.max_attempts, messages.error_message, messages.created_at, messages.queued_at, messages.processing_at, messages.sent_at, messages.delivered_at, messages.read_at, messages.failed_at, messages.wa_message_id, messages.wa_timestamp, messages.wa_response, messages.available_at, messages.lease_expires_at, messages.claimed_by, messages.seq;
+ UPDATE messages SET status='processing', attempts=(messages.attempts + %(attempts_1)s::INTEGER), processing_at=now(), lease_expires_at=(now() + CAST(%(lease)s AS INTERVAL)), claimed_by=%(worker)s::VARCHAR FROM batch WHERE messages.id = batch.id AND messages.session_id = %(claim_session_id)s::UUID RETURNING messages.id, messages.session_id, messages.message_id, messages.direction, messages.jid, messages.type, messages.payload, messages.status, messages.attempts, messages.max_attempts, messages.error_message, messages.created_at, messages.queued_at, messages.processing_at, messages.sent_at, messages.delivered_at, messages.read_at, messages.failed_at, messages.wa_message_id, messages.wa_timestamp, messages.wa_response, messages.available_at, messages.lease_expires_at, messages.claimed_by, messages.seq;
 
 -- queue.claim_statement(ordered=True, limited=False, one_session=False)
 WITH batch AS MATERIALIZED
@@ -348,7 +464,7 @@ WHERE messages.status = 'queued' AND messages.attempts < messages.max_attempts A
 FROM messages AS chat
 WHERE chat.session_id = messages.session_id AND chat.jid = messages.jid AND chat.status IN ('queued', 'processing') AND (chat.status = 'processing' OR (chat.created_at, chat.seq) < (messages.created_at, messages.seq)))) ORDER BY messages.created_at, messages.seq
  LIMIT %(limit)s FOR UPDATE SKIP LOCKED)
- UPDATE messages SET status='processing', attempts=(messages.attempts + %(attempts_1)s::INTEGER), processing_at=now(), lease_expires_at=(now() + CAST(%(lease)s AS INTERVAL)), claimed_by=%(worker)s::VARCHAR FROM batch WHERE messages.id = batch.id RETURNING messages.id, messages.session_id, messages.message_id, messages.direction, messages.jid, messages.type, messages.payload, messages.status, messages.attempts, messages.max_attempts, messages.error_message, messages.created_at, messages.queued_at, messages.processing_at, messages.sent_at, messages.delivered_at, messages.read_at, messages.failed_at, messages.wa_message_id, messages.wa_timestamp, messages.wa_response, messages.available_at, messages.lease_expires_at, messages.claimed_by, messages.seq;
+ UPDATE messages SET status='processing', attempts=(messages.attempts + %(attempts_1)s::INTEGER), processing_at=now(), lease_expires_at=(now() + CAST(%(lease)s AS INTERVAL)), claimed_by=%(worker)s::VARCHAR FROM batch WHERE messages.id = batch.id AND messages.session_id = %(claim_session_id)s::UUID RETURNING messages.id, messages.session_id, messages.message_id, messages.direction, messages.jid, messages.type, messages.payload, messages.status, messages.attempts, messages.max_attempts, messages.error_message, messages.created_at, messages.queued_at, messages.processing_at, messages.sent_at, messages.delivered_at, messages.read_at, messages.failed_at, messages.wa_message_id, messages.wa_timestamp, messages.wa_response, messages.available_at, messages.lease_expires_at, messages.claimed_by, messages.seq;
 
 -- queue.claim_statement(ordered=True, limited=True, one_session=False)
 WITH candidates AS MATERIALIZED
@@ -390,6 +506,6 @@ FROM candidates),
 batch AS MATERIALIZED
 (SELECT messages.id AS id
 FROM messages JOIN ranked ON ranked.id = messages.id
-WHERE ranked.load <= %(max_in_flight)s::INTEGER AND messages.status = 'queued' AND messages.attempts < messages.max_attempts AND (messages.available_at IS NULL OR messages.available_at <= now()) ORDER BY messages.created_at, messages.seq
+WHERE ranked.load <= %(max_in_flight)s::INTEGER AND messages.status = 'queued' AND messages.attempts < messages.max_attempts AND (messages.available_at IS NULL OR messages.available_at <= now()) AND messages.session_id = %(claim_session_id)s::UUID ORDER BY messages.created_at, messages.seq
  LIMIT %(limit)s FOR UPDATE OF messages SKIP LOCKED)
- UPDATE messages SET status='processing', attempts=(messages.attempts + %(attempts_1)s::INTEGER), processing_at=now(), lease_expires_at=(now() + CAST(%(lease)s AS INTERVAL)), claimed_by=%(worker)s::VARCHAR FROM batch WHERE messages.id = batch.id RETURNING messages.id, messages.session_id, messages.message_id, messages.direction, messages.jid, messages.type, messages.payload, messages.status, messages.attempts, messages.max_attempts, messages.error_message, messages.created_at, messages.queued_at, messages.processing_at, messages.sent_at, messages.delivered_at, messages.read_at, messages.failed_at, messages.wa_message_id, messages.wa_timestamp, messages.wa_response, messages.available_at, messages.lease_expires_at, messages.claimed_by, messages.seq;
+ UPDATE messages SET status='processing', attempts=(messages.attempts + %(attempts_1)s::INTEGER), processing_at=now(), lease_expires_at=(now() + CAST(%(lease)s AS INTERVAL)), claimed_by=%(worker)s::VARCHAR FROM batch WHERE messages.id = batch.id AND messages.session_id = %(claim_session_id)s::UUID RETURNING messages.id, messages.session_id, messages.message_id, messages.direction, messages.jid, messages.type, messages.payload, messages.status, messages.attempts, messages.max_attempts, messages.error_message, messages.created_at, messages.queued_at, messages.processing_at, messages.sent_at, messages.delivered_at, messages.read_at, messages.failed_at, messages.wa_message_id, messages.wa_timestamp, messages.wa_response, messages.available_at, messages.lease_expires_at, messages.claimed_by, messages.seq;

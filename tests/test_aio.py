@@ -25,7 +25,7 @@ from zaphub_db.errors import (
     ValidationError,
 )
 from zaphub_db.models import Message
-from zaphub_db.repositories import messages, queue, sessions
+from zaphub_db.repositories import layout, messages, queue, sessions
 from zaphub_db.testing.databases import migrated_database
 from zaphub_db.testing.statements import recording
 
@@ -71,11 +71,14 @@ def test_every_public_function_has_a_twin_with_the_same_parameters() -> None:
 async def test_the_api_round_trips_with_the_same_statement_counts(engine: AsyncEngine) -> None:
     async with AsyncSession(engine, expire_on_commit=False) as db:
         session = await aio.create_session(db, label="async")
+        # The distributed layout's wake-up (once per transaction) and its look-up of
+        # the session of a message named by id alone: one statement more each.
+        extra = 1 if await db.run_sync(layout.distributed) else 0
         with recording(engine.sync_engine) as sent:
             message = await aio.create_message(
                 db, session_id=session.id, message_id="k1", jid="j", type="text", payload={"a": 1}
             )
-        assert len(sent) == 1
+        assert len(sent) == 1 + extra
         with recording(engine.sync_engine) as sent:
             again, created = await aio.get_or_create_message(
                 db, session_id=session.id, message_id="k1", jid="j", type="text", payload={"a": 1}
@@ -84,7 +87,7 @@ async def test_the_api_round_trips_with_the_same_statement_counts(engine: AsyncE
         with recording(engine.sync_engine) as sent:
             assert await aio.get_message_by_id(db, message.id) is message
             moved = await aio.update_message_status(db, message.id, "sent", wa_message_id="w1")
-        assert len(sent) == 2
+        assert len(sent) == 2 + extra
         assert moved is not None
         assert moved.status == "sent"
         assert (await aio.get_message_by_wa_id(db, session.id, "w1")) is message

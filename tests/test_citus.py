@@ -8,6 +8,7 @@ the suite runs there too, on migrated databases that ``distribute`` laid out.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
@@ -111,6 +112,29 @@ def test_distribute_lays_out_the_tables_once_and_keeps_global_events(
             assert events.get_events_by_session(db, session.id) == []
     finally:
         engine.dispose()
+
+
+def test_the_command_line_on_the_distributed_layout(committed_engine: Engine) -> None:
+    url = committed_engine.url.render_as_string(hide_password=False)
+    seeded = _cli("seed", "--url", url)
+    assert seeded.returncode == 0, seeded.stderr
+    stats = _cli("queue", "stats", "--json", "--url", url)
+    assert stats.returncode == 0, stats.stderr
+    with Session(committed_engine) as db:
+        assert json.loads(stats.stdout)["queued"] == queue.queue_stats(db).queued
+        some_session = db.execute(text("SELECT id FROM sessions LIMIT 1")).scalar_one()
+    one = _cli("queue", "stats", "--session", str(some_session), "--url", url)
+    assert one.returncode == 0, one.stderr
+    for command in (
+        ("queue", "recover"),
+        ("queue", "requeue-dlq"),
+        ("cleanup-events", "--days", "30"),
+        ("status",),
+        ("verify",),
+        ("migrate",),  # nothing to apply; the lock and the history work there too
+    ):
+        result = _cli(*command, "--url", url)
+        assert result.returncode == 0, (command, result.stdout, result.stderr)
 
 
 def test_distribute_refuses_a_database_without_citus(empty_database: URL) -> None:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from sqlalchemy import Connection, Engine, text
+from sqlalchemy.engine import URL
 from sqlalchemy.exc import IntegrityError
 
+import zaphub_db
 from zaphub_db.models import (
     EventCategory,
     EventSeverity,
@@ -17,6 +20,7 @@ from zaphub_db.models import (
     MessageType,
     SessionStatus,
 )
+from zaphub_db.testing.databases import migrate, throwaway_database
 
 TSTZ = "timestamp with time zone"
 
@@ -107,10 +111,22 @@ EXPECTED_INDEXES = {
 }
 
 
+@pytest.fixture(scope="module")
+def revisions_engine(server_url: URL) -> Iterator[Engine]:
+    """A database the revisions built, and nothing else: the single-node schema they
+    document, also where the suite runs on a Citus cluster (whose distributed layout
+    tests/test_citus.py checks)."""
+    with throwaway_database(server_url) as url:
+        migrate(url)
+        engine = zaphub_db.create_engine(url)
+        yield engine
+        engine.dispose()
+
+
 @pytest.fixture
-def conn(zaphub_engine: Engine) -> Any:
+def conn(revisions_engine: Engine) -> Any:
     """A connection inside a transaction that is rolled back after the test."""
-    with zaphub_engine.connect() as connection:
+    with revisions_engine.connect() as connection:
         transaction = connection.begin()
         yield connection
         transaction.rollback()

@@ -105,6 +105,30 @@ def set_timeouts_per_connection(engine: Engine, timeouts: Timeouts) -> None:
         dbapi_connection.commit()
 
 
+def lock_timeout_on_worker_nodes(engine: Engine, lock_timeout: timedelta | None) -> None:
+    """On Citus's distributed layout, keep ``lock_timeout`` where row locks are waited for.
+
+    A row of a distributed table is locked on the worker node that holds it,
+    and the coordinator's session settings do not reach the coordinator's
+    connections to the workers. A ``SET LOCAL`` does when
+    ``citus.propagate_set_commands`` is ``local``: each transaction on that
+    layout begins with both (one statement more there, none on a single node,
+    where the startup packet's setting holds).
+    """
+    milliseconds = timeout_settings(lock_timeout, None, None)["lock_timeout"]
+    if not milliseconds:
+        return
+    from zaphub_db.repositories import layout
+
+    @event.listens_for(engine, "begin")
+    def _begin(connection: Connection) -> None:
+        if layout.connection_distributed(connection):
+            connection.exec_driver_sql(
+                "SELECT set_config('citus.propagate_set_commands', 'local', true)"
+            )
+            connection.exec_driver_sql(f"SET LOCAL lock_timeout = {milliseconds}")
+
+
 def translate_errors(engine: Engine) -> None:
     """Make ``engine`` raise our errors for the connection and the server's state
     wherever they happen: a statement, a commit or rollback (a ``Session``'s
@@ -224,6 +248,7 @@ def create_engine(
         set_timeouts_per_connection(engine, timeouts)
     if cheap_ping:
         ping_when_in_doubt(engine)
+    lock_timeout_on_worker_nodes(engine, lock_timeout)
     translate_errors(engine)
     return engine.execution_options(**ours) if ours else engine
 
@@ -343,6 +368,7 @@ def create_async_engine(
         set_timeouts_per_connection(engine.sync_engine, timeouts)
     if cheap_ping:
         ping_when_in_doubt(engine.sync_engine)
+    lock_timeout_on_worker_nodes(engine.sync_engine, lock_timeout)
     translate_errors(engine.sync_engine)
     if asyncpg:
         translate_socket_errors_at_connect(engine.sync_engine)

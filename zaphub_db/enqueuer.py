@@ -34,9 +34,10 @@ import threading
 import uuid
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
+from itertools import groupby
 from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy import Engine, select, text
+from sqlalchemy import Engine, bindparam, select, text
 from sqlalchemy.orm import Session
 
 from zaphub_db.errors import NotFoundError, TransientError, ValidationError, ZaphubDBError
@@ -80,6 +81,13 @@ _EXISTING = text(
     """
 ).columns(*Message.__table__.columns)
 _INSERT_ORM = select(Message).from_statement(_INSERT)
+# The distributed layout writes a batch one session at a time (each INSERT on
+# its session's shard): Citus runs no correlated subquery beside unnest().
+_INSERT_ONE_SESSION_ORM = select(Message).from_statement(
+    text(bulk.insert_from_arrays(one_session=True, returning=_RETURNING))
+    .bindparams(bindparam("session_id", type_=Message.__table__.c.session_id.type))
+    .columns(*Message.__table__.columns)
+)
 _EXISTING_ORM = select(Message).from_statement(_EXISTING).execution_options(populate_existing=True)
 
 _ARRAYS = {
@@ -124,13 +132,25 @@ def create_messages_together(db: Session, rows: Sequence[Mapping[str, Any]]) -> 
         first_use.setdefault(key, index)
     # A fixed lock order: two batches holding the same keys cannot deadlock.
     order = sorted(first_use, key=lambda k: (str(k[0]), k[1]))
-    params: dict[str, Any] = {"session_ids": [k[0] for k in order]}
-    for array, name in _ARRAYS.items():
-        params[array] = [rows[first_use[k]][name] for k in order]
-    with database_errors():
-        inserted = {
-            (m.session_id, m.message_id): m for m in db.execute(_INSERT_ORM, params).scalars()
-        }
+    groups = (
+        [(session_id, list(keys)) for session_id, keys in groupby(order, key=lambda k: k[0])]
+        if layout.distributed(db)
+        else [(None, order)]
+    )
+    inserted: dict[tuple[uuid.UUID, str], Message] = {}
+    for session_id, keys in groups:
+        params: dict[str, Any] = (
+            {"session_ids": [k[0] for k in keys]}
+            if session_id is None
+            else {"session_id": session_id}
+        )
+        for array, name in _ARRAYS.items():
+            params[array] = [rows[first_use[k]][name] for k in keys]
+        statement = _INSERT_ORM if session_id is None else _INSERT_ONE_SESSION_ORM
+        with database_errors():
+            inserted.update(
+                ((m.session_id, m.message_id), m) for m in db.execute(statement, params).scalars()
+            )
     if any(message.status == MessageStatus.QUEUED for message in inserted.values()):
         layout.notify(db)
     outcomes: list[Outcome | None] = [None] * len(rows)

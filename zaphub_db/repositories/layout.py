@@ -24,7 +24,7 @@ from __future__ import annotations
 import uuid
 from typing import Any, Literal
 
-from sqlalchemy import UUID, bindparam, text
+from sqlalchemy import UUID, Connection, bindparam, text
 from sqlalchemy.orm import Session
 
 from zaphub_db.repositories import validation
@@ -44,7 +44,11 @@ _NOTIFY = text(f"SELECT pg_notify('{CHANNEL}', '')")
 
 def distributed(db: Session) -> bool:
     """Whether ``db``'s database has the distributed layout (one query per connection, once)."""
-    connection = db.connection()
+    return connection_distributed(db.connection())
+
+
+def connection_distributed(connection: Connection) -> bool:
+    """:func:`distributed` for a ``Connection``."""
     info = connection.info
     known = info.get(_KEY)
     if known is None:

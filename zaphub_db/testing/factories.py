@@ -15,7 +15,8 @@ from factory.alchemy import SQLAlchemyModelFactory
 from factory.declarations import LazyAttribute, LazyFunction, SelfAttribute, Sequence, SubFactory
 from sqlalchemy.orm import Session
 
-from zaphub_db.models import Event, Message, WhatsAppSession
+from zaphub_db.models import Event, GlobalEvent, Message, WhatsAppSession
+from zaphub_db.repositories import layout
 
 _current: Session | None = None
 _phone_numbers = itertools.count(5534900000001)
@@ -90,3 +91,11 @@ class EventFactory(_Base):
     event_category = "connection"
     payload = LazyFunction(dict)
     severity = "info"
+
+    @classmethod
+    def _create(cls, model_class: Any, *args: Any, **kwargs: Any) -> Any:
+        # On the distributed layout a global event is a GlobalEvent
+        # (global_events): a distributed table holds no NULL session_id.
+        if kwargs.get("session_id") is None and layout.distributed(_bound_session()):
+            model_class = GlobalEvent
+        return super()._create(model_class, *args, **kwargs)
