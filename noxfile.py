@@ -1,6 +1,6 @@
 """nox sessions: tests on PostgreSQL 15 and the embedded 18, both SQLAlchemy lines,
-the tests again through PgBouncer's transaction pooling, lint, type checks and
-migration checks. Plain `nox` runs them all."""
+the tests again through PgBouncer's transaction pooling and on a Citus cluster,
+lint, type checks and migration checks. Plain `nox` runs them all."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ nox.options.default_venv_backend = "uv|virtualenv"
 # bytecode (uv skips it, and PYTHONDONTWRITEBYTECODE may be set) every start
 # re-compiles SQLAlchemy and Alembic, tripling the suite's time.
 os.environ.setdefault("UV_COMPILE_BYTECODE", "1")
-nox.options.sessions = ["tests", "pgbouncer", "lint", "typecheck", "migrations"]
+nox.options.sessions = ["tests", "pgbouncer", "citus", "lint", "typecheck", "migrations"]
 ROOT = Path(__file__).resolve().parent
 
 PYPROJECT = nox.project.load_toml("pyproject.toml")

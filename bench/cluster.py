@@ -234,12 +234,13 @@ def run(single: Engine, *, quick: bool) -> str:
                 database = url.database
                 admin = url.set(port=third.port, database="postgres")
                 with psycopg.connect(libpq_dsn(admin), autocommit=True) as c:
-                    c.execute(f'CREATE DATABASE "{database}"')  # type: ignore[call-overload]
+                    c.execute(f'CREATE DATABASE "{database}"')
                 with psycopg.connect(libpq_dsn(admin.set(database=database)), autocommit=True) as c:
                     c.execute("CREATE EXTENSION citus")
                 with psycopg.connect(libpq_dsn(url), autocommit=True) as c:
                     c.execute("SELECT citus_add_node('127.0.0.1', %s)", (third.port,))
                     c.execute("SELECT citus_rebalance_start()")
+                    c.execute("SET statement_timeout = '300s'")
                     c.execute("SELECT citus_rebalance_wait()")
 
             moving = _latencies(engine, 10 if quick else 20, move)

@@ -23,9 +23,14 @@ from zaphub_db.config import libpq_dsn
 
 # Citus keeps connections from the coordinator to every worker for each
 # shard a statement touches at once; the suite's widest races (32 clients)
-# need more than the default 100.
+# need more than the default 100. Every database with the extension runs a
+# maintenance daemon, a background worker of its own, and a rebalance runs
+# its moves on more: the default 8 slots run out with the suite's databases.
+# A shard moves by logical replication while it takes writes.
 CITUS_SETTINGS = {
     "shared_preload_libraries": "citus",
+    "max_worker_processes": "128",
+    "wal_level": "logical",
     "max_connections": "400",
     "max_prepared_transactions": "400",
 }

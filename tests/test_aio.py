@@ -151,7 +151,10 @@ async def test_errors_are_the_same_classes_on_both_drivers(engine: AsyncEngine) 
     async with AsyncSession(engine) as db:
         pid = (await db.execute(text("SELECT pg_backend_pid()"))).scalar()
         async with AsyncSession(engine) as killer:
-            await killer.execute(text("SELECT pg_terminate_backend(:p)"), {"p": pid})
+            # integer: Citus adds pg_terminate_backend(bigint) for its global pids.
+            await killer.execute(
+                text("SELECT pg_terminate_backend(CAST(:p AS integer))"), {"p": pid}
+            )
         with pytest.raises(ConnectionLostError):
             await aio.get_session_by_id(db, session_id)
         await db.rollback()

@@ -45,6 +45,23 @@ def test_migrate_prints_one_line_per_revision_then_status_and_verify(empty_datab
     assert verify.stdout.startswith("ok:")
 
 
+def test_distribute_refuses_a_database_without_citus(empty_database: URL) -> None:
+    url = url_arg(empty_database)
+    assert run_cli("migrate", "--url", url).returncode == 0
+    result = run_cli("distribute", "--url", url)
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr.strip().splitlines() == [
+        "error: this database has no citus extension: on a Citus coordinator run CREATE "
+        "EXTENSION citus (Citus comes from Citus's own packages or container image)"
+    ]
+    # Nothing changed: the single-node layout verifies as before.
+    assert run_cli("verify", "--url", url).returncode == 0
+    from zaphub_db import cli, distribute
+
+    assert cli.DEFAULT_SHARD_COUNT == distribute.DEFAULT_SHARD_COUNT
+
+
 def test_migrate_to_a_revision_then_downgrade(empty_database: URL) -> None:
     url = url_arg(empty_database)
     up = run_cli("migrate", "--to", "0002", "--url", url)

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, select, text
+from sqlalchemy import Connection, Engine, select, text
 from sqlalchemy.orm import Session
 
 from zaphub_db import aio
@@ -28,6 +28,7 @@ from zaphub_db.errors import (
 )
 from zaphub_db.models import Message
 from zaphub_db.repositories import messages, sessions
+from zaphub_db.repositories.layout import connection_distributed
 
 
 @pytest.fixture
@@ -144,6 +145,17 @@ def wait_until(condition: Callable[[], bool], what: str, timeout: float = 30.0) 
         time.sleep(0.01)
 
 
+def lock_waiters(connection: Connection) -> tuple[str, str]:
+    """The pid column, and the FROM and WHERE, of the backends of this database waiting
+    for a lock: pg_stat_activity, or on the distributed layout Citus's view of every
+    node's backends (a row is locked on its worker node there)."""
+    if connection_distributed(connection):
+        source, column = "citus_stat_activity", "global_pid"
+    else:
+        source, column = "pg_stat_activity", "pid"
+    return column, f"{source} WHERE wait_event_type = 'Lock' AND datname = current_database()"
+
+
 class HeldSession:
     """A transaction holding ``session_id``'s row FOR UPDATE: the enqueuer's FOR KEY SHARE waits."""
 
@@ -160,15 +172,8 @@ class HeldSession:
 
     def waiters(self) -> int:
         with self.engine.connect() as probe:
-            return int(
-                probe.execute(
-                    text(
-                        "SELECT count(*) FROM pg_stat_activity "
-                        "WHERE wait_event_type = 'Lock' AND query LIKE '%INSERT INTO messages%'"
-                        " AND datname = current_database()"
-                    )
-                ).scalar_one()
-            )
+            _pid, waiting = lock_waiters(probe)
+            return int(probe.execute(text(f"SELECT count(*) FROM {waiting}")).scalar_one())
 
     def __exit__(self, *exc_info: object) -> None:
         self.connection.rollback()
@@ -253,6 +258,7 @@ def test_concurrent_calls_share_one_commit_and_keep_their_own_outcomes(
 def test_one_failing_call_does_not_fail_its_batch(one_writer: Face, engine: Engine) -> None:
     session_id = new_session(engine)
     with engine.begin() as connection:
+        # One command a statement: Citus sends each on to the worker nodes.
         connection.execute(
             text(
                 """
@@ -260,10 +266,14 @@ def test_one_failing_call_does_not_fail_its_batch(one_writer: Face, engine: Engi
                 BEGIN
                     IF NEW.message_id = 'poison' THEN RAISE EXCEPTION 'poisoned'; END IF;
                     RETURN NEW;
-                END $$;
-                CREATE TRIGGER test_refuse_poison BEFORE INSERT ON messages
-                    FOR EACH ROW EXECUTE FUNCTION test_refuse_poison();
+                END $$
                 """
+            )
+        )
+        connection.execute(
+            text(
+                "CREATE TRIGGER test_refuse_poison BEFORE INSERT ON messages "
+                "FOR EACH ROW EXECUTE FUNCTION test_refuse_poison()"
             )
         )
     try:
@@ -344,13 +354,10 @@ def test_a_lost_connection_fails_its_batch_and_the_next_call_works(
     with ThreadPoolExecutor(1) as pool, HeldSession(engine, session_id) as held:
         lost = pool.submit(enqueuer.create, **call(session_id, "lost"))
         wait_until(lambda: held.waiters() == 1, "the batch to wait for the lock")
-        held.connection.execute(
-            text(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE wait_event_type = 'Lock' AND query LIKE '%INSERT INTO messages%'"
-                " AND datname = current_database()"
-            )
-        )
+        # On the cluster the wait is on a worker node, under the global pid of
+        # the enqueuer's backend on the coordinator: that one is ended.
+        pid, waiting = lock_waiters(held.connection)
+        held.connection.execute(text(f"SELECT pg_terminate_backend({pid}) FROM {waiting}"))
         with pytest.raises(ConnectionLostError):
             lost.result(timeout=60)
     assert enqueuer.create(**call(session_id, "after")).message_id == "after"

@@ -422,3 +422,37 @@ def test_a_freed_send_slot_takes_the_next_claimed_message_while_a_claim_waits(
         stop.set()
         thread.join(timeout=30)
     assert summaries[0].sent == len(ids)
+
+
+def test_a_worker_given_sessions_serves_those_and_no_other(face: str, engine: Engine) -> None:
+    """``sessions=``: the claims name each session (on the distributed layout, one
+    shard each); another session's messages stay queued for another worker."""
+    mine_a = queue_helpers.enqueue(engine, 4, chats=2)
+    mine_b = queue_helpers.enqueue(engine, 3, chats=1)
+    other_session, others = queue_helpers.enqueue(engine, 5, chats=5)
+    sent: list[uuid.UUID] = []
+    thread, stop, _ = in_thread(
+        face,
+        engine,
+        lambda m: sent.append(m.session_id) or None,  # type: ignore[func-returns-value]
+        sessions=[mine_a[0], str(mine_b[0]), mine_a[0]],  # ids or text; a repeat is one
+        poll_interval=0.2,
+    )
+    deadline = time.monotonic() + 30
+    while len(sent) < 7 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # time enough to take the other session's, were it to
+    stop.set()
+    thread.join(timeout=30)
+    assert Counter(sent) == {mine_a[0]: 4, mine_b[0]: 3}
+    with Session(engine) as db:
+        assert queue.queue_stats(db, session_id=other_session).queued == 5
+    assert all(m.status == "queued" for m in rows(engine, others))
+
+
+def test_bad_sessions_are_refused_before_anything_runs(engine: Engine) -> None:
+    from zaphub_db.errors import ValidationError
+
+    for sessions in ([], "not-a-list", [uuid.uuid4(), "nope"], uuid.uuid4()):
+        with pytest.raises(ValidationError, match="sessions"):
+            run_worker(engine, lambda m: None, sessions=sessions)  # type: ignore[arg-type]
