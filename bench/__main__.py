@@ -46,7 +46,7 @@ def main() -> None:
             say(
                 "## On a Citus cluster (coordinator and workers on this machine) against one node\n"
             )
-            say(cluster.run(engine, quick=args.quick) + "\n")
+            say(cluster.run(quick=args.quick) + "\n")
         if "wakeups" in wanted:
             say("## Wake-up latency: from the enqueuing commit to the waiting worker\n")
             say(wakeups.run(engine, dsn, quick=args.quick) + "\n")

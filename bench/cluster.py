@@ -1,10 +1,10 @@
 """zaphub_db on a Citus cluster against a single node: per-call time, drain, a shard move.
 
 Starts its own servers (``tests.clusters``: PostgreSQL 15 with Citus, on
-loopback ports, every node on this machine) beside the single node the
-other benchmarks use. The figures are what the coordinator's routing costs
-here, not what separate machines would give: every node shares the same
-cores.
+loopback ports, every node on this machine), and a single node set up the
+same way (same binaries and settings, fsync off) to compare with. The
+figures are what the coordinator's routing costs here, not what separate
+machines would give: every node shares the same two cores.
 """
 
 from __future__ import annotations
@@ -210,11 +210,28 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
-def run(single: Engine, *, quick: bool) -> str:
+@contextmanager
+def _single_node() -> Iterator[Engine]:
+    """One server set up as each node of the clusters is (the same binaries, settings
+    and fsync off), migrated: the fair single node to compare with."""
+    with (
+        throwaway_server(bindir=citus_bindir(), settings=CITUS_SETTINGS) as server,
+        throwaway_database(server.url(), prefix="zaphub_bench") as url,
+    ):
+        migrate(url)
+        engine = zaphub_db.create_engine(url, pool_size=8)
+        try:
+            yield engine
+        finally:
+            engine.dispose()
+
+
+def run(*, quick: bool) -> str:
     rounds, drained = (100, 2_000) if quick else (400, 8_000)
     say(f"  per call: median of {rounds}; drain: {drained:,} messages, 16 sessions")
-    base = _calls(single, rounds)
-    single_drain = _drain(single, drained)
+    with _single_node() as single:
+        base = _calls(single, rounds)
+        single_drain = _drain(single, drained)
     with (
         citus_cluster(workers=2) as cluster,
         _distributed_engine(cluster.coordinator.port, cluster.worker_addresses) as engine,
