@@ -2,8 +2,9 @@
 
 Most statements are the same on both. The few that differ ask
 :func:`distributed`, which looks once per database connection (one catalog
-query, kept in the pooled connection's ``info``; none again while the
-connection lives) and answers from memory afterwards. A process whose
+query on a single node, two where Citus is installed, on the driver's own
+cursor; the answer is kept in the pooled connection's ``info``) and answers
+from memory afterwards. A process whose
 database gets distributed while it runs keeps the old answer on its open
 connections: restart it after ``zaphub-db distribute`` (the docs say so).
 
@@ -14,9 +15,13 @@ What differs on the distributed layout:
   on the worker node that stores the row, and Citus's two-phase commit
   refuses a transaction that notified);
 - statements across sessions that lock rows (``FOR UPDATE`` is not run
-  across shards): the queue claims per session, and its acks and recovery
-  run without the row-lock ordering a single node uses;
-- global events live in ``global_events``.
+  across shards): the queue claims, acks, recovers and releases session by
+  session, each statement on one shard;
+- calls that name a message by id alone look its session up first
+  (:func:`message_session`; ``session_id=`` spares it);
+- global events live in ``global_events``;
+- ``zaphub_db.create_engine`` begins each transaction with ``SET LOCAL
+  lock_timeout``, which Citus passes on to the worker nodes.
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ _NOTIFY = text(f"SELECT pg_notify('{CHANNEL}', '')")
 
 
 def distributed(db: Session) -> bool:
-    """Whether ``db``'s database has the distributed layout (one query per connection, once)."""
+    """Whether ``db``'s database has the distributed layout (looked up once per connection)."""
     return connection_distributed(db.connection())
 
 
