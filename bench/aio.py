@@ -69,7 +69,7 @@ def _calls(session_id: uuid.UUID, message_id: uuid.UUID) -> dict[str, Any]:
         "update_message_status": (
             lambda db: messages.update_message_status(db, message_id, "sent"),
             lambda db: aio.update_message_status(db, message_id, "sent"),
-            catalogue.named("messages._STATUS_BY_ID[sent]").statement,
+            catalogue.named("messages._STATUS_BY_ID[sent].any_session").statement,
             lambda: {
                 "locate_id": message_id,
                 "new_error_message": None,

@@ -105,7 +105,7 @@ def hot_calls(session_id: uuid.UUID, message_id: uuid.UUID) -> list[HotCall]:
         ),
         HotCall(
             "update_message_status",
-            catalogue.named("messages._STATUS_BY_ID[sent]"),
+            catalogue.named("messages._STATUS_BY_ID[sent].any_session"),
             lambda db, p: messages.update_message_status(
                 db, p["locate_id"], "sent", wa_message_id=p["new_wa_message_id"]
             ),

@@ -16,7 +16,6 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import timedelta
 from typing import Any
 
 import psycopg
@@ -25,7 +24,7 @@ from sqlalchemy.orm import Session
 
 import zaphub_db
 from bench.harness import say, table
-from tests.clusters import CITUS_SETTINGS, citus_bindir, citus_cluster
+from tests.clusters import CITUS_SETTINGS, citus_bindir, citus_cluster, join
 from tests.servers import throwaway_server
 from zaphub_db.config import libpq_dsn
 from zaphub_db.distribute import distribute
@@ -248,14 +247,8 @@ def run(*, quick: bool) -> str:
         with throwaway_server(bindir=citus_bindir(), settings=CITUS_SETTINGS) as third:
 
             def move() -> None:
-                database = url.database
-                admin = url.set(port=third.port, database="postgres")
-                with psycopg.connect(libpq_dsn(admin), autocommit=True) as c:
-                    c.execute(f'CREATE DATABASE "{database}"')
-                with psycopg.connect(libpq_dsn(admin.set(database=database)), autocommit=True) as c:
-                    c.execute("CREATE EXTENSION citus")
+                join(url, third)
                 with psycopg.connect(libpq_dsn(url), autocommit=True) as c:
-                    c.execute("SELECT citus_add_node('127.0.0.1', %s)", (third.port,))
                     c.execute("SELECT citus_rebalance_start()")
                     c.execute("SET statement_timeout = '300s'")
                     c.execute("SELECT citus_rebalance_wait()")
@@ -287,5 +280,4 @@ def run(*, quick: bool) -> str:
             for label, v in (("steady", steady), ("adding a node + rebalance", moving))
         ],
     )  # fmt: skip
-    _ = timedelta
     return "\n\n".join((calls_table, drain_table, latency_table))

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psycopg
+from sqlalchemy.engine import URL
 
 from tests.servers import ThrowawayServer, throwaway_server
 from zaphub_db.config import libpq_dsn
@@ -65,22 +66,26 @@ class Cluster:
         """``host:port,...`` of the workers, as ``ZAPHUB_TEST_CITUS_WORKERS`` takes them."""
         return ",".join(f"127.0.0.1:{worker.port}" for worker in self.workers)
 
-    def add_worker(self, *, register_in: tuple[str, ...] = ("postgres",)) -> ThrowawayServer:
-        """Start one more worker node and add it to the cluster in ``register_in`` databases."""
+    def add_worker(self) -> ThrowawayServer:
+        """Start one more worker node and add it to the cluster's ``postgres`` database."""
         worker = self._stack.enter_context(
             throwaway_server(bindir=citus_bindir(), settings=CITUS_SETTINGS)
         )
         self.workers.append(worker)
-        for database in register_in:
-            if database != "postgres":
-                _autocommit(worker, "postgres", f'CREATE DATABASE "{database}"')
-            _autocommit(worker, database, "CREATE EXTENSION IF NOT EXISTS citus")
-            _autocommit(
-                self.coordinator,
-                database,
-                f"SELECT citus_add_node('127.0.0.1', {worker.port})",
-            )
+        join(self.coordinator.url(), worker)
         return worker
+
+
+def join(url: URL, worker: ThrowawayServer) -> None:
+    """Add ``worker`` to the cluster of the coordinator's database ``url``: that database
+    on the worker (made, unless it is ``postgres``), the extension in it, the node in
+    the coordinator's metadata."""
+    database = url.database or "postgres"
+    if database != "postgres":
+        _autocommit(worker, "postgres", f'CREATE DATABASE "{database}"')
+    _autocommit(worker, database, "CREATE EXTENSION IF NOT EXISTS citus")
+    with psycopg.connect(libpq_dsn(url), autocommit=True) as connection:
+        connection.execute("SELECT citus_add_node('127.0.0.1', %s)", (worker.port,))
 
 
 def _autocommit(server: ThrowawayServer, database: str, statement: str) -> None:

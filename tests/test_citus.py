@@ -25,7 +25,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.orm import Session
 
 import zaphub_db
-from tests.clusters import CITUS_SETTINGS, citus_bindir
+from tests.clusters import CITUS_SETTINGS, citus_bindir, join
 from tests.helpers import chat
 from tests.servers import throwaway_server
 from zaphub_db.config import libpq_dsn
@@ -162,11 +162,7 @@ def _plans(engine: Engine, sent: list[tuple[str, Any]]) -> list[tuple[str, list[
     with psycopg.connect(libpq_dsn(engine.url), cursor_factory=psycopg.ClientCursor) as connection:
         for sql, parameters in sent:
             # The transaction's own statements (lock_timeout for the worker nodes).
-            if (
-                sql.lstrip()
-                .upper()
-                .startswith(("SAVEPOINT", "RELEASE", "ROLLBACK", "SET ", "SELECT SET_CONFIG"))
-            ):
+            if sql.lstrip().upper().startswith(("SAVEPOINT", "RELEASE", "ROLLBACK", "SET ")):
                 continue
             row = connection.execute(f"EXPLAIN (FORMAT JSON) {sql}", parameters).fetchone()
             assert row is not None
@@ -284,18 +280,6 @@ def test_every_per_session_call_runs_as_one_task(committed_engine: Engine) -> No
 # --- The queue while shards move ------------------------------------------------------------
 
 
-def _add_worker(url: URL, port: int) -> None:
-    database = url.database
-    assert database is not None
-    admin = url.set(host="127.0.0.1", port=port, database="postgres")
-    with psycopg.connect(libpq_dsn(admin), autocommit=True) as connection:
-        connection.execute(f'CREATE DATABASE "{database}"')
-    with psycopg.connect(libpq_dsn(admin.set(database=database)), autocommit=True) as connection:
-        connection.execute("CREATE EXTENSION citus")
-    with psycopg.connect(libpq_dsn(url), autocommit=True) as connection:
-        connection.execute("SELECT citus_add_node('127.0.0.1', %s)", (port,))
-
-
 def _unsent(engine: Engine, session_ids: list[uuid.UUID]) -> int:
     """Messages of these sessions still queued or in processing (the module's other
     tests leave messages of their own sessions)."""
@@ -361,7 +345,7 @@ def test_moving_shards_while_producers_enqueue_and_workers_drain(
     expected = session_count * chats_per_session * per_chat
     try:
         with throwaway_server(bindir=citus_bindir(), settings=CITUS_SETTINGS) as third:
-            _add_worker(url, third.port)
+            join(url, third)
             with psycopg.connect(libpq_dsn(url), autocommit=True) as connection:
                 connection.execute("SELECT citus_rebalance_start()")
                 connection.execute("SET statement_timeout = '300s'")  # a stuck move fails

@@ -82,11 +82,6 @@ def distributed_tables(connection: Connection) -> set[str]:
     return set(rows)
 
 
-def is_distributed(connection: Connection) -> bool:
-    """Whether this database has the distributed layout (``messages`` is a distributed table)."""
-    return citus_version(connection) is not None and "messages" in distributed_tables(connection)
-
-
 def _primary_key(connection: Connection, table: str) -> tuple[str, ...]:
     columns = connection.scalars(
         text(

@@ -111,9 +111,10 @@ def lock_timeout_on_worker_nodes(engine: Engine, lock_timeout: timedelta | None)
     A row of a distributed table is locked on the worker node that holds it,
     and the coordinator's session settings do not reach the coordinator's
     connections to the workers. A ``SET LOCAL`` does when
-    ``citus.propagate_set_commands`` is ``local``: each transaction on that
-    layout begins with both (one statement more there, none on a single node,
-    where the startup packet's setting holds).
+    ``citus.propagate_set_commands`` is ``local``: that is set once per
+    connection, and each transaction on that layout begins with the ``SET
+    LOCAL`` (one statement more there, none on a single node, where the
+    startup packet's setting holds).
     """
     milliseconds = timeout_settings(lock_timeout, None, None)["lock_timeout"]
     if not milliseconds:
@@ -122,11 +123,23 @@ def lock_timeout_on_worker_nodes(engine: Engine, lock_timeout: timedelta | None)
 
     @event.listens_for(engine, "begin")
     def _begin(connection: Connection) -> None:
-        if layout.connection_distributed(connection):
-            connection.exec_driver_sql(
-                "SELECT set_config('citus.propagate_set_commands', 'local', true)"
-            )
-            connection.exec_driver_sql(f"SET LOCAL lock_timeout = {milliseconds}")
+        if not layout.connection_distributed(connection):
+            return
+        if not connection.info.get(_PROPAGATING):
+            # Committed on its own, before anything of the transaction that
+            # begins here: a session setting set in a transaction that rolls
+            # back would be undone.
+            dbapi_connection = connection.connection.dbapi_connection
+            assert dbapi_connection is not None
+            cursor = dbapi_connection.cursor()
+            cursor.execute("SET citus.propagate_set_commands = 'local'")
+            cursor.close()
+            dbapi_connection.commit()
+            connection.info[_PROPAGATING] = True
+        connection.exec_driver_sql(f"SET LOCAL lock_timeout = {milliseconds}")
+
+
+_PROPAGATING = "zaphub_db.propagate_set_commands"  # in Connection.info
 
 
 def translate_errors(engine: Engine) -> None:

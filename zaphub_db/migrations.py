@@ -71,9 +71,9 @@ def _layout_change(diff: Any) -> bool:
 
 
 def _distributed(connection: Connection | None) -> bool:
-    from zaphub_db.distribute import is_distributed
+    from zaphub_db.repositories.layout import look_up
 
-    return connection is not None and is_distributed(connection)
+    return connection is not None and look_up(connection)
 
 
 def _layout_directives(context: Any, _revision: Any, directives: list[Any]) -> None:

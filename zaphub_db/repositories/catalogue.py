@@ -38,6 +38,7 @@ from sqlalchemy.sql import ClauseElement
 from zaphub_db import enqueuer
 from zaphub_db.repositories import bulk, events, messages, queue, receipts, sessions
 from zaphub_db.repositories.execution import ModelStatement
+from zaphub_db.repositories.layout import ByMessageId
 
 MODULES: tuple[ModuleType, ...] = (sessions, messages, receipts, bulk, events, queue, enqueuer)
 """The modules whose statements the catalogue lists, in this order."""
@@ -60,16 +61,25 @@ def _statement(value: Any) -> ClauseElement | None:
     return None
 
 
-def _statements_of(value: Any) -> Iterator[tuple[str, ClauseElement]]:
-    """The statements ``value`` holds: itself, or a mapping's values (one level deep)."""
+def _forms_of(value: Any) -> Iterator[tuple[str, ClauseElement]]:
+    """A statement, or both forms of a by-id one (``.any_session``, ``.in_session``)."""
+    if isinstance(value, ByMessageId):
+        for member in ("any_session", "in_session"):
+            yield f".{member}", getattr(value, member).statement
+        return
     statement = _statement(value)
     if statement is not None:
         yield "", statement
-    elif isinstance(value, dict):
+
+
+def _statements_of(value: Any) -> Iterator[tuple[str, ClauseElement]]:
+    """The statements ``value`` holds: itself, or a mapping's values (one level deep)."""
+    if isinstance(value, dict):
         for key, item in value.items():
-            inner = _statement(item)
-            if inner is not None:
-                yield f"[{getattr(key, 'value', key)}]", inner
+            for member, inner in _forms_of(item):
+                yield f"[{getattr(key, 'value', key)}]{member}", inner
+    else:
+        yield from _forms_of(value)
 
 
 def statements() -> dict[str, ClauseElement]:
@@ -99,15 +109,16 @@ def named(name: str) -> Any:
     For tools that run the package's own statements beside it (the benchmarks),
     without reaching into the modules' private names.
     """
-    module_name, _, attribute = name.partition(".")
+    module_name, _, rest = name.partition(".")
+    attribute, _, member = rest.partition(".")  # "._X.in_session": a form of a by-id one
     key = None
     if attribute.endswith("]"):
         attribute, _, key = attribute[:-1].partition("[")
     module = next(m for m in MODULES if m.__name__.rsplit(".", 1)[1] == module_name)
     value = getattr(module, attribute)
-    if key is None:
-        return value
-    return next(item for k, item in value.items() if str(getattr(k, "value", k)) == key)
+    if key is not None:
+        value = next(item for k, item in value.items() if str(getattr(k, "value", k)) == key)
+    return getattr(value, member) if member else value
 
 
 def sql(statement: ClauseElement) -> str:

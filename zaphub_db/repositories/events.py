@@ -9,6 +9,7 @@ import uuid
 from typing import Any, cast
 
 from sqlalchemy import (
+    Executable,
     String,
     Table,
     bindparam,
@@ -92,29 +93,23 @@ _INSERT_GLOBAL = model_statement(
 _NEWEST_FIRST = model_statement(
     Event, select(events_table).order_by(event_columns.created_at.desc(), event_columns.seq.desc())
 )
-# Oldest first, so that a batched cleanup deletes in time order.
-_OLD_IDS = (
-    select(event_columns.id)
-    .where(event_columns.created_at < func.now() - func.make_interval(0, 0, 0, bindparam("days")))
-    .order_by(event_columns.created_at)
-)
-_DELETE_OLD = delete(events_table).where(
-    event_columns.created_at < func.now() - func.make_interval(0, 0, 0, bindparam("days"))
-)
-_DELETE_OLD_BATCH = delete(events_table).where(
-    event_columns.id.in_(_OLD_IDS.limit(bindparam("batch_size")).scalar_subquery())
-)
-_OLD = _global_columns.created_at < func.now() - func.make_interval(0, 0, 0, bindparam("days"))
-_DELETE_OLD_GLOBAL = delete(global_events_table).where(_OLD)
-_DELETE_OLD_GLOBAL_BATCH = delete(global_events_table).where(
-    _global_columns.id.in_(
-        select(_global_columns.id)
-        .where(_OLD)
-        .order_by(_global_columns.created_at)
-        .limit(bindparam("batch_size"))
-        .scalar_subquery()
+
+
+def _cleanup(table: Table) -> tuple[Executable, Executable]:
+    """The DELETE of ``table``'s events older than ``:days``, whole and in batches of
+    ``:batch_size`` (oldest first, so that a batched cleanup deletes in time order)."""
+    columns = table.c
+    old = columns.created_at < func.now() - func.make_interval(0, 0, 0, bindparam("days"))
+    oldest = select(columns.id).where(old).order_by(columns.created_at)
+    batch = delete(table).where(
+        columns.id.in_(oldest.limit(bindparam("batch_size")).scalar_subquery())
     )
-)
+    return delete(table).where(old), batch
+
+
+_DELETE_OLD, _DELETE_OLD_BATCH = _cleanup(events_table)
+# global_events, on the distributed layout.
+_DELETE_OLD_GLOBAL, _DELETE_OLD_GLOBAL_BATCH = _cleanup(global_events_table)
 
 
 def create_event(

@@ -27,12 +27,16 @@ What differs on the distributed layout:
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from sqlalchemy import UUID, Connection, bindparam, text
 from sqlalchemy.orm import Session
 
+from zaphub_db.models import Message
 from zaphub_db.repositories import validation
+from zaphub_db.repositories.execution import ModelStatement, first_instance
+from zaphub_db.repositories.lifecycle import message_columns
 from zaphub_db.wakeups import CHANNEL
 
 _KEY = "zaphub_db.distributed"
@@ -57,8 +61,14 @@ def connection_distributed(connection: Connection) -> bool:
     info = connection.info
     known = info.get(_KEY)
     if known is None:
-        known = info[_KEY] = _look(connection.connection.dbapi_connection)
+        known = info[_KEY] = look_up(connection)
     return bool(known)
+
+
+def look_up(connection: Connection) -> bool:
+    """Whether ``connection``'s database has the distributed layout, asked now (not
+    remembered): for ``verify`` and ``alembic check``, which run once."""
+    return _look(connection.connection.dbapi_connection)
 
 
 def _look(dbapi_connection: Any) -> bool:
@@ -110,3 +120,35 @@ def message_session(
         return None
     found: uuid.UUID | None = db.execute(_SESSION_OF_MESSAGE, {"id": id}).scalar()
     return False if found is None else found
+
+
+# A statement about one message named by :locate_id, narrowed to its session.
+IN_SESSION = message_columns.session_id == bindparam("locate_session_id")
+
+
+@dataclass(frozen=True)
+class ByMessageId:
+    """A statement about the message ``:locate_id``, and the same narrowed to
+    ``:locate_session_id`` (one shard on the distributed layout)."""
+
+    any_session: ModelStatement[Message, Any]
+    in_session: ModelStatement[Message, Any]
+
+    @classmethod
+    def of(cls, statement: ModelStatement[Message, Any]) -> ByMessageId:
+        return cls(statement, statement.derived(statement.statement.where(IN_SESSION)))
+
+
+def first_by_id(
+    db: Session,
+    statement: ByMessageId,
+    params: dict[str, Any],
+    session_id: uuid.UUID | str | None,
+) -> Message | None:
+    """Run ``statement`` for ``params["locate_id"]``, routed by :func:`message_session`."""
+    where = message_session(db, params["locate_id"], session_id)
+    if where is False:
+        return None
+    if where is None:
+        return first_instance(db, statement.any_session, params)
+    return first_instance(db, statement.in_session, {**params, "locate_session_id": where})

@@ -143,13 +143,11 @@ _INCREMENT = model_statement(
     .values(attempts=message_columns.attempts + 1)
     .returning(*message_columns),
 )
-# The by-id statements again, with the session too: routed to one shard on
-# the distributed layout (layout.message_session says which to run).
-_IN_SESSION = message_columns.session_id == bindparam("locate_session_id")
+# With the session too: routed to one shard on the distributed layout.
 _BY_ID_IN_SESSION = _BY_ID.derived(
     _BY_ID.statement.where(message_columns.session_id == bindparam("session_id"))
 )
-_INCREMENT_IN_SESSION = _INCREMENT.derived(_INCREMENT.statement.where(_IN_SESSION))
+_INCREMENT_BY_ID = layout.ByMessageId.of(_INCREMENT)
 _QUEUED = model_statement(
     Message,
     select(messages_table)
@@ -211,10 +209,7 @@ _BY_ID_LOCATOR = message_columns.id == bindparam("locate_id")
 _BY_WA_LOCATOR = (message_columns.session_id == bindparam("locate_session_id")) & (
     message_columns.wa_message_id == bindparam("locate_wa_message_id")
 )
-_STATUS_BY_ID = {s: _status_update(s, _BY_ID_LOCATOR) for s in MessageStatus}
-_STATUS_BY_ID_IN_SESSION = {
-    s: _status_update(s, _BY_ID_LOCATOR & _IN_SESSION) for s in MessageStatus
-}
+_STATUS_BY_ID = {s: layout.ByMessageId.of(_status_update(s, _BY_ID_LOCATOR)) for s in MessageStatus}
 _STATUS_BY_WA_ID = {s: _status_update(s, _BY_WA_LOCATOR) for s in MessageStatus}
 
 
@@ -415,13 +410,7 @@ def update_message_status(
         status, error_message, wa_message_id, wa_timestamp, wa_response, at
     )
     params["locate_id"] = validation.as_uuid(id)
-    where = layout.message_session(db, params["locate_id"], session_id)
-    if where is False:
-        return None
-    if where is None:
-        return first_instance(db, _STATUS_BY_ID[target], params)
-    params["locate_session_id"] = where
-    return first_instance(db, _STATUS_BY_ID_IN_SESSION[target], params)
+    return layout.first_by_id(db, _STATUS_BY_ID[target], params, session_id)
 
 
 def update_message_status_by_wa_id(
@@ -450,13 +439,7 @@ def increment_message_attempts(
     ``session_id`` (optional) routes it as in :func:`update_message_status`.
     """
     params: dict[str, Any] = {"locate_id": validation.as_uuid(id)}
-    where = layout.message_session(db, params["locate_id"], session_id)
-    if where is False:
-        return None
-    if where is None:
-        return first_instance(db, _INCREMENT, params)
-    params["locate_session_id"] = where
-    return first_instance(db, _INCREMENT_IN_SESSION, params)
+    return layout.first_by_id(db, _INCREMENT_BY_ID, params, session_id)
 
 
 def get_queued_messages(db: Session, limit: int = 100) -> list[Message]:

@@ -67,7 +67,6 @@ from zaphub_db.repositories.execution import (
     ModelStatement,
     all_instances,
     execute,
-    first_instance,
     model_statement,
 )
 from zaphub_db.repositories.lifecycle import (
@@ -309,11 +308,12 @@ def claim_queued_messages(
 # Sessions with messages ready to claim, the longest-waiting first: a read
 # across all shards without row locks, for the distributed layout, where a
 # claim with FOR UPDATE SKIP LOCKED runs per session (on the session's shard).
-_READY_SESSIONS = text(
-    "SELECT session_id FROM messages "
-    "WHERE status = 'queued' AND attempts < max_attempts "
-    "AND (available_at IS NULL OR available_at <= now()) "
-    "GROUP BY session_id ORDER BY min(created_at) LIMIT :limit"
+_READY_SESSIONS = (
+    select(message_columns.session_id)
+    .where(CLAIMABLE)
+    .group_by(message_columns.session_id)
+    .order_by(func.min(message_columns.created_at))
+    .limit(bindparam("limit"))
 )
 
 
@@ -624,8 +624,7 @@ _MARK_FAILED = model_statement(
     )
     .returning(*message_columns),
 )
-_IN_SESSION = message_columns.session_id == bindparam("locate_session_id")
-_MARK_FAILED_IN_SESSION = _MARK_FAILED.derived(_MARK_FAILED.statement.where(_IN_SESSION))
+_MARK_FAILED_BY_ID = layout.ByMessageId.of(_MARK_FAILED)
 
 
 def mark_message_failed(
@@ -666,15 +665,7 @@ def mark_message_failed(
         # Citus refuses in an UPDATE of a distributed table (docs/scale-out.md).
         "jitter": random.uniform(0.5, 1.0),  # noqa: S311 (spreading retries, not a secret)
     }
-    where = layout.message_session(db, validation.as_uuid(id), session_id)
-    if where is False:
-        return None
-    if where is None:
-        message = first_instance(db, _MARK_FAILED, params)
-    else:
-        message = first_instance(
-            db, _MARK_FAILED_IN_SESSION, {**params, "locate_session_id": where}
-        )
+    message = layout.first_by_id(db, _MARK_FAILED_BY_ID, params, session_id)
     if message is not None and message.status == MessageStatus.QUEUED:
         _notify_if_ready(db, message)
     if message is not None:
@@ -698,17 +689,23 @@ def _notify_if_ready(db: Session, message: Message) -> None:
         layout.notify(db)
 
 
-def _recover_statement(*, in_session: bool) -> Executable:
-    older_than = cast(bindparam("older_than"), Interval)
-    lapsed = (message_columns.lease_expires_at < func.now()) | (
+_OLDER_THAN = cast(bindparam("older_than"), Interval)
+# In processing, and its lease lapsed (or, claimed without one, older than :older_than).
+_STALLED = (message_columns.status == _PROCESSING) & (
+    (message_columns.lease_expires_at < func.now())
+    | (
         message_columns.lease_expires_at.is_(None)
-        & older_than.is_not(None)
-        & (message_columns.processing_at < func.now() - older_than)
+        & _OLDER_THAN.is_not(None)
+        & (message_columns.processing_at < func.now() - _OLDER_THAN)
     )
+)
+
+
+def _recover_statement(*, in_session: bool) -> Executable:
     session = [message_columns.session_id == bindparam("recover_session_id")] if in_session else []
     stalled = (
         select(message_columns.id)
-        .where(message_columns.status == _PROCESSING, lapsed, *session)
+        .where(_STALLED, *session)
         # A row another transaction is changing right now (an ack) is left to it.
         .with_for_update(skip_locked=True)
         .cte("stalled")
@@ -734,12 +731,7 @@ _RECOVER = _recover_statement(in_session=False)
 # The distributed layout recovers session by session (FOR UPDATE SKIP LOCKED
 # runs on one shard only): first which sessions have lapsed leases.
 _RECOVER_IN_SESSION = _recover_statement(in_session=True)
-_STALLED_SESSIONS = text(
-    "SELECT DISTINCT session_id FROM messages WHERE status = 'processing' "
-    "AND (lease_expires_at < now() OR (lease_expires_at IS NULL "
-    "AND CAST(:older_than AS interval) IS NOT NULL "
-    "AND processing_at < now() - CAST(:older_than AS interval)))"
-).bindparams(bindparam("older_than", type_=Interval))
+_STALLED_SESSIONS = select(message_columns.session_id).where(_STALLED).distinct()
 
 
 def recover_stalled_messages(db: Session, *, older_than: timedelta | None = None) -> int:
@@ -792,7 +784,7 @@ _REQUEUE = model_statement(
     )
     .returning(*message_columns),
 )
-_REQUEUE_IN_SESSION = _REQUEUE.derived(_REQUEUE.statement.where(_IN_SESSION))
+_REQUEUE_BY_ID = layout.ByMessageId.of(_REQUEUE)
 # now() itself, not TRANSACTION_NOW (the same value): no CASE here, and
 # across shards Citus takes now() but not a subquery in SET.
 _REQUEUE_DLQ = (
@@ -814,13 +806,7 @@ def requeue_message(
     ``session_id`` (optional) routes it as in ``mark_message_failed``.
     """
     params: dict[str, Any] = {"locate_id": validation.as_uuid(id)}
-    where = layout.message_session(db, params["locate_id"], session_id)
-    if where is False:
-        return None
-    if where is None:
-        message = first_instance(db, _REQUEUE, params)
-    else:
-        message = first_instance(db, _REQUEUE_IN_SESSION, {**params, "locate_session_id": where})
+    message = layout.first_by_id(db, _REQUEUE_BY_ID, params, session_id)
     if message is not None and message.status == MessageStatus.QUEUED:
         layout.notify(db)
     return message
