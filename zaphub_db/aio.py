@@ -44,8 +44,10 @@ from zaphub_db.errors import (
     connection_lost,
 )
 from zaphub_db.models import WhatsAppSession
-from zaphub_db.repositories import events, messages, queue, sessions
+from zaphub_db.repositories import auth_state, events, messages, ownership, queue, sessions
+from zaphub_db.repositories.auth_state import RotationBatch as RotationBatch
 from zaphub_db.repositories.bulk import BulkResult as BulkResult
+from zaphub_db.repositories.ownership import Ownership as Ownership
 from zaphub_db.repositories.queue import QueueStats as QueueStats
 from zaphub_db.routing import async_routing_sessionmaker as routing_sessionmaker
 from zaphub_db.routing import async_use_primary as use_primary
@@ -85,10 +87,16 @@ get_all_sessions = _twin(sessions.get_all_sessions)
 
 
 async def update_session(
-    db: AsyncSession, session_id: uuid.UUID | str, **changes: Any
+    db: AsyncSession,
+    session_id: uuid.UUID | str,
+    *,
+    ownership: Ownership | None = None,
+    **changes: Any,
 ) -> WhatsAppSession | None:
     """The async twin of :func:`zaphub_db.repositories.sessions.update_session`."""
-    return await db.run_sync(lambda sync: sessions.update_session(sync, session_id, **changes))
+    return await db.run_sync(
+        lambda sync: sessions.update_session(sync, session_id, ownership=ownership, **changes)
+    )
 
 
 delete_session = _twin(sessions.delete_session)
@@ -120,6 +128,19 @@ create_event = _twin(events.create_event)
 get_events_by_session = _twin(events.get_events_by_session)
 get_recent_events = _twin(events.get_recent_events)
 delete_old_events = _twin(events.delete_old_events)
+# ownership
+acquire_session = _twin(ownership.acquire_session)
+acquire_sessions = _twin(ownership.acquire_sessions)
+renew_session = _twin(ownership.renew_session)
+release_session = _twin(ownership.release_session)
+owned_sessions = _twin(ownership.owned_sessions)
+session_owners = _twin(ownership.session_owners)
+# auth state
+get_auth_values = _twin(auth_state.get_auth_values)
+set_auth_values = _twin(auth_state.set_auth_values)
+clear_auth_state = _twin(auth_state.clear_auth_state)
+count_stale_auth_values = _twin(auth_state.count_stale_auth_values)
+rotate_auth_keys = _twin(auth_state.rotate_auth_keys)
 # seeds
 seed = _twin(sync_seed.seed)
 # wake-ups (async in their own right)

@@ -50,6 +50,46 @@ class IdempotencyConflictError(ZaphubDBError):
         self.existing_id = existing_id
 
 
+class AuthStateCorruptError(ZaphubDBError):
+    """A stored auth-state value failed authentication: tampered with, moved from another
+    row, or sealed with a key the keyring lacks or holds under another value.
+
+    Never read as missing and never returned as garbage. ``session_id``,
+    ``category``, ``key_id`` and ``key_version`` name the row.
+    """
+
+    def __init__(
+        self, session_id: uuid.UUID, category: str, key_id: str, key_version: int, reason: str
+    ) -> None:
+        super().__init__(
+            f"auth state of session {session_id}, {category} {key_id!r} (key {key_version}) "
+            f"is corrupt: {reason}; it cannot be trusted: restore the keyring that sealed it, "
+            "or clear the session's auth state and pair the number again"
+        )
+        self.session_id = session_id
+        self.category = category
+        self.key_id = key_id
+        self.key_version = key_version
+
+
+class OwnershipLostError(ZaphubDBError):
+    """A write carried an ownership whose token is no longer the session's: another node
+    acquired the session. Nothing was changed; stop using the session's connection.
+
+    ``session_id`` is the session, ``token`` the stale token and ``current_token``
+    the session's token now.
+    """
+
+    def __init__(self, session_id: uuid.UUID, token: int, current_token: int) -> None:
+        super().__init__(
+            f"session {session_id} is no longer owned under token {token} (another node "
+            f"acquired it: token now {current_token}); nothing was written"
+        )
+        self.session_id = session_id
+        self.token = token
+        self.current_token = current_token
+
+
 class MigrationError(ZaphubDBError):
     """A migration could not be run."""
 

@@ -1,5 +1,6 @@
 """SQLAlchemy models of the zaphub_db schema."""
 
+from zaphub_db.models.auth_state import AuthValue
 from zaphub_db.models.base import Base
 from zaphub_db.models.choices import (
     EventCategory,
@@ -15,6 +16,7 @@ from zaphub_db.models.migration_history import MigrationHistory
 from zaphub_db.models.session import WhatsAppSession
 
 __all__ = [
+    "AuthValue",
     "Base",
     "Event",
     "EventCategory",

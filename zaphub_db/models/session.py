@@ -35,6 +35,9 @@ class WhatsAppSession(Base):
         Index("idx_sessions_created_at", text("created_at DESC")),
         Index("idx_sessions_label", "label"),
         Index("idx_sessions_created_seq", text("created_at DESC"), text("seq DESC")),
+        Index(
+            "idx_sessions_owner_node", "owner_node", postgresql_where=text("owner_node IS NOT NULL")
+        ),
         {"comment": "WhatsApp connections (sessions) managed by the gateway"},
     )
     # updated_at is maintained by the sessions_updated_at trigger: fetch it
@@ -86,6 +89,20 @@ class WhatsAppSession(Base):
         BigInteger,
         Identity(always=False),
         comment="Creation order: breaks ties between rows with the same created_at",
+    )
+
+    # Ownership (zaphub_db.repositories.ownership): which gateway node holds
+    # the connection, under which fencing token, until when.
+    owner_node: Mapped[str | None] = mapped_column(
+        String(255), comment="Gateway node that holds the session (NULL: nobody)"
+    )
+    owner_token: Mapped[int] = mapped_column(
+        BigInteger,
+        server_default=text("0"),
+        comment="Fencing token: grows by one on every acquisition; writes carry it",
+    )
+    owner_expires_at: Mapped[datetime | None] = mapped_column(
+        comment="When the owner's lease lapses unless renewed"
     )
 
     def __repr__(self) -> str:

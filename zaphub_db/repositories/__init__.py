@@ -1,9 +1,17 @@
-"""Repository functions: the SQL of sessions, messages, events and the queue.
+"""Repository functions: the SQL of sessions, messages, events, the queue and auth state.
 
 Each function takes a SQLAlchemy ``Session`` first, flushes but never
 commits, and raises the errors of :mod:`zaphub_db.errors`.
 """
 
+from zaphub_db.repositories.auth_state import (
+    RotationBatch,
+    clear_auth_state,
+    count_stale_auth_values,
+    get_auth_values,
+    rotate_auth_keys,
+    set_auth_values,
+)
 from zaphub_db.repositories.events import (
     create_event,
     delete_old_events,
@@ -24,6 +32,15 @@ from zaphub_db.repositories.messages import (
     update_message_status,
     update_message_status_by_wa_id,
     update_message_statuses,
+)
+from zaphub_db.repositories.ownership import (
+    Ownership,
+    acquire_session,
+    acquire_sessions,
+    owned_sessions,
+    release_session,
+    renew_session,
+    session_owners,
 )
 from zaphub_db.repositories.queue import (
     QueueStats,
@@ -48,9 +65,15 @@ from zaphub_db.repositories.sessions import (
 
 __all__ = [
     "BulkResult",
+    "Ownership",
     "QueueStats",
+    "RotationBatch",
+    "acquire_session",
+    "acquire_sessions",
     "bulk_create_messages",
     "claim_queued_messages",
+    "clear_auth_state",
+    "count_stale_auth_values",
     "create_event",
     "create_message",
     "create_session",
@@ -58,6 +81,7 @@ __all__ = [
     "delete_session",
     "extend_lease",
     "get_all_sessions",
+    "get_auth_values",
     "get_events_by_session",
     "get_message_by_id",
     "get_message_by_idempotency_key",
@@ -70,11 +94,17 @@ __all__ = [
     "increment_message_attempts",
     "mark_message_failed",
     "mark_messages_sent",
+    "owned_sessions",
     "queue_stats",
     "recover_stalled_messages",
     "release_messages",
+    "release_session",
+    "renew_session",
     "requeue_dead_letters",
     "requeue_message",
+    "rotate_auth_keys",
+    "session_owners",
+    "set_auth_values",
     "update_message_status",
     "update_message_status_by_wa_id",
     "update_message_statuses",

@@ -272,7 +272,7 @@ def claim_queued_messages(
     """
     params: dict[str, Any] = {
         "limit": validation.integer(limit, "limit", maximum=CLAIM_LIMIT_MAX),
-        "lease": None if lease is None else _positive_interval(lease, "lease", MAX_LEASE),
+        "lease": None if lease is None else validation.positive_interval(lease, "lease", MAX_LEASE),
         "worker": validation.optional_text(worker, "worker", 255),
     }
     if not isinstance(ordered, bool):
@@ -358,13 +358,6 @@ def _claim_session_by_session(
     return claimed
 
 
-def _positive_interval(value: Any, field: str, maximum: timedelta) -> timedelta:
-    checked = validation.interval(value, field, maximum)
-    if checked <= timedelta(0):
-        raise ValidationError(f"{field} must be longer than zero, got {checked}")
-    return checked
-
-
 def _ids(values: Any, field: str) -> list[uuid.UUID]:
     if isinstance(values, str | bytes) or not isinstance(values, Iterable):
         raise ValidationError(f"{field} must be an iterable of ids, got {type(values).__name__}")
@@ -384,7 +377,7 @@ def extend_lease(db: Session, ids: Iterable[uuid.UUID | str], *, lease: timedelt
     extended; a message that was recovered or finished meanwhile is left alone.
     """
     checked = _ids(ids, "ids")
-    params = {"ids": checked, "lease": _positive_interval(lease, "lease", MAX_LEASE)}
+    params = {"ids": checked, "lease": validation.positive_interval(lease, "lease", MAX_LEASE)}
     if not checked:
         return 0
     extended: int = execute(db, _EXTEND_LEASE, params).rowcount  # type: ignore[attr-defined]

@@ -24,7 +24,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
-from zaphub_db.errors import ValidationError
+from zaphub_db.errors import OwnershipLostError, ValidationError
 from zaphub_db.models import Event, Message, SessionStatus, WhatsAppSession
 from zaphub_db.repositories import validation
 from zaphub_db.repositories.execution import (
@@ -35,6 +35,7 @@ from zaphub_db.repositories.execution import (
     model_statement,
     paginate,
 )
+from zaphub_db.repositories.ownership import Ownership, check_ownership
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ _NEWEST_FIRST = model_statement(
     select(sessions_table).order_by(session_columns.created_at.desc(), session_columns.seq.desc()),
 )
 _DELETE = delete(sessions_table).where(session_columns.id == bindparam("id"))
+_TOKEN = select(session_columns.owner_token).where(session_columns.id == bindparam("id"))
 _UPDATE = model_statement(
     WhatsAppSession,
     update(sessions_table)
@@ -138,7 +140,11 @@ def get_all_sessions(
 
 
 def update_session(
-    db: Session, session_id: uuid.UUID | str, **changes: Any
+    db: Session,
+    session_id: uuid.UUID | str,
+    *,
+    ownership: Ownership | None = None,
+    **changes: Any,
 ) -> WhatsAppSession | None:
     """Change columns of a session; the updated session, or ``None`` if there is none.
 
@@ -147,8 +153,14 @@ def update_session(
     ``qr_code`` (a stale QR code would let someone link a device); a change
     of status to ``connected`` sets ``connected_at`` and to ``disconnected``
     or ``logged_out`` sets ``disconnected_at``. Values given explicitly win.
+
+    With ``ownership=`` (:mod:`zaphub_db.repositories.ownership`) the update
+    is fenced: ``OwnershipLostError``, and nothing changed, once another
+    node acquired the session (one more statement, only then, reads the
+    token it has now).
     """
     session_uuid = validation.as_uuid(session_id, "session_id")
+    fence = None if ownership is None else check_ownership(ownership, session_uuid)
     unknown = sorted(set(changes) - set(_UPDATABLE))
     if unknown:
         raise ValidationError(f"cannot update {', '.join(unknown)} of a session")
@@ -167,7 +179,15 @@ def update_session(
     values.update(_side_effects(changes))
     if not values:
         return get_session_by_id(db, session_uuid)
-    updated = first_instance(db, _UPDATE.derived(_UPDATE.statement.values(values)), params)
+    statement = _UPDATE.statement.values(values)
+    if fence is not None:
+        statement = statement.where(session_columns.owner_token == bindparam("fence_token"))
+        params["fence_token"] = fence.token
+    updated = first_instance(db, _UPDATE.derived(statement), params)
+    if updated is None and fence is not None:
+        token = execute(db, _TOKEN, {"id": session_uuid}).scalar()
+        if token is not None:
+            raise OwnershipLostError(session_uuid, fence.token, token)
     if updated is not None:
         logger.info(
             "session updated id=%s fields=%s",

@@ -209,3 +209,11 @@ def interval(value: Any, field: str, maximum: timedelta) -> timedelta:
     if not timedelta(0) <= value <= maximum:
         raise ValidationError(f"{field} must be between 0 and {maximum}, got {value}")
     return value
+
+
+def positive_interval(value: Any, field: str, maximum: timedelta) -> timedelta:
+    """Like :func:`interval`, longer than zero (a lease)."""
+    checked = interval(value, field, maximum)
+    if checked <= timedelta(0):
+        raise ValidationError(f"{field} must be longer than zero, got {checked}")
+    return checked
