@@ -28,13 +28,25 @@ import zaphub_db
 from tests.clusters import CITUS_SETTINGS, citus_bindir, join
 from tests.helpers import chat
 from tests.servers import throwaway_server
+from zaphub_db import migrations
 from zaphub_db.config import libpq_dsn
-from zaphub_db.distribute import GLOBAL_EVENTS, distributed_tables
+from zaphub_db.crypto import Keyring, new_key
+from zaphub_db.distribute import GLOBAL_EVENTS, distribute, distributed_tables
 from zaphub_db.models import Event, GlobalEvent, Message
-from zaphub_db.repositories import events, layout, messages, queue, sessions
+from zaphub_db.repositories import (
+    auth_state,
+    events,
+    layout,
+    messages,
+    ownership,
+    queue,
+    sessions,
+)
 from zaphub_db.testing.databases import citus_workers, migrate, throwaway_database
 from zaphub_db.testing.statements import recording
 from zaphub_db.worker import run_worker
+
+RING = Keyring({1: new_key()})
 
 pytestmark = pytest.mark.skipif(
     not citus_workers(), reason="needs a Citus cluster: nox -s citus runs these"
@@ -95,7 +107,12 @@ def test_distribute_lays_out_the_tables_once_and_keeps_global_events(
     engine = zaphub_db.create_engine(cluster_database)
     try:
         with engine.connect() as connection:
-            assert distributed_tables(connection) == {"sessions", "messages", "events"}
+            assert distributed_tables(connection) == {
+                "sessions",
+                "messages",
+                "events",
+                "auth_state",
+            }
             moved = connection.execute(text(f"SELECT event_type FROM {GLOBAL_EVENTS}")).all()
             assert [row.event_type for row in moved] == ["gateway.start"]
         with Session(engine) as db:
@@ -135,6 +152,45 @@ def test_the_command_line_on_the_distributed_layout(committed_engine: Engine) ->
     ):
         result = _cli(*command, "--url", url)
         assert result.returncode == 0, (command, result.stdout, result.stderr)
+
+
+def test_a_database_distributed_before_0008_gets_auth_state_distributed_by_the_upgrade(
+    server_url: URL,
+) -> None:
+    with throwaway_database(server_url, cluster=True) as url:
+        engine = migrations.create_migration_engine(url)
+        try:
+            with engine.connect() as connection:
+                migrations.upgrade(connection, "0007")
+            with engine.begin() as connection:
+                result = distribute(connection)
+                assert "distribute sessions by id" in result.steps
+                assert distributed_tables(connection) == {"sessions", "messages", "events"}
+            with engine.connect() as connection:
+                migrations.upgrade(connection, "head")
+            with engine.connect() as connection:
+                assert "auth_state" in distributed_tables(connection)
+                assert migrations.model_drift(connection) == []
+                colocated = connection.execute(
+                    text(
+                        "SELECT count(DISTINCT colocationid) FROM pg_dist_partition "
+                        "WHERE logicalrelid IN ('sessions'::regclass, 'auth_state'::regclass)"
+                    )
+                ).scalar_one()
+                assert colocated == 1
+        finally:
+            engine.dispose()
+        app = zaphub_db.create_engine(url)
+        try:
+            with Session(app) as db:
+                session_id = sessions.create_session(db, label="upgraded").id
+                auth_state.set_auth_values(db, RING, session_id, {"creds": {"": b"c"}})
+                db.commit()
+                assert sessions.delete_session(db, session_id)
+                db.commit()
+                assert auth_state.get_auth_values(db, RING, session_id, "creds", [""]) == {}
+        finally:
+            app.dispose()
 
 
 # --- One task per per-session call ---------------------------------------------------
@@ -188,6 +244,9 @@ def test_every_per_session_call_runs_as_one_task(committed_engine: Engine) -> No
             db, session_id=session_id, message_id="d", jid=chat(3), type="text", payload={},
             status="dlq",
         )  # fmt: skip
+        auth_state.set_auth_values(db, RING, session_id, {"creds": {"": b"c"}})
+        held = ownership.acquire_session(db, session_id, node="tasks")
+        assert held is not None
         db.commit()
         queued_id, sent_id, dead_id = queued.id, sent.id, dead.id
 
@@ -255,6 +314,24 @@ def test_every_per_session_call_runs_as_one_task(committed_engine: Engine) -> No
         "get_events_by_session": lambda db: events.get_events_by_session(db, session_id, limit=5),
         "get_session_by_id": lambda db: sessions.get_session_by_id(db, session_id),
         "update_session": lambda db: sessions.update_session(db, session_id, status="connected"),
+        "get_auth_values": lambda db: auth_state.get_auth_values(
+            db, RING, session_id, "creds", [""]
+        ),
+        "set_auth_values": lambda db: auth_state.set_auth_values(
+            db, RING, session_id, {"creds": {"": b"d"}, "pre-key": {"1": None}}
+        ),
+        "set_auth_values (ownership)": lambda db: auth_state.set_auth_values(
+            db, RING, session_id, {"creds": {"": b"d"}, "pre-key": {"1": None}}, ownership=held
+        ),
+        "clear_auth_state (ownership)": lambda db: auth_state.clear_auth_state(
+            db, session_id, ownership=held
+        ),
+        "update_session (ownership)": lambda db: sessions.update_session(
+            db, session_id, ownership=held, status="connected"
+        ),
+        "acquire_session": lambda db: ownership.acquire_session(db, session_id, node="tasks"),
+        "renew_session": lambda db: ownership.renew_session(db, held),
+        "release_session": lambda db: ownership.release_session(db, held),
         "delete_session": lambda db: sessions.delete_session(db, session_id),
     }
     for name, call in calls.items():

@@ -176,3 +176,25 @@ def test_the_python_api_example(monkeypatch: pytest.MonkeyPatch) -> None:
         exec(example, namespace)
         namespace["engine"].dispose()
         assert statuses(migrated) == [("sent", "wamid.1")]
+
+
+def test_the_auth_store_example(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from zaphub_db.crypto import KEYS_VARIABLE, Keyring, key_entry, new_key
+    from zaphub_db.repositories import auth_state, ownership
+
+    (example,) = section_code("### Auth state and one owner per session")
+    key = new_key()
+    monkeypatch.setenv(KEYS_VARIABLE, key_entry(1, key))
+    with Session(engine) as db:
+        session_id = sessions.create_session(db, label="readme auth").id
+        db.commit()
+    namespace: dict[str, Any] = {"engine": engine, "session_id": session_id}
+    exec(example, namespace)
+    assert capsys.readouterr().out == "{'1': {'pub': 'AQ=='}}\n"
+    assert namespace["still_ours"] is True
+    with Session(engine) as db:
+        assert ownership.session_owners(db) == []  # released
+        creds = auth_state.get_auth_values(db, Keyring({1: key}), session_id, "creds", [""])
+    assert creds == {"": b'{"registered": true}'}

@@ -74,6 +74,14 @@ EXPECTED_COLUMNS: dict[str, list[tuple[str, str, bool, str | None]]] = {
         ("severity", "character varying(20)", False, "'info'::character varying"),
         ("created_at", TSTZ, False, "now()"),
     ],
+    "auth_state": [
+        ("session_id", "uuid", False, None),
+        ("category", "character varying(64)", False, None),
+        ("key_id", "character varying(255)", False, None),
+        ("value", "bytea", False, None),
+        ("key_version", "smallint", False, None),
+        ("updated_at", TSTZ, False, "now()"),
+    ],
     "migration_history": [
         ("id", "integer", False, "nextval('migration_history_id_seq'::regclass)"),
         ("migration_name", "character varying(255)", False, None),
@@ -105,6 +113,8 @@ EXPECTED_INDEXES = {
     "idx_events_created_at": "CREATE INDEX idx_events_created_at ON public.events USING btree (created_at DESC)",
     "idx_events_session_created": "CREATE INDEX idx_events_session_created ON public.events USING btree (session_id, created_at DESC)",
     "idx_events_category_severity": "CREATE INDEX idx_events_category_severity ON public.events USING btree (event_category, severity)",
+    "auth_state_pkey": "CREATE UNIQUE INDEX auth_state_pkey ON public.auth_state USING btree (session_id, category, key_id)",
+    "idx_sessions_owner_node": "CREATE INDEX idx_sessions_owner_node ON public.sessions USING btree (owner_node) WHERE (owner_node IS NOT NULL)",
     "migration_history_pkey": "CREATE UNIQUE INDEX migration_history_pkey ON public.migration_history USING btree (id)",
     "migration_history_migration_name_key": "CREATE UNIQUE INDEX migration_history_migration_name_key ON public.migration_history USING btree (migration_name)",
     "idx_migration_history_applied_at": "CREATE INDEX idx_migration_history_applied_at ON public.migration_history USING btree (applied_at DESC)",
@@ -182,6 +192,11 @@ def test_foreign_keys_cascade_on_delete(conn: Connection) -> None:
     ).all()
     assert [tuple(r) for r in rows] == [
         (
+            "auth_state_session_id_fkey",
+            "auth_state",
+            "FOREIGN KEY (session_id) REFERENCES sessions(id) ON DELETE CASCADE",
+        ),
+        (
             "events_session_id_fkey",
             "events",
             "FOREIGN KEY (session_id) REFERENCES sessions(id) ON DELETE CASCADE",
@@ -192,6 +207,37 @@ def test_foreign_keys_cascade_on_delete(conn: Connection) -> None:
             "FOREIGN KEY (session_id) REFERENCES sessions(id) ON DELETE CASCADE",
         ),
     ]
+
+
+def test_the_ownership_columns_and_the_auth_state_checks(conn: Connection) -> None:
+    rows = conn.execute(
+        text(
+            "SELECT attname, format_type(atttypid, atttypmod), NOT attnotnull FROM pg_attribute "
+            "WHERE attrelid = 'sessions'::regclass AND attname LIKE 'owner%' ORDER BY attnum"
+        )
+    ).all()
+    assert [tuple(r) for r in rows] == [
+        ("owner_node", "character varying(255)", True),
+        ("owner_token", "bigint", False),
+        ("owner_expires_at", TSTZ, True),
+    ]
+    session_id = _new_session(conn)
+    for category, version, length, constraint in [
+        ("", 1, 28, "auth_state_category_check"),
+        ("creds", 0, 28, "auth_state_key_version_check"),
+        # Shorter than a nonce and a tag: never a clear-text value.
+        ("creds", 1, 27, "auth_state_value_check"),
+    ]:
+        savepoint = conn.begin_nested()
+        with pytest.raises(IntegrityError, match=constraint):
+            conn.execute(
+                text(
+                    "INSERT INTO auth_state (session_id, category, key_id, value, key_version) "
+                    "VALUES (:s, :c, '', decode(repeat('00', :n), 'hex'), :v)"
+                ),
+                {"s": session_id, "c": category, "n": length, "v": version},
+            )
+        savepoint.rollback()
 
 
 def _new_session(conn: Connection, **values: Any) -> uuid.UUID:

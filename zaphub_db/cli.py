@@ -302,6 +302,111 @@ def cmd_queue_requeue_dlq(args: argparse.Namespace) -> int:
     return _connect(args, work)
 
 
+def cmd_auth_generate_key(args: argparse.Namespace) -> int:
+    from zaphub_db import crypto
+
+    key_id = args.id
+    if key_id is None:
+        key_id = 1
+        configured = os.environ.get(crypto.KEYS_VARIABLE, "").strip()
+        if configured:
+            key_id = max(crypto.Keyring.parse(configured).key_ids) + 1
+    _say(crypto.key_entry(key_id, crypto.new_key()))
+    # stdout carries the entry alone, for `export ZAPHUB_AUTH_KEYS=$(...)`.
+    _say(
+        f"put it first in {crypto.KEYS_VARIABLE} (comma-separated, the first one seals new "
+        "values); keep the older keys after it until `zaphub-db auth rotate-keys` has run",
+        sys.stderr,
+    )
+    return 0
+
+
+def cmd_auth_rotate_keys(args: argparse.Namespace) -> int:
+    from sqlalchemy.orm import Session
+
+    from zaphub_db.crypto import Keyring
+    from zaphub_db.progress import ProgressLine
+    from zaphub_db.repositories import auth_state
+
+    keyring = Keyring.from_env()
+
+    def work(connection: Connection) -> int:
+        started = time.perf_counter()
+        with Session(bind=connection) as db:
+            total = auth_state.count_stale_auth_values(db, keyring)
+            db.commit()
+            progress = ProgressLine("rotated", "values", total)
+            read = rotated = batches = 0
+            after = None
+            while True:
+                # Each batch commits on its own: short transactions, short row locks.
+                batch = auth_state.rotate_auth_keys(
+                    db, keyring, batch_size=args.batch_size, after=after
+                )
+                db.commit()
+                if batch.read:
+                    batches += 1
+                read += batch.read
+                rotated += batch.rotated
+                progress.update(read)
+                if batch.last is None:
+                    break
+                after = batch.last
+            progress.finish()
+            left = auth_state.count_stale_auth_values(db, keyring)
+        seconds = time.perf_counter() - started
+        _say(
+            f"rotated {rotated:,} value(s) to key {keyring.current} in {batches} batch(es) "
+            f"in {seconds:.1f} s ({read - rotated:,} were rewritten meanwhile with it)"
+        )
+        if left:
+            _say(
+                f"{left:,} value(s) are still sealed with another key: some node writes with a "
+                f"keyring whose current key is not {keyring.current}; give every node the new "
+                "ZAPHUB_AUTH_KEYS, run this again, and keep the old keys until it reports none",
+                sys.stderr,
+            )
+            return 1
+        return 0
+
+    return _connect(args, work)
+
+
+def cmd_sessions_owners(args: argparse.Namespace) -> int:
+    from sqlalchemy import func, select
+    from sqlalchemy.orm import Session
+
+    from zaphub_db.repositories import ownership
+
+    def work(connection: Connection) -> int:
+        with Session(bind=connection) as db:
+            owners = ownership.session_owners(db)
+            now = db.execute(select(func.now())).scalar_one()
+        rows = [
+            {
+                "session_id": str(owner.session_id),
+                "node": owner.node,
+                "token": owner.token,
+                "expires_at": owner.expires_at.isoformat(),
+                "lapsed": owner.expires_at <= now,
+            }
+            for owner in owners
+        ]
+        if args.json:
+            _say(json.dumps(rows))
+            return 0
+        if not rows:
+            _say("no session has an owner")
+            return 0
+        _say(f"{'session':<36}  {'node':<24}  {'token':>7}  until")
+        for row in rows:
+            until = str(row["expires_at"]) + ("  (lapsed)" if row["lapsed"] else "")
+            _say(f"{row['session_id']:<36}  {row['node']:<24}  {row['token']:>7}  {until}")
+        return 0
+
+    return _connect(args, work)
+
+
 def _whole_number(value: str, minimum: int) -> int:
     try:
         number = int(value)
@@ -361,6 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_schema_commands(commands, url)
     _add_data_commands(commands, url)
     _add_queue_commands(commands, url)
+    _add_auth_commands(commands, url)
     return parser
 
 
@@ -455,6 +561,37 @@ def _add_queue_commands(commands: Any, url: argparse.ArgumentParser) -> None:
         "--session", type=_session_id, help="only this session's dead letters (its id)"
     )
     requeue.set_defaults(handler=cmd_queue_requeue_dlq)
+
+
+def _add_auth_commands(commands: Any, url: argparse.ArgumentParser) -> None:
+    """auth generate-key, auth rotate-keys, sessions owners."""
+    auth_parser = commands.add_parser("auth", help="keys of the encrypted auth state")
+    auth_commands = auth_parser.add_subparsers(dest="auth_command", required=True)
+    generate = auth_commands.add_parser(
+        "generate-key", help="print a new id:base64key entry for ZAPHUB_AUTH_KEYS"
+    )
+    generate.add_argument(
+        "--id",
+        type=_positive,
+        help="its key id (default: one more than the highest in ZAPHUB_AUTH_KEYS, else 1)",
+    )
+    generate.set_defaults(handler=cmd_auth_generate_key)
+    rotate = auth_commands.add_parser(
+        "rotate-keys",
+        parents=[url],
+        help="re-encrypt every value with the current key of ZAPHUB_AUTH_KEYS (while running)",
+    )
+    rotate.add_argument(
+        "--batch-size", type=_positive, default=1000, help="values per transaction (1000)"
+    )
+    rotate.set_defaults(handler=cmd_auth_rotate_keys)
+    sessions_parser = commands.add_parser("sessions", help="the sessions' gateway nodes")
+    sessions_commands = sessions_parser.add_subparsers(dest="sessions_command", required=True)
+    owners = sessions_commands.add_parser(
+        "owners", parents=[url], help="which node holds which session, until when"
+    )
+    owners.add_argument("--json", action="store_true", help="a JSON list")
+    owners.set_defaults(handler=cmd_sessions_owners)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

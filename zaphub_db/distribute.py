@@ -3,10 +3,11 @@
 ``zaphub-db distribute`` (and :func:`distribute`) turns the tables of a
 migrated database into Citus's distributed layout:
 
-- ``sessions`` is distributed by ``id``; ``messages`` and ``events`` by
-  ``session_id``, co-located with it, so that every statement about one
-  session (its messages, its events, the cascade of ``delete_session``, a
-  claim of its queue) runs on the one worker node that holds its shard;
+- ``sessions`` is distributed by ``id``; ``messages``, ``events`` and
+  ``auth_state`` by ``session_id``, co-located with it, so that every
+  statement about one session (its messages, its events, its auth state,
+  the cascade of ``delete_session``, a claim of its queue) runs on the one
+  worker node that holds its shard;
 - Citus needs the distribution column in every primary key, so the keys of
   ``messages`` and ``events`` become ``(id, session_id)``. Ids stay unique
   (``gen_random_uuid()``); the models keep ``id`` as the identity;
@@ -43,7 +44,16 @@ logger = logging.getLogger(__name__)
 
 GLOBAL_EVENTS = "global_events"
 # Co-located in this order: the first is the one the others follow.
-DISTRIBUTION = (("sessions", "id"), ("messages", "session_id"), ("events", "session_id"))
+DISTRIBUTION = (
+    ("sessions", "id"),
+    ("messages", "session_id"),
+    ("events", "session_id"),
+    ("auth_state", "session_id"),
+)
+# The tables of the first revisions; a later one's table (auth_state, 0008)
+# is distributed when present, and its revision distributes it itself on a
+# database that has the layout already.
+REQUIRED = ("sessions", "messages", "events")
 # The keys the layout gives the tables whose primary key lacks the
 # distribution column (the constraint keeps its name).
 COMPOSITE_KEYS = {"messages": ("id", "session_id"), "events": ("id", "session_id")}
@@ -145,11 +155,12 @@ def distribute(
             "this Citus coordinator has no worker node: add one with "
             "SELECT citus_add_node('host', port)"
         )
-    missing = [
+    present = {
         name
         for name, _ in DISTRIBUTION
-        if connection.scalar(text("SELECT to_regclass(:name)"), {"name": name}) is None
-    ]
+        if connection.scalar(text("SELECT to_regclass(:name)"), {"name": name}) is not None
+    }
+    missing = [name for name in REQUIRED if name not in present]
     if missing:
         raise MigrationError(
             f"the database is not migrated (no {', '.join(missing)}): run zaphub-db migrate first"
@@ -172,9 +183,9 @@ def distribute(
             f"ALTER DATABASE {quoted} SET citus.enable_unsafe_triggers = on",
         )
     connection.execute(text("SET LOCAL citus.enable_unsafe_triggers = on"))
-    present = _triggers(connection)
+    triggers = _triggers(connection)
     for trigger in NOTIFY_TRIGGERS:
-        if trigger in present:
+        if trigger in triggers:
             step(
                 f"drop trigger {trigger} (wake-ups come from the coordinator's transaction)",
                 f"DROP TRIGGER {trigger} ON messages",
@@ -193,7 +204,7 @@ def distribute(
         _move_global_events(connection, step)
     first = DISTRIBUTION[0][0]
     for table, column in DISTRIBUTION:
-        if table in done:
+        if table in done or table not in present:
             continue
         colocate = "" if table == first else f", colocate_with => '{first}'"
         shards = f", shard_count => {shard_count}" if table == first else ""

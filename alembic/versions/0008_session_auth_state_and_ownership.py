@@ -117,10 +117,10 @@ def upgrade() -> None:
             nullable=False,
             comment="When the value was last written",
         ),
-        sa.PrimaryKeyConstraint("session_id", "category", "key_id", name="auth_state_pkey"),
-        sa.CheckConstraint("category <> ''", name="auth_state_category_check"),
-        sa.CheckConstraint("key_version > 0", name="auth_state_key_version_check"),
-        sa.CheckConstraint("octet_length(value) >= 28", name="auth_state_value_check"),
+        sa.PrimaryKeyConstraint("session_id", "category", "key_id", name=op.f("auth_state_pkey")),
+        sa.CheckConstraint("category <> ''", name=op.f("auth_state_category_check")),
+        sa.CheckConstraint("key_version > 0", name=op.f("auth_state_key_version_check")),
+        sa.CheckConstraint("octet_length(value) >= 28", name=op.f("auth_state_value_check")),
         comment="Credentials and Signal keys of each session, encrypted with AES-256-GCM "
         "(associated data: session_id, category, key_id)",
     )
@@ -130,7 +130,7 @@ def upgrade() -> None:
             "colocate_with => 'sessions')"
         )
     op.create_foreign_key(
-        "auth_state_session_id_fkey",
+        op.f("auth_state_session_id_fkey"),
         "auth_state",
         "sessions",
         ["session_id"],

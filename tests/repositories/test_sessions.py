@@ -2,6 +2,7 @@
 
 import uuid
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from sqlalchemy import Engine, inspect, text
@@ -113,7 +114,7 @@ def test_update_session_returns_none_for_a_missing_session(db: Session) -> None:
         {"last_seen": datetime(2026, 1, 1)},  # naive: ambiguous time zone
     ],
 )
-def test_update_session_rejects_bad_changes(db: Session, changes: dict[str, object]) -> None:
+def test_update_session_rejects_bad_changes(db: Session, changes: dict[str, Any]) -> None:
     created: WhatsAppSession = SessionFactory.create()
     with pytest.raises(ValidationError):
         repo.update_session(db, created.id, **changes)

@@ -36,11 +36,30 @@ from sqlalchemy import (
 from sqlalchemy.sql import ClauseElement
 
 from zaphub_db import enqueuer
-from zaphub_db.repositories import bulk, events, messages, queue, receipts, sessions
+from zaphub_db.repositories import (
+    auth_state,
+    bulk,
+    events,
+    messages,
+    ownership,
+    queue,
+    receipts,
+    sessions,
+)
 from zaphub_db.repositories.execution import ModelStatement
 from zaphub_db.repositories.layout import ByMessageId
 
-MODULES: tuple[ModuleType, ...] = (sessions, messages, receipts, bulk, events, queue, enqueuer)
+MODULES: tuple[ModuleType, ...] = (
+    sessions,
+    messages,
+    receipts,
+    bulk,
+    events,
+    queue,
+    enqueuer,
+    ownership,
+    auth_state,
+)
 """The modules whose statements the catalogue lists, in this order."""
 
 

@@ -6,8 +6,11 @@ JID shapes, allowed statuses, unique idempotency keys.
 
     message = MessageFactory()                   # with a new session
     message = MessageFactory(session=existing)   # in a given session
+    value = AuthValueFactory(session=existing, category="creds", key_id="",
+                             plaintext=b"...")   # sealed with factory_keyring()
 """
 
+import functools
 import itertools
 from typing import Any
 
@@ -15,7 +18,8 @@ from factory.alchemy import SQLAlchemyModelFactory
 from factory.declarations import LazyAttribute, LazyFunction, SelfAttribute, Sequence, SubFactory
 from sqlalchemy.orm import Session
 
-from zaphub_db.models import Event, GlobalEvent, Message, WhatsAppSession
+from zaphub_db.crypto import Keyring, associated_data, new_key
+from zaphub_db.models import AuthValue, Event, GlobalEvent, Message, WhatsAppSession
 from zaphub_db.repositories import layout
 
 _current: Session | None = None
@@ -99,3 +103,32 @@ class EventFactory(_Base):
         if kwargs.get("session_id") is None and layout.distributed(_bound_session()):
             model_class = GlobalEvent
         return super()._create(model_class, *args, **kwargs)
+
+
+@functools.cache
+def factory_keyring() -> Keyring:
+    """The keyring the factories seal auth state with: one random key per process
+    (the ``zaphub_keyring`` fixture), never a key of any real deployment."""
+    return Keyring({1: new_key()})
+
+
+class AuthValueFactory(_Base):
+    """A ``pre-key`` value of a session's auth state, sealed with :func:`factory_keyring`
+    (or ``keyring=``); ``plaintext`` is what ``get_auth_values`` gives back."""
+
+    class Meta:
+        model = AuthValue
+        exclude = ("session",)
+
+    class Params:
+        plaintext = Sequence(lambda n: f"pre-key material {n}".encode())
+        keyring = LazyFunction(factory_keyring)
+
+    session = SubFactory(SessionFactory)
+    session_id = SelfAttribute("session.id")
+    category = "pre-key"
+    key_id = Sequence(str)
+    key_version = LazyAttribute(lambda o: o.keyring.current)
+    value = LazyAttribute(
+        lambda o: o.keyring.seal(o.plaintext, associated_data(o.session_id, o.category, o.key_id))
+    )

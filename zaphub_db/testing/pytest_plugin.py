@@ -4,7 +4,8 @@
 per test run and dropped at the end. ``zaphub_session``: a ``Session`` whose
 work is rolled back after each test, even when the code under test commits
 (it runs inside an outer transaction and commits only release savepoints).
-The zaphub_db factories are bound to it.
+The zaphub_db factories are bound to it. ``zaphub_keyring``: the
+``Keyring`` the factories seal auth state with (a random key per run).
 
 ``zaphub_async_engine`` and ``zaphub_async_session`` are their async twins
 (``zaphub_db.aio``, psycopg's async connection), run by pytest-asyncio in
@@ -34,6 +35,7 @@ from sqlalchemy import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
 
+from zaphub_db.crypto import Keyring
 from zaphub_db.engine import engine_url
 from zaphub_db.testing.databases import migrated_database
 
@@ -60,6 +62,14 @@ def zaphub_session(zaphub_engine: Engine) -> Iterator[Session]:
             factories.bind_session(None)
             session.close()
             outer.rollback()
+
+
+@pytest.fixture(scope="session")
+def zaphub_keyring() -> Keyring:
+    """The keyring of ``AuthValueFactory``: pass it to the auth-state calls in tests."""
+    from zaphub_db.testing import factories
+
+    return factories.factory_keyring()
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
