@@ -460,3 +460,96 @@ def test_the_parser_default_lock_timeout_is_the_migrations_one() -> None:
     from zaphub_db import cli, migrations
 
     assert cli.DEFAULT_LOCK_TIMEOUT == migrations.DEFAULT_LOCK_TIMEOUT
+
+
+def test_auth_generate_key_prints_one_entry_for_the_keyring() -> None:
+    from zaphub_db.crypto import KEYS_VARIABLE, Keyring
+
+    first = run_cli("auth", "generate-key", env={KEYS_VARIABLE: ""})
+    assert first.returncode == 0, first.stderr
+    assert re.fullmatch(r"1:[A-Za-z0-9+/]{43}=\n", first.stdout)
+    assert "put it first in ZAPHUB_AUTH_KEYS" in first.stderr
+    second = run_cli("auth", "generate-key", env={KEYS_VARIABLE: first.stdout.strip()})
+    assert second.stdout.startswith("2:")
+    ring = Keyring.parse(f"{second.stdout.strip()},{first.stdout.strip()}")
+    assert (ring.current, ring.key_ids) == (2, {1, 2})
+    assert run_cli("auth", "generate-key", "--id", "9").stdout.startswith("9:")
+    bad = run_cli("auth", "generate-key", env={KEYS_VARIABLE: "oops"})
+    assert bad.returncode == 1
+    assert bad.stderr.startswith("error: entry 1 of ZAPHUB_AUTH_KEYS is not id:base64key")
+
+
+def test_rotate_keys_reencrypts_in_batches_and_sessions_owners_lists_holders(
+    empty_database: URL,
+) -> None:
+    import json
+    import os
+    import pty
+    from datetime import timedelta
+
+    from sqlalchemy.orm import Session
+
+    from zaphub_db.crypto import KEYS_VARIABLE, Keyring, key_entry, new_key
+    from zaphub_db.repositories import auth_state, ownership, sessions
+
+    url = url_arg(empty_database)
+    assert run_cli("migrate", "--url", url).returncode == 0
+    old_key, current_key = new_key(), new_key()
+    engine = zaphub_db.create_engine(empty_database)
+    try:
+        with Session(engine) as db:
+            ids = [sessions.create_session(db, label=f"s{i}").id for i in range(3)]
+            for session_id in ids:
+                values = {str(k): b"v%d" % k for k in range(10)}
+                auth_state.set_auth_values(
+                    db, Keyring({1: old_key}), session_id, {"pre-key": values}
+                )
+            held = ownership.acquire_session(db, ids[0], node="gw-1", lease=timedelta(minutes=5))
+            db.commit()
+        assert held is not None
+        keys = f"{key_entry(2, current_key)},{key_entry(1, old_key)}"
+
+        none_set = run_cli("auth", "rotate-keys", "--url", url, env={KEYS_VARIABLE: ""})
+        assert none_set.returncode == 1
+        assert "ZAPHUB_AUTH_KEYS is not set" in none_set.stderr
+
+        # On a terminal, a progress line on stderr; the summary on stdout.
+        controller, terminal = pty.openpty()
+        try:
+            result = subprocess.run(
+                [sys.executable, "-m", "zaphub_db.cli", "auth", "rotate-keys", "--batch-size",
+                 "7", "--url", url],
+                cwd=ROOT, env={**os.environ, KEYS_VARIABLE: keys}, stdout=subprocess.PIPE,
+                stderr=terminal, text=True, timeout=120, check=False,
+            )  # fmt: skip
+            os.close(terminal)
+            shown = os.read(controller, 65536).decode()
+        finally:
+            os.close(controller)
+        assert result.returncode == 0, shown
+        assert re.match(
+            r"^rotated 30 value\(s\) to key 2 in 5 batch\(es\) in [\d.]+ s "
+            r"\(0 were rewritten meanwhile with it\)\n$",
+            result.stdout,
+        )
+        assert re.search(r"\rrotated 30 of 30 values \([\d,]+/s, 0 s left\) *\r?\n$", shown), shown
+        again = run_cli("auth", "rotate-keys", "--url", url, env={KEYS_VARIABLE: keys})
+        assert again.returncode == 0
+        assert again.stdout.startswith("rotated 0 value(s) to key 2 in 0 batch(es)")
+        assert again.stderr == "", "piped: no progress line"
+        with Session(engine) as db:
+            only_current = Keyring({2: current_key})
+            got = auth_state.get_auth_values(db, only_current, ids[2], "pre-key", ["0", "9"])
+        assert got == {"0": b"v0", "9": b"v9"}
+
+        owners = run_cli("sessions", "owners", "--url", url)
+        assert owners.returncode == 0, owners.stderr
+        header, line = owners.stdout.splitlines()
+        assert header.split() == ["session", "node", "token", "until"]
+        assert line.split()[:3] == [str(ids[0]), "gw-1", "1"]
+        listed = json.loads(run_cli("sessions", "owners", "--json", "--url", url).stdout)
+        assert [(o["session_id"], o["node"], o["token"], o["lapsed"]) for o in listed] == [
+            (str(ids[0]), "gw-1", 1, False)
+        ]
+    finally:
+        engine.dispose()

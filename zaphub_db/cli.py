@@ -352,7 +352,7 @@ def cmd_auth_rotate_keys(args: argparse.Namespace) -> int:
                 if batch.last is None:
                     break
                 after = batch.last
-            progress.finish()
+            progress.finish(read)
             left = auth_state.count_stale_auth_values(db, keyring)
         seconds = time.perf_counter() - started
         _say(

@@ -50,11 +50,13 @@ class ProgressLine:
             parts.append(f"{(self.total - done) / rate:,.0f} s left")
         return f"{self.verb} {done:,}{of} {self.noun} ({', '.join(parts)})"
 
-    def finish(self) -> None:
-        """End the line (the command's summary follows on a line of its own)."""
-        if self.shown and self._width:
-            self.stream.write("\r" + " " * self._width + "\r")
-            self.stream.flush()
+    def finish(self, done: int) -> None:
+        """Draw the final count and end the line (the summary follows on a line of its own)."""
+        if not self.shown:
+            return
+        self.update(done, force=True)
+        self.stream.write("\n")
+        self.stream.flush()
 
 
 def _is_terminal(stream: TextIO) -> bool:
