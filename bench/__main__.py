@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from bench import aio, bulk, bullmq, calls, cluster, pooler, queue, receipts, wakeups
+from bench import aio, auth, bulk, bullmq, calls, cluster, pooler, queue, receipts, wakeups
 from bench.harness import benchmark_database, machine, say, server_version
 
 
@@ -15,11 +15,12 @@ def main() -> None:
         "--only",
         nargs="*",
         default=None,
-        help="calls, bulk, queue, receipts, aio, pooler, citus, bullmq, wakeups",
+        help="calls, bulk, queue, receipts, aio, pooler, citus, bullmq, wakeups, auth",
     )
     args = parser.parse_args()
     everything = [
-        "calls", "bulk", "queue", "receipts", "aio", "pooler", "citus", "bullmq", "wakeups"
+        "calls", "bulk", "queue", "receipts", "aio", "pooler", "citus", "bullmq", "wakeups",
+        "auth",
     ]  # fmt: skip
     wanted = set(args.only or everything)
     with benchmark_database() as (engine, dsn):
@@ -47,6 +48,9 @@ def main() -> None:
                 "## On a Citus cluster (coordinator and workers on this machine) against one node\n"
             )
             say(cluster.run(quick=args.quick) + "\n")
+        if "auth" in wanted:
+            say("## Auth state: get 100 keys, set 1,000 keys, against files and SQLite\n")
+            say(auth.run(engine, dsn, quick=args.quick) + "\n")
         if "wakeups" in wanted:
             say("## Wake-up latency: from the enqueuing commit to the waiting worker\n")
             say(wakeups.run(engine, dsn, quick=args.quick) + "\n")

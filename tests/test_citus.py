@@ -9,6 +9,7 @@ the suite runs there too, on migrated databases that ``distribute`` laid out.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -30,7 +31,7 @@ from tests.helpers import chat
 from tests.servers import throwaway_server
 from zaphub_db import migrations
 from zaphub_db.config import libpq_dsn
-from zaphub_db.crypto import Keyring, new_key
+from zaphub_db.crypto import KEYS_VARIABLE, Keyring, key_entry, new_key
 from zaphub_db.distribute import GLOBAL_EVENTS, distribute, distributed_tables
 from zaphub_db.models import Event, GlobalEvent, Message
 from zaphub_db.repositories import (
@@ -46,7 +47,8 @@ from zaphub_db.testing.databases import citus_workers, migrate, throwaway_databa
 from zaphub_db.testing.statements import recording
 from zaphub_db.worker import run_worker
 
-RING = Keyring({1: new_key()})
+RING_KEY, ROTATED_KEY = new_key(), new_key()
+RING = Keyring({1: RING_KEY})
 
 pytestmark = pytest.mark.skipif(
     not citus_workers(), reason="needs a Citus cluster: nox -s citus runs these"
@@ -59,6 +61,8 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
         capture_output=True,
         text=True,
         timeout=300,
+        # For auth rotate-keys: RING's key as the current one, and an old one.
+        env={**os.environ, KEYS_VARIABLE: f"{key_entry(2, ROTATED_KEY)},{key_entry(1, RING_KEY)}"},
         check=False,
     )
 
@@ -135,6 +139,11 @@ def test_the_command_line_on_the_distributed_layout(committed_engine: Engine) ->
     url = committed_engine.url.render_as_string(hide_password=False)
     seeded = _cli("seed", "--url", url)
     assert seeded.returncode == 0, seeded.stderr
+    with Session(committed_engine) as db:
+        owned = sessions.create_session(db, label="cli owners").id
+        auth_state.set_auth_values(db, RING, owned, {"pre-key": {str(k): b"k" for k in range(5)}})
+        assert ownership.acquire_session(db, owned, node="cli-node") is not None
+        db.commit()
     stats = _cli("queue", "stats", "--json", "--url", url)
     assert stats.returncode == 0, stats.stderr
     with Session(committed_engine) as db:
@@ -149,9 +158,18 @@ def test_the_command_line_on_the_distributed_layout(committed_engine: Engine) ->
         ("status",),
         ("verify",),
         ("migrate",),  # nothing to apply; the lock and the history work there too
+        ("sessions", "owners"),
+        ("auth", "rotate-keys", "--batch-size", "2"),
     ):
         result = _cli(*command, "--url", url)
         assert result.returncode == 0, (command, result.stdout, result.stderr)
+    with Session(committed_engine) as db:
+        rotated = Keyring({2: ROTATED_KEY})
+        assert auth_state.get_auth_values(db, rotated, owned, "pre-key", ["0", "4"]) == {
+            "0": b"k",
+            "4": b"k",
+        }
+        assert auth_state.count_stale_auth_values(db, rotated) == 0
 
 
 def test_a_database_distributed_before_0008_gets_auth_state_distributed_by_the_upgrade(

@@ -472,7 +472,7 @@ def test_auth_generate_key_prints_one_entry_for_the_keyring() -> None:
     second = run_cli("auth", "generate-key", env={KEYS_VARIABLE: first.stdout.strip()})
     assert second.stdout.startswith("2:")
     ring = Keyring.parse(f"{second.stdout.strip()},{first.stdout.strip()}")
-    assert (ring.current, ring.key_ids) == (2, {1, 2})
+    assert (ring.current, ring.key_ids) == (2, frozenset({1, 2}))
     assert run_cli("auth", "generate-key", "--id", "9").stdout.startswith("9:")
     bad = run_cli("auth", "generate-key", env={KEYS_VARIABLE: "oops"})
     assert bad.returncode == 1
