@@ -118,6 +118,7 @@ SINGLE_NODE_ONLY = (
     "test_faults.py", "test_failover.py", "test_replicas.py", "test_pgbouncer.py",
     "test_embedded.py", "test_migrations.py", "test_own_alembic.py", "test_pytest_alembic.py",
     "test_schema.py", "test_cli.py", "test_config.py", "test_imports.py", "test_statements.py",
+    "test_crypto.py",
 )  # fmt: skip
 
 

@@ -67,6 +67,7 @@ def present_callers(engine: Engine) -> int:
         found: int = connection.execute(
             text(
                 "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                "AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
                 "AND classid = :key AND objsubid = 2"
             ),
             {"key": ownership.ACQUIRE_PRESENT_KEY},

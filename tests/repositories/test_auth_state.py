@@ -192,8 +192,10 @@ def test_clear_auth_state_deletes_one_sessions_values(db: Session, ring: Keyring
 def test_deleting_a_session_deletes_its_auth_state(db: Session, ring: Keyring) -> None:
     session: WhatsAppSession = SessionFactory.create()
     repo.set_auth_values(db, ring, session.id, {"creds": {"": b"1"}})
+    loaded: AuthValue = AuthValueFactory.create(session=session)
     assert delete_session(db, session.id)
     assert stored(db, session.id) == {}
+    assert loaded not in db, "the Session drops what it held of the deleted session"
 
 
 def test_the_factory_seals_with_the_plugins_keyring(db: Session, zaphub_keyring: Keyring) -> None:

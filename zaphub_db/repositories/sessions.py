@@ -25,7 +25,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session
 
 from zaphub_db.errors import OwnershipLostError, ValidationError
-from zaphub_db.models import Event, Message, SessionStatus, WhatsAppSession
+from zaphub_db.models import AuthValue, Event, Message, SessionStatus, WhatsAppSession
 from zaphub_db.repositories import validation
 from zaphub_db.repositories.execution import (
     TRANSACTION_NOW,
@@ -222,7 +222,7 @@ def _side_effects(changes: dict[str, Any]) -> dict[str, ColumnElement[Any]]:
 
 
 def delete_session(db: Session, session_id: uuid.UUID | str) -> bool:
-    """Delete a session with its messages and events; ``False`` if there was none."""
+    """Delete a session with its messages, events and auth state; ``False`` if there was none."""
     session_uuid = validation.as_uuid(session_id, "session_id")
     result = execute(
         db,
@@ -239,7 +239,7 @@ def delete_session(db: Session, session_id: uuid.UUID | str) -> bool:
             if isinstance(instance, WhatsAppSession):
                 identity = inspect(instance).identity
                 owner = identity[0] if identity else None
-            elif isinstance(instance, Message | Event):
+            elif isinstance(instance, Message | Event | AuthValue):
                 owner = vars(instance).get("session_id")
             else:
                 continue
