@@ -201,9 +201,17 @@ def test_a_database_distributed_before_0008_gets_auth_state_distributed_by_the_u
         app = zaphub_db.create_engine(url)
         try:
             with Session(app) as db:
-                session_id = sessions.create_session(db, label="upgraded").id
+                created = sessions.create_session(db, label="upgraded")
+                session_id, updated_at = created.id, created.updated_at
                 auth_state.set_auth_values(db, RING, session_id, {"creds": {"": b"c"}})
                 db.commit()
+                # The trigger's new function reached the worker nodes' shards.
+                assert ownership.acquire_session(db, session_id, node="n") is not None
+                db.commit()
+                assert sessions.get_session_by_id(db, session_id).updated_at == updated_at  # type: ignore[union-attr]
+                sessions.update_session(db, session_id, label="changed")
+                db.commit()
+                assert sessions.get_session_by_id(db, session_id).updated_at > updated_at  # type: ignore[union-attr]
                 assert sessions.delete_session(db, session_id)
                 db.commit()
                 assert auth_state.get_auth_values(db, RING, session_id, "creds", [""]) == {}

@@ -20,6 +20,11 @@ distribute, Citus), auth_state is distributed by session_id, co-located with
 sessions, before its foreign key is added: a key from a local table to a
 distributed one is refused.
 
+update_updated_at_column() (the sessions_updated_at trigger's function)
+leaves updated_at alone when an UPDATE changes nothing but the ownership
+columns: a node renews its lease every few seconds, and that is not a change
+of the session.
+
 Adding the columns takes a brief ACCESS EXCLUSIVE lock on sessions (no
 rewrite: the default is a constant); lock_timeout bounds the wait.
 
@@ -42,8 +47,42 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 
+# Columns an UPDATE may change without it counting as a change of the session.
+_OWNERSHIP = "'{owner_node,owner_token,owner_expires_at,updated_at}'::text[]"
+_TOUCH_UNLESS_OWNERSHIP = f"""
+CREATE OR REPLACE FUNCTION update_updated_at_column() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF to_jsonb(NEW) - {_OWNERSHIP} = to_jsonb(OLD) - {_OWNERSHIP} THEN
+        NEW.updated_at = OLD.updated_at;
+    ELSE
+        NEW.updated_at = now();
+    END IF;
+    RETURN NEW;
+END;
+$$
+"""
+_TOUCH_ALWAYS = """
+CREATE OR REPLACE FUNCTION update_updated_at_column() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    NEW.updated_at = now();
+    RETURN NEW;
+END;
+$$
+"""
+_COMMENT = "COMMENT ON FUNCTION update_updated_at_column() IS '{}'"
+
+
 def upgrade() -> None:
     op.execute("SET LOCAL lock_timeout = '5s'")
+    op.execute(_TOUCH_UNLESS_OWNERSHIP)
+    op.execute(
+        _COMMENT.format(
+            "Trigger function: sets updated_at to now() on every UPDATE that changes more "
+            "than the ownership columns (owner_node, owner_token, owner_expires_at)"
+        )
+    )
     op.add_column(
         "sessions",
         sa.Column(
@@ -141,6 +180,8 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.execute("SET LOCAL lock_timeout = '5s'")
+    op.execute(_TOUCH_ALWAYS)
+    op.execute(_COMMENT.format("Trigger function: sets updated_at to now() on every UPDATE"))
     op.drop_table("auth_state")
     op.drop_index("idx_sessions_owner_node", table_name="sessions")
     op.drop_column("sessions", "owner_expires_at")

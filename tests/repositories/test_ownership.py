@@ -194,3 +194,29 @@ def test_bad_arguments_are_refused(db: Session, call, message: str) -> None:  # 
     with pytest.raises(ValidationError, match=message):
         call(db, session.id)
     assert token_of(db, session.id) == 0
+
+
+def test_ownership_changes_leave_updated_at_alone(db: Session) -> None:
+    session: WhatsAppSession = SessionFactory.create()
+    # An hour ago, past the trigger (which would keep it at now()).
+    db.execute(text("SET LOCAL session_replication_role = replica"))
+    db.execute(
+        text("UPDATE sessions SET updated_at = now() - interval '1 hour' WHERE id = :s"),
+        {"s": session.id},
+    )
+    db.execute(text("SET LOCAL session_replication_role = origin"))
+
+    def updated_at() -> object:
+        return db.execute(
+            text("SELECT updated_at FROM sessions WHERE id = :s"), {"s": session.id}
+        ).scalar_one()
+
+    before = updated_at()
+    held = ownership.acquire_session(db, session.id, node="node-a")
+    assert held is not None
+    assert ownership.renew_session(db, held)
+    assert ownership.release_session(db, held)
+    assert ownership.acquire_sessions(db, node="node-b", limit=1, among=[session.id])
+    assert updated_at() == before, "a lease is not a change of the session"
+    sessions.update_session(db, session.id, status="connected")
+    assert updated_at() != before
