@@ -255,6 +255,15 @@ def cmd_queue_stats(args: argparse.Namespace) -> int:
     def work(connection: Connection) -> int:
         with Session(bind=connection) as db:
             stats = queue.queue_stats(db, session_id=args.session)
+        if args.prometheus:
+            from zaphub_db.metrics import exposition
+
+            if args.session is not None:
+                # One session's series beside the whole queue's would double the sums.
+                _say("error: --prometheus reports the whole queue: drop --session", sys.stderr)
+                return 1
+            sys.stdout.write(exposition(stats))
+            return 0
         if args.json:
             fields = dataclasses.asdict(stats)
             age = stats.oldest_ready_age
@@ -542,7 +551,13 @@ def _add_queue_commands(commands: Any, url: argparse.ArgumentParser) -> None:
     queue_commands = queue_parser.add_subparsers(dest="queue_command", required=True)
     stats = queue_commands.add_parser("stats", parents=[url], help="depth and age of the queue")
     stats.add_argument("--session", type=_session_id, help="one session's queue (its id)")
-    stats.add_argument("--json", action="store_true", help="one JSON object (ages in seconds)")
+    output = stats.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="one JSON object (ages in seconds)")
+    output.add_argument(
+        "--prometheus",
+        action="store_true",
+        help="Prometheus's text format (needs zaphub-db[prometheus])",
+    )
     stats.set_defaults(handler=cmd_queue_stats)
     recover = queue_commands.add_parser(
         "recover", parents=[url], help="requeue messages whose lease lapsed"
