@@ -213,6 +213,11 @@ FROM events
 WHERE events.created_at < now() - make_interval(%(make_interval_1)s::INTEGER, %(make_interval_2)s::INTEGER, %(make_interval_3)s::INTEGER, %(days)s) ORDER BY events.created_at
  LIMIT %(batch_size)s);
 
+-- events._COUNT_OLD
+SELECT count(*) AS count_1
+FROM events
+WHERE events.created_at < now() - make_interval(%(make_interval_1)s::INTEGER, %(make_interval_2)s::INTEGER, %(make_interval_3)s::INTEGER, %(days)s);
+
 -- events._DELETE_OLD_GLOBAL
 DELETE FROM global_events WHERE global_events.created_at < now() - make_interval(%(make_interval_1)s::INTEGER, %(make_interval_2)s::INTEGER, %(make_interval_3)s::INTEGER, %(days)s);
 
@@ -221,6 +226,11 @@ DELETE FROM global_events WHERE global_events.id IN (SELECT global_events.id
 FROM global_events
 WHERE global_events.created_at < now() - make_interval(%(make_interval_1)s::INTEGER, %(make_interval_2)s::INTEGER, %(make_interval_3)s::INTEGER, %(days)s) ORDER BY global_events.created_at
  LIMIT %(batch_size)s);
+
+-- events._COUNT_OLD_GLOBAL
+SELECT count(*) AS count_1
+FROM global_events
+WHERE global_events.created_at < now() - make_interval(%(make_interval_1)s::INTEGER, %(make_interval_2)s::INTEGER, %(make_interval_3)s::INTEGER, %(days)s);
 
 -- queue._IN_FLIGHT_LOCK
 SELECT pg_advisory_xact_lock(%(key)s::BIGINT);

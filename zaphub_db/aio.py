@@ -128,6 +128,7 @@ create_event = _twin(events.create_event)
 get_events_by_session = _twin(events.get_events_by_session)
 get_recent_events = _twin(events.get_recent_events)
 delete_old_events = _twin(events.delete_old_events)
+count_old_events = _twin(events.count_old_events)
 # ownership
 acquire_session = _twin(ownership.acquire_session)
 acquire_sessions = _twin(ownership.acquire_sessions)

@@ -192,8 +192,13 @@ def cmd_cleanup_events(args: argparse.Namespace) -> int:
         return 1
 
     def work(connection: Connection) -> int:
+        from zaphub_db.progress import ProgressLine
+        from zaphub_db.repositories.events import count_old_events
+
         total = batches = 0
         with Session(bind=connection) as db:
+            progress = ProgressLine("deleted", "events", count_old_events(db, args.days))
+            db.commit()
             while True:
                 # Each batch commits on its own: short transactions, short locks.
                 deleted = delete_old_events(db, args.days, batch_size=args.batch_size)
@@ -202,9 +207,10 @@ def cmd_cleanup_events(args: argparse.Namespace) -> int:
                     break
                 batches += 1
                 total += deleted
-                _say(f"batch {batches}: deleted {deleted} events ({total} so far)")
+                progress.update(total)
                 if deleted < args.batch_size:
                     break
+            progress.finish(total)
         _say(f"deleted {total} events older than {args.days} days in {batches} batch(es)")
         return 0
 

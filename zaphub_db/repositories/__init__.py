@@ -13,6 +13,7 @@ from zaphub_db.repositories.auth_state import (
     set_auth_values,
 )
 from zaphub_db.repositories.events import (
+    count_old_events,
     create_event,
     delete_old_events,
     get_events_by_session,
@@ -73,6 +74,7 @@ __all__ = [
     "bulk_create_messages",
     "claim_queued_messages",
     "clear_auth_state",
+    "count_old_events",
     "count_stale_auth_values",
     "create_event",
     "create_message",

@@ -95,21 +95,22 @@ _NEWEST_FIRST = model_statement(
 )
 
 
-def _cleanup(table: Table) -> tuple[Executable, Executable]:
+def _cleanup(table: Table) -> tuple[Executable, Executable, Executable]:
     """The DELETE of ``table``'s events older than ``:days``, whole and in batches of
-    ``:batch_size`` (oldest first, so that a batched cleanup deletes in time order)."""
+    ``:batch_size`` (oldest first, so that a batched cleanup deletes in time order),
+    and their count."""
     columns = table.c
     old = columns.created_at < func.now() - func.make_interval(0, 0, 0, bindparam("days"))
     oldest = select(columns.id).where(old).order_by(columns.created_at)
     batch = delete(table).where(
         columns.id.in_(oldest.limit(bindparam("batch_size")).scalar_subquery())
     )
-    return delete(table).where(old), batch
+    return delete(table).where(old), batch, select(func.count()).select_from(table).where(old)
 
 
-_DELETE_OLD, _DELETE_OLD_BATCH = _cleanup(events_table)
+_DELETE_OLD, _DELETE_OLD_BATCH, _COUNT_OLD = _cleanup(events_table)
 # global_events, on the distributed layout.
-_DELETE_OLD_GLOBAL, _DELETE_OLD_GLOBAL_BATCH = _cleanup(global_events_table)
+_DELETE_OLD_GLOBAL, _DELETE_OLD_GLOBAL_BATCH, _COUNT_OLD_GLOBAL = _cleanup(global_events_table)
 
 
 def create_event(
@@ -233,6 +234,16 @@ def get_recent_events(
 
 
 MAX_DAYS_TO_KEEP = validation.MAX_AGE.days
+
+
+def count_old_events(db: Session, days_to_keep: int = 30) -> int:
+    """How many events :func:`delete_old_events` would delete now (one statement; two on
+    the distributed layout)."""
+    params = {"days": validation.integer(days_to_keep, "days_to_keep", maximum=MAX_DAYS_TO_KEEP)}
+    found: int = execute(db, _COUNT_OLD, params).scalar_one()
+    if layout.distributed(db):
+        found += execute(db, _COUNT_OLD_GLOBAL, params).scalar_one()
+    return found
 
 
 def delete_old_events(db: Session, days_to_keep: int = 30, *, batch_size: int | None = None) -> int:
