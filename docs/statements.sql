@@ -430,7 +430,7 @@ FROM sessions
 WHERE sessions.owner_node IS NOT NULL ORDER BY sessions.owner_node, sessions.id;
 
 -- ownership._ANNOUNCE_AND_WAIT
-SELECT pg_advisory_xact_lock_shared(2053636097, %(node_key)s), pg_advisory_xact_lock(2053636098, 0);
+SELECT set_config('idle_in_transaction_session_timeout', %(idle)s, true), pg_advisory_xact_lock_shared(2053636097, %(node_key)s), pg_advisory_xact_lock(2053636098, 0);
 
 -- ownership._PRESENT
 SELECT DISTINCT objid::bigint FROM pg_locks WHERE locktype = 'advisory' AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) AND classid = 2053636097 AND objsubid = 2;
@@ -440,8 +440,20 @@ SELECT sessions.id, sessions.owner_node, sessions.owner_expires_at > now() AS li
 FROM sessions
 WHERE (sessions.status NOT IN (__[POSTCOMPILE_status_1])) ORDER BY sessions.seq;
 
+-- ownership._STILL_FREE
+SELECT sessions.id
+FROM sessions
+WHERE sessions.id = any(%(ids)s::UUID[]) AND (sessions.owner_expires_at IS NULL OR sessions.owner_expires_at <= now()) AND (sessions.status NOT IN (__[POSTCOMPILE_status_1])) FOR UPDATE SKIP LOCKED;
+
 -- ownership._ACQUIRE_MANY
-UPDATE sessions SET owner_node=%(node)s::VARCHAR, owner_token=(sessions.owner_token + %(owner_token_1)s::BIGINT), owner_expires_at=(now() + %(lease)s) WHERE sessions.id = any(%(ids)s::UUID[]) AND (sessions.owner_expires_at IS NULL OR sessions.owner_expires_at <= now()) AND (sessions.status NOT IN (__[POSTCOMPILE_status_1])) RETURNING sessions.id, sessions.owner_node, sessions.owner_token, sessions.owner_expires_at;
+UPDATE sessions SET owner_node=%(node)s::VARCHAR, owner_token=(sessions.owner_token + %(owner_token_1)s::BIGINT), owner_expires_at=(now() + %(lease)s) WHERE sessions.id IN (SELECT sessions.id
+FROM sessions
+WHERE sessions.id = any(%(ids)s::UUID[]) AND (sessions.owner_expires_at IS NULL OR sessions.owner_expires_at <= now()) AND (sessions.status NOT IN (__[POSTCOMPILE_status_1])) FOR UPDATE SKIP LOCKED) RETURNING sessions.id, sessions.owner_node, sessions.owner_token, sessions.owner_expires_at;
+
+-- ownership._ACQUIRE_ONE_FREE
+UPDATE sessions SET owner_node=%(node)s::VARCHAR, owner_token=(sessions.owner_token + %(owner_token_1)s::BIGINT), owner_expires_at=(now() + %(lease)s) WHERE sessions.id = (SELECT sessions.id
+FROM sessions
+WHERE sessions.id = %(locate_id)s::UUID AND (sessions.owner_expires_at IS NULL OR sessions.owner_expires_at <= now()) AND (sessions.status NOT IN (__[POSTCOMPILE_status_1])) FOR UPDATE SKIP LOCKED) RETURNING sessions.id, sessions.owner_node, sessions.owner_token, sessions.owner_expires_at;
 
 -- auth_state._GET
 SELECT key_id, value, key_version FROM auth_state WHERE session_id = %(session_id)s::UUID AND category = %(category)s AND key_id = ANY(CAST(%(key_ids)s AS varchar[]));
@@ -453,16 +465,16 @@ INSERT INTO auth_state (session_id, category, key_id, value, key_version, update
 DELETE FROM auth_state WHERE session_id = %(session_id)s::UUID AND (category, key_id) IN (SELECT * FROM unnest(CAST(%(categories)s AS varchar[]), CAST(%(key_ids)s AS varchar[])));
 
 -- auth_state._FENCED_UPSERT
-WITH fence AS (SELECT owner_token FROM sessions WHERE id = %(session_id)s::UUID FOR SHARE), written AS (INSERT INTO auth_state (session_id, category, key_id, value, key_version, updated_at) SELECT %(session_id)s::UUID, category, key_id, value, %(key_version)s::SMALLINT, now() FROM unnest(CAST(%(categories)s AS varchar[]), CAST(%(key_ids)s AS varchar[]), CAST(%(sealed)s AS bytea[])) AS given(category, key_id, value) WHERE EXISTS (SELECT 1 FROM fence WHERE owner_token = %(token)s) ON CONFLICT (session_id, category, key_id) DO UPDATE SET value = excluded.value, key_version = excluded.key_version, updated_at = excluded.updated_at RETURNING 1) SELECT (SELECT owner_token FROM fence) AS token, (SELECT count(*) FROM written) AS rows_written;
+WITH fence AS (SELECT owner_token, set_config('idle_in_transaction_session_timeout', GREATEST(5000, ceil(extract(epoch FROM owner_expires_at - now()) * 1000))::bigint || 'ms', true) FROM sessions WHERE id = %(session_id)s::UUID FOR SHARE), written AS (INSERT INTO auth_state (session_id, category, key_id, value, key_version, updated_at) SELECT %(session_id)s::UUID, category, key_id, value, %(key_version)s::SMALLINT, now() FROM unnest(CAST(%(categories)s AS varchar[]), CAST(%(key_ids)s AS varchar[]), CAST(%(sealed)s AS bytea[])) AS given(category, key_id, value) WHERE EXISTS (SELECT 1 FROM fence WHERE owner_token = %(token)s) ON CONFLICT (session_id, category, key_id) DO UPDATE SET value = excluded.value, key_version = excluded.key_version, updated_at = excluded.updated_at RETURNING 1) SELECT (SELECT owner_token FROM fence) AS token, (SELECT count(*) FROM written) AS rows_written;
 
 -- auth_state._FENCED_DELETE
-WITH fence AS (SELECT owner_token FROM sessions WHERE id = %(session_id)s::UUID FOR SHARE), written AS (DELETE FROM auth_state WHERE session_id = %(session_id)s::UUID AND (category, key_id) IN (SELECT * FROM unnest(CAST(%(categories)s AS varchar[]), CAST(%(key_ids)s AS varchar[]))) AND EXISTS (SELECT 1 FROM fence WHERE owner_token = %(token)s) RETURNING 1) SELECT (SELECT owner_token FROM fence) AS token, (SELECT count(*) FROM written) AS rows_written;
+WITH fence AS (SELECT owner_token, set_config('idle_in_transaction_session_timeout', GREATEST(5000, ceil(extract(epoch FROM owner_expires_at - now()) * 1000))::bigint || 'ms', true) FROM sessions WHERE id = %(session_id)s::UUID FOR SHARE), written AS (DELETE FROM auth_state WHERE session_id = %(session_id)s::UUID AND (category, key_id) IN (SELECT * FROM unnest(CAST(%(categories)s AS varchar[]), CAST(%(key_ids)s AS varchar[]))) AND EXISTS (SELECT 1 FROM fence WHERE owner_token = %(token)s) RETURNING 1) SELECT (SELECT owner_token FROM fence) AS token, (SELECT count(*) FROM written) AS rows_written;
 
 -- auth_state._CLEAR
 DELETE FROM auth_state WHERE session_id = %(session_id)s::UUID;
 
 -- auth_state._FENCED_CLEAR
-WITH fence AS (SELECT owner_token FROM sessions WHERE id = %(session_id)s::UUID FOR SHARE), written AS (DELETE FROM auth_state WHERE session_id = %(session_id)s::UUID AND EXISTS (SELECT 1 FROM fence WHERE owner_token = %(token)s) RETURNING 1) SELECT (SELECT owner_token FROM fence) AS token, (SELECT count(*) FROM written) AS rows_written;
+WITH fence AS (SELECT owner_token, set_config('idle_in_transaction_session_timeout', GREATEST(5000, ceil(extract(epoch FROM owner_expires_at - now()) * 1000))::bigint || 'ms', true) FROM sessions WHERE id = %(session_id)s::UUID FOR SHARE), written AS (DELETE FROM auth_state WHERE session_id = %(session_id)s::UUID AND EXISTS (SELECT 1 FROM fence WHERE owner_token = %(token)s) RETURNING 1) SELECT (SELECT owner_token FROM fence) AS token, (SELECT count(*) FROM written) AS rows_written;
 
 -- auth_state._STALE_FIRST
 SELECT session_id, category, key_id, value, key_version FROM auth_state WHERE key_version <> %(current)s ORDER BY session_id, category, key_id LIMIT %(limit)s;

@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session
 from tests.processes import ROOT, url_arg
 from zaphub_db.crypto import KEYS_VARIABLE, Keyring, key_entry, new_key
 from zaphub_db.engine import engine_url
-from zaphub_db.errors import LockTimeoutError, OwnershipLostError
+from zaphub_db.errors import ConnectionLostError, LockTimeoutError, OwnershipLostError
 from zaphub_db.repositories import auth_state, ownership, sessions
 from zaphub_db.testing.statements import recording
 
@@ -169,6 +169,54 @@ def test_a_fenced_write_holds_off_a_takeover_until_it_commits(queue_engine: Engi
         assert auth_state.get_auth_values(db, ring, session_id, "creds", [""]) == {"": b"a's"}
         with pytest.raises(OwnershipLostError):
             auth_state.set_auth_values(db, ring, session_id, {"creds": {"": b"x"}}, ownership=held)
+
+
+def test_a_row_held_by_a_paused_owner_does_not_hold_back_the_takeover_of_the_rest(
+    queue_engine: Engine,
+) -> None:
+    ids = make_sessions(queue_engine, 3)
+    ring = Keyring({1: new_key()})
+    with Session(queue_engine) as db:
+        held = [ownership.acquire_session(db, sid, node="node-a") for sid in ids]
+        db.commit()
+    with queue_engine.begin() as connection:
+        connection.execute(text("UPDATE sessions SET owner_expires_at = now() - interval '1 s'"))
+    paused = Session(queue_engine)  # node-a, stopped before its commit
+    first = held[0]
+    assert first is not None
+    auth_state.set_auth_values(paused, ring, ids[0], {"creds": {"": b"a"}}, ownership=first)
+    try:
+        with Session(queue_engine) as db:
+            taken = ownership.acquire_sessions(db, node="node-b", limit=10)
+            db.commit()
+        assert sorted(o.session_id for o in taken) == sorted(ids[1:])
+    finally:
+        paused.rollback()
+        paused.close()
+    with Session(queue_engine) as db:
+        later = ownership.acquire_sessions(db, node="node-b", limit=10)
+        db.commit()
+    assert [o.session_id for o in later] == [ids[0]]
+
+
+def test_a_caller_that_idles_past_its_lease_gives_up_its_turn(queue_engine: Engine) -> None:
+    ids = make_sessions(queue_engine, 4)
+    stalled = Session(queue_engine)
+    ownership.acquire_sessions(stalled, node="node-a", limit=10, lease=timedelta(seconds=1))
+    try:
+        started = time.monotonic()
+        with Session(queue_engine) as db:
+            taken = ownership.acquire_sessions(db, node="node-b", limit=10)
+            db.commit()
+        # node-a's transaction was ended after a second idle: its uncommitted
+        # acquisitions went with it, and node-b, alone now, took all four.
+        assert time.monotonic() - started < DEADLINE / 3
+        assert sorted(o.session_id for o in taken) == sorted(ids)
+        # node-a wakes up: its commit fails as a transient error, nothing of it stands.
+        with pytest.raises(ConnectionLostError):
+            stalled.commit()
+    finally:
+        stalled.close()
 
 
 class NodeProcess:

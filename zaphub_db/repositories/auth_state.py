@@ -91,14 +91,18 @@ _DELETE = _typed(text(_DELETE_WHERE), session_id=_UUID)
 # The fence: the session's row, locked FOR SHARE (an acquisition's UPDATE
 # waits for this transaction), and its token. The write runs only when the
 # token is the caller's; the statement returns the token either way (NULL:
-# no such session) and how many rows it wrote.
+# no such session) and how many rows it wrote. The transaction may then idle
+# no longer than the lease has left (at least 5 s): an owner paused
+# before its commit holds the row, and the takeover, only that long.
 _FENCE_CONDITION = "EXISTS (SELECT 1 FROM fence WHERE owner_token = :token)"
 
 
 def _fenced_form(write: str) -> str:
     """``write`` (with ``{fence}`` where its condition goes) inside the fence."""
     return (
-        "WITH fence AS (SELECT owner_token FROM sessions WHERE id = :session_id FOR SHARE), "
+        "WITH fence AS (SELECT owner_token, set_config('idle_in_transaction_session_timeout', "
+        "GREATEST(5000, ceil(extract(epoch FROM owner_expires_at - now()) * 1000))::bigint "
+        "|| 'ms', true) FROM sessions WHERE id = :session_id FOR SHARE), "
         f"written AS ({write.format(fence=_FENCE_CONDITION)} RETURNING 1) "
         "SELECT (SELECT owner_token FROM fence) AS token, "
         "(SELECT count(*) FROM written) AS rows_written"

@@ -46,7 +46,7 @@ from sqlalchemy.orm import Session
 
 from zaphub_db.errors import NotFoundError, ValidationError
 from zaphub_db.models import SessionStatus, WhatsAppSession
-from zaphub_db.repositories import validation
+from zaphub_db.repositories import layout, validation
 from zaphub_db.repositories.execution import execute
 
 logger = logging.getLogger(__name__)
@@ -106,8 +106,12 @@ _OWNED = (
     .order_by(_c.id)
 )
 _OWNERS = select(*_RETURNING).where(_c.owner_node.is_not(None)).order_by(_c.owner_node, _c.id)
+# The caller's transaction may idle no longer than the lease it asks for:
+# a caller paused before its commit (a GC, a frozen VM) would otherwise hold
+# every other node's turn until idle_in_transaction_session_timeout.
 _ANNOUNCE_AND_WAIT = text(
-    f"SELECT pg_advisory_xact_lock_shared({ACQUIRE_PRESENT_KEY}, :node_key), "
+    "SELECT set_config('idle_in_transaction_session_timeout', :idle, true), "
+    f"pg_advisory_xact_lock_shared({ACQUIRE_PRESENT_KEY}, :node_key), "
     f"pg_advisory_xact_lock({ACQUIRE_TURN_KEY}, 0)"
 )
 # The node keys of the callers in acquire_sessions now (deciding, or waiting
@@ -123,12 +127,30 @@ _CANDIDATES = (
     .order_by(_c.seq)
 )
 _AMONG = _c.id == func.any(bindparam("among", type_=ARRAY(UUID(as_uuid=True))))
+# The chosen sessions that are still free, skipping any whose row another
+# transaction holds (a fenced write of a paused owner): one such row must
+# not hold back the takeover of the rest.
+_STILL_FREE = (
+    select(_c.id)
+    .where(_c.id == func.any(bindparam("ids", type_=ARRAY(UUID(as_uuid=True)))), _FREE, _ASSIGNABLE)
+    .with_for_update(skip_locked=True)
+)
 _ACQUIRE_MANY = (
     update(sessions_table)
+    .where(_c.id.in_(_STILL_FREE.scalar_subquery()))
+    .values(_TAKE)
+    .returning(*_RETURNING)
+)
+# The distributed layout locks no rows across shards: one statement per
+# chosen session, each on its shard.
+_ACQUIRE_ONE_FREE = (
+    update(sessions_table)
     .where(
-        _c.id == func.any(bindparam("ids", type_=ARRAY(UUID(as_uuid=True)))),
-        _FREE,
-        _ASSIGNABLE,
+        _c.id
+        == select(_c.id)
+        .where(_c.id == bindparam("locate_id"), _FREE, _ASSIGNABLE)
+        .with_for_update(skip_locked=True)
+        .scalar_subquery()
     )
     .values(_TAKE)
     .returning(*_RETURNING)
@@ -245,8 +267,11 @@ def acquire_sessions(
     and those calling this function now, ``node`` included, so that nodes
     that start together split the sessions between them instead of the
     first one taking all. Callers take turns (an advisory lock held until
-    their commit): commit right after the call. A node that already holds
-    its share gets nothing. Four statements.
+    their commit): commit right after the call; the call bounds the
+    transaction's idle time to ``lease``. A session whose row another
+    transaction holds is skipped. A node that already holds its share gets
+    nothing. Four statements (on the distributed layout, three and one per
+    session taken).
     """
     checked_node = _node(node)
     wanted = validation.integer(limit, "limit", maximum=validation.INT4_MAX)
@@ -262,7 +287,8 @@ def acquire_sessions(
         candidates = candidates.where(_AMONG)
     if wanted == 0:
         return []
-    execute(db, _ANNOUNCE_AND_WAIT, {"node_key": node_key(checked_node)})
+    idle = f"{max(1000, round(params['lease'].total_seconds() * 1000))}ms"
+    execute(db, _ANNOUNCE_AND_WAIT, {"node_key": node_key(checked_node), "idle": idle})
     present = set(execute(db, _PRESENT, {}).scalars())
     rows = execute(db, candidates, params).all()
     nodes = present | {node_key(checked_node)}
@@ -273,7 +299,15 @@ def acquire_sessions(
     chosen = free[: max(0, min(wanted, share))]
     if not chosen:
         return []
-    taken = [_ownership(row) for row in execute(db, _ACQUIRE_MANY, {**params, "ids": chosen})]
+    if layout.distributed(db):
+        rows_taken = [
+            row
+            for session_id in chosen
+            for row in execute(db, _ACQUIRE_ONE_FREE, {**params, "locate_id": session_id})
+        ]
+    else:
+        rows_taken = list(execute(db, _ACQUIRE_MANY, {**params, "ids": chosen}))
+    taken = [_ownership(row) for row in rows_taken]
     order = {session_id: position for position, session_id in enumerate(chosen)}
     taken.sort(key=lambda ownership: order[ownership.session_id])
     logger.info(
