@@ -29,7 +29,12 @@ from sqlalchemy.orm import Session
 from tests.processes import ROOT, url_arg
 from zaphub_db.crypto import KEYS_VARIABLE, Keyring, key_entry, new_key
 from zaphub_db.engine import engine_url
-from zaphub_db.errors import ConnectionLostError, LockTimeoutError, OwnershipLostError
+from zaphub_db.errors import (
+    ConnectionLostError,
+    LockTimeoutError,
+    OwnershipLostError,
+    TransientError,
+)
 from zaphub_db.repositories import auth_state, ownership, sessions
 from zaphub_db.testing.statements import recording
 
@@ -217,6 +222,25 @@ def test_a_caller_that_idles_past_its_lease_gives_up_its_turn(queue_engine: Engi
             stalled.commit()
     finally:
         stalled.close()
+
+
+def test_a_fenced_transaction_that_idles_past_the_lease_ends_with_a_transient_error(
+    queue_engine: Engine,
+) -> None:
+    (session_id,) = make_sessions(queue_engine, 1)
+    ring = Keyring({1: new_key()})
+    with Session(queue_engine) as db:
+        held = ownership.acquire_session(db, session_id, node="node-a", lease=timedelta(seconds=1))
+        db.commit()
+    assert held is not None
+    with Session(queue_engine) as db:
+        auth_state.set_auth_values(db, ring, session_id, {"creds": {"": b"a"}}, ownership=held)
+        time.sleep(6.5)  # past the lease and the 5 s floor: the row is let go
+        with pytest.raises(TransientError):
+            ownership.renew_session(db, held)
+        db.rollback()
+    with Session(queue_engine) as db:
+        assert auth_state.get_auth_values(db, ring, session_id, "creds", [""]) == {}
 
 
 class NodeProcess:

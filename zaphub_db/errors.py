@@ -157,6 +157,9 @@ _TRANSIENT_SQLSTATES: dict[str, type[TransientError]] = {
     "57P01": ConnectionLostError,
     "57P02": ConnectionLostError,
     "57P03": ConnectionLostError,
+    # idle_in_transaction_session_timeout ended the session that held the
+    # transaction (on Citus, a worker node's, reported through the coordinator).
+    "25P03": ConnectionLostError,
 }
 _RETRY_HINT = "; roll back and retry in a new transaction"
 _VALIDATION_SQLSTATES = {
