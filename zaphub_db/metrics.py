@@ -23,7 +23,7 @@ imported when a collector is built, not when this module is.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine
@@ -38,7 +38,22 @@ QUEUE = "messages"
 STATUSES = ("queued", "ready", "delayed", "processing", "failed", "dlq")
 
 
-class QueueCollector:
+class _StatsCollector:
+    """A collector of the stats ``read`` returns at each scrape."""
+
+    def __init__(self, read: Callable[[], QueueStats]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[Metric]:
+        """The metrics, read now."""
+        yield from metric_families(self._read())
+
+    def describe(self) -> list[Any]:
+        """Nothing to describe ahead: registering the collector sends no statement."""
+        return []
+
+
+class QueueCollector(_StatsCollector):
     """A ``prometheus_client`` collector of the queue's stats (one statement per scrape)."""
 
     def __init__(self, engine: Engine) -> None:
@@ -49,16 +64,11 @@ class QueueCollector:
                 "zaphub_db.metrics needs prometheus_client: pip install 'zaphub-db[prometheus]'"
             ) from exc
         self.engine = engine
+        super().__init__(self._scrape)
 
-    def collect(self) -> Iterator[Metric]:
-        """The metrics, read now."""
+    def _scrape(self) -> QueueStats:
         with Session(self.engine) as db:
-            stats = queue_stats(db)
-        yield from metric_families(stats)
-
-    def describe(self) -> list[Any]:
-        """Nothing to describe ahead: registering the collector sends no statement."""
-        return []
+            return queue_stats(db)
 
 
 def metric_families(stats: QueueStats, queue: str = QUEUE) -> Iterator[Metric]:
@@ -94,13 +104,6 @@ def exposition(stats: QueueStats) -> str:
     """``stats`` in Prometheus's text format."""
     from prometheus_client import CollectorRegistry, generate_latest
 
-    class _Fixed:
-        def collect(self) -> Iterator[Metric]:
-            yield from metric_families(stats)
-
-        def describe(self) -> list[Any]:
-            return []
-
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Fixed())
+    registry.register(_StatsCollector(lambda: stats))
     return generate_latest(registry).decode()
