@@ -42,11 +42,11 @@ class _StatsCollector:
     """A collector of the stats ``read`` returns at each scrape."""
 
     def __init__(self, read: Callable[[], QueueStats]) -> None:
-        self._read = read
+        self._reader = read
 
     def collect(self) -> Iterator[Metric]:
         """The metrics, read now."""
-        yield from metric_families(self._read())
+        yield from metric_families(self._reader())
 
     def describe(self) -> list[Any]:
         """Nothing to describe ahead: registering the collector sends no statement."""
