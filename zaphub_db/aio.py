@@ -12,13 +12,13 @@ the same objects for both faces.
 
 :func:`routing_sessionmaker` and :func:`use_primary` route an ``AsyncSession``
 between a primary and a replica with the sync rules. :func:`wait_for_messages`,
-:func:`run_worker` and :class:`Enqueuer` are async in their own right (an
-async LISTEN with no thread and no polling; a worker loop with an
+:func:`run_worker`, :func:`run_webhook_worker` and :class:`Enqueuer` are async
+in their own right (an async LISTEN with no thread and no polling; a worker loop with an
 ``asyncio.Event`` to stop, coroutine handlers and a bounded number of sends
 in flight; group commit on writer tasks), and :func:`create_async_engine`
 mirrors :func:`zaphub_db.create_engine`. Each of those lives beside its sync
 counterpart, in the module of its concern (``engine``, ``routing``,
-``wakeups``, ``worker``, ``enqueuer``), and is re-exported here under the
+``wakeups``, ``worker``, ``webhooks``, ``enqueuer``), and is re-exported here under the
 sync name; this module holds the twins.
 """
 
@@ -44,7 +44,15 @@ from zaphub_db.errors import (
     connection_lost,
 )
 from zaphub_db.models import WhatsAppSession
-from zaphub_db.repositories import auth_state, events, messages, ownership, queue, sessions
+from zaphub_db.repositories import (
+    auth_state,
+    events,
+    messages,
+    ownership,
+    queue,
+    sessions,
+    webhooks,
+)
 from zaphub_db.repositories.auth_state import RotationBatch as RotationBatch
 from zaphub_db.repositories.bulk import BulkResult as BulkResult
 from zaphub_db.repositories.ownership import Ownership as Ownership
@@ -53,6 +61,7 @@ from zaphub_db.routing import async_routing_sessionmaker as routing_sessionmaker
 from zaphub_db.routing import async_use_primary as use_primary
 from zaphub_db.wakeups import async_stop_listening as stop_listening
 from zaphub_db.wakeups import async_wait_for_messages
+from zaphub_db.webhooks import async_run_webhook_worker as run_webhook_worker
 from zaphub_db.worker import async_run_worker as run_worker
 from zaphub_db.worker_loop import (
     PermanentFailure,
@@ -142,6 +151,13 @@ set_auth_values = _twin(auth_state.set_auth_values)
 clear_auth_state = _twin(auth_state.clear_auth_state)
 count_stale_auth_values = _twin(auth_state.count_stale_auth_values)
 rotate_auth_keys = _twin(auth_state.rotate_auth_keys)
+# webhook deliveries
+enqueue_webhook = _twin(webhooks.enqueue_webhook)
+webhook_stats = _twin(webhooks.webhook_stats)
+redrive_webhooks = _twin(webhooks.redrive_webhooks)
+delete_settled_webhooks = _twin(webhooks.delete_settled_webhooks)
+count_settled_webhooks = _twin(webhooks.count_settled_webhooks)
+list_webhooks = _twin(webhooks.list_webhooks)
 # seeds
 seed = _twin(sync_seed.seed)
 # wake-ups (async in their own right)
@@ -154,6 +170,7 @@ __all__ = [
     "WorkerSummary",
     "create_async_engine",
     "routing_sessionmaker",
+    "run_webhook_worker",
     "run_worker",
     "seed",
     "stop_listening",

@@ -270,19 +270,24 @@ def cmd_queue_stats(args: argparse.Namespace) -> int:
                 return 1
             sys.stdout.write(exposition(stats))
             return 0
-        if args.json:
-            fields = dataclasses.asdict(stats)
-            age = stats.oldest_ready_age
-            fields["oldest_ready_age"] = None if age is None else age.total_seconds()
-            _say(json.dumps(fields))
-            return 0
-        for name, value in dataclasses.asdict(stats).items():
-            if name == "oldest_ready_age":
-                value = "-" if value is None else f"{value.total_seconds():.1f} s"
-            _say(f"{name + ':':<18}{value}")
+        _print_stats(stats, as_json=args.json)
         return 0
 
     return _connect(args, work)
+
+
+def _print_stats(stats: Any, *, as_json: bool) -> None:
+    """A queue's stats (messages' or webhooks'): one JSON object (ages in seconds), or lines."""
+    if as_json:
+        fields = dataclasses.asdict(stats)
+        age = stats.oldest_ready_age
+        fields["oldest_ready_age"] = None if age is None else age.total_seconds()
+        _say(json.dumps(fields))
+        return
+    for name, value in dataclasses.asdict(stats).items():
+        if name == "oldest_ready_age":
+            value = "-" if value is None else f"{value.total_seconds():.1f} s"
+        _say(f"{name + ':':<18}{value}")
 
 
 def cmd_queue_recover(args: argparse.Namespace) -> int:
@@ -312,6 +317,73 @@ def cmd_queue_requeue_dlq(args: argparse.Namespace) -> int:
             db.commit()
         scope = f" of session {args.session}" if args.session else ""
         _say(f"requeued {requeued} dead-lettered message(s){scope}")
+        return 0
+
+    return _connect(args, work)
+
+
+def cmd_webhooks_stats(args: argparse.Namespace) -> int:
+    from sqlalchemy.orm import Session
+
+    from zaphub_db.repositories import webhooks
+
+    def work(connection: Connection) -> int:
+        with Session(bind=connection) as db:
+            stats = webhooks.webhook_stats(db, session_id=args.session)
+        _print_stats(stats, as_json=args.json)
+        return 0
+
+    return _connect(args, work)
+
+
+def cmd_webhooks_redrive(args: argparse.Namespace) -> int:
+    from sqlalchemy.orm import Session
+
+    from zaphub_db.repositories import webhooks
+
+    def work(connection: Connection) -> int:
+        with Session(bind=connection) as db:
+            redriven = webhooks.redrive_webhooks(db, session_id=args.session, status=args.status)
+            db.commit()
+        of = "" if args.session is None else f" of session {args.session}"
+        _say(f"redrove {redriven} {args.status} webhook delivery(ies){of}")
+        return 0
+
+    return _connect(args, work)
+
+
+def cmd_webhooks_cleanup(args: argparse.Namespace) -> int:
+    from sqlalchemy.orm import Session
+
+    from zaphub_db.progress import ProgressLine
+    from zaphub_db.repositories import webhooks
+
+    older_than = timedelta(days=args.days)
+
+    def work(connection: Connection) -> int:
+        total = batches = 0
+        with Session(bind=connection) as db:
+            count = webhooks.count_settled_webhooks(db, older_than)
+            db.commit()
+            progress = ProgressLine("deleted", "deliveries", count)
+            while True:
+                # Each batch commits on its own: short transactions, short locks.
+                deleted = webhooks.delete_settled_webhooks(
+                    db, older_than, batch_size=args.batch_size
+                )
+                db.commit()
+                if deleted == 0:
+                    break
+                batches += 1
+                total += deleted
+                progress.update(total)
+                if deleted < args.batch_size:
+                    break
+            progress.finish(total)
+        _say(
+            f"deleted {total} webhook deliveries settled more than {args.days} days ago "
+            f"in {batches} batch(es)"
+        )
         return 0
 
     return _connect(args, work)
@@ -481,6 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_schema_commands(commands, url)
     _add_data_commands(commands, url)
     _add_queue_commands(commands, url)
+    _add_webhook_commands(commands, url)
     _add_auth_commands(commands, url)
     return parser
 
@@ -582,6 +655,36 @@ def _add_queue_commands(commands: Any, url: argparse.ArgumentParser) -> None:
         "--session", type=_session_id, help="only this session's dead letters (its id)"
     )
     requeue.set_defaults(handler=cmd_queue_requeue_dlq)
+
+
+def _add_webhook_commands(commands: Any, url: argparse.ArgumentParser) -> None:
+    """webhooks stats, webhooks redrive, webhooks cleanup."""
+    parser = commands.add_parser("webhooks", help="inspect and repair the webhook deliveries")
+    webhook_commands = parser.add_subparsers(dest="webhooks_command", required=True)
+    stats = webhook_commands.add_parser(
+        "stats", parents=[url], help="depth and age of the webhook queue"
+    )
+    stats.add_argument("--session", type=_session_id, help="one session's deliveries (its id)")
+    stats.add_argument("--json", action="store_true", help="one JSON object (ages in seconds)")
+    stats.set_defaults(handler=cmd_webhooks_stats)
+    redrive = webhook_commands.add_parser(
+        "redrive", parents=[url], help="put dead-lettered (or failed) deliveries back in the queue"
+    )
+    redrive.add_argument("--session", type=_session_id, help="only this session's (its id)")
+    redrive.add_argument(
+        "--status", choices=("dlq", "failed"), default="dlq", help="which to redrive (dlq)"
+    )
+    redrive.set_defaults(handler=cmd_webhooks_redrive)
+    cleanup = webhook_commands.add_parser(
+        "cleanup", parents=[url], help="delete settled deliveries in batches"
+    )
+    cleanup.add_argument(
+        "--days", type=_non_negative, required=True, help="keep those settled this many days"
+    )
+    cleanup.add_argument(
+        "--batch-size", type=_positive, default=1000, help="deliveries per transaction (1000)"
+    )
+    cleanup.set_defaults(handler=cmd_webhooks_cleanup)
 
 
 def _add_auth_commands(commands: Any, url: argparse.ArgumentParser) -> None:

@@ -3,8 +3,8 @@
 ``zaphub-db distribute`` (and :func:`distribute`) turns the tables of a
 migrated database into Citus's distributed layout:
 
-- ``sessions`` is distributed by ``id``; ``messages``, ``events`` and
-  ``auth_state`` by ``session_id``, co-located with it, so that every
+- ``sessions`` is distributed by ``id``; ``messages``, ``events``,
+  ``auth_state`` and ``webhook_deliveries`` by ``session_id``, co-located with it, so that every
   statement about one session (its messages, its events, its auth state,
   the cascade of ``delete_session``, a claim of its queue) runs on the one
   worker node that holds its shard;
@@ -16,8 +16,9 @@ migrated database into Citus's distributed layout:
   same columns on the coordinator; the event functions read and write it on
   this layout, so that ``create_event(session_id=None)`` and
   ``get_recent_events`` behave as on a single node;
-- the NOTIFY triggers on ``messages`` are dropped: on a worker node nobody
-  listens, and Citus's two-phase commit refuses a transaction that notified.
+- the NOTIFY triggers on ``messages`` and ``webhook_deliveries`` are
+  dropped: on a worker node nobody listens, and Citus's two-phase commit
+  refuses a transaction that notified.
   The repository functions notify from the coordinator's transaction
   instead (``zaphub_db.repositories.layout``);
 - ``sessions_updated_at`` stays, created on every shard
@@ -49,15 +50,21 @@ DISTRIBUTION = (
     ("messages", "session_id"),
     ("events", "session_id"),
     ("auth_state", "session_id"),
+    ("webhook_deliveries", "session_id"),
 )
-# The tables of the first revisions; a later one's table (auth_state, 0008)
-# is distributed when present, and its revision distributes it itself on a
-# database that has the layout already.
+# The tables of the first revisions; a later one's table (auth_state, 0008;
+# webhook_deliveries, 0009) is distributed when present, and its revision
+# distributes it itself on a database that has the layout already.
 REQUIRED = ("sessions", "messages", "events")
 # The keys the layout gives the tables whose primary key lacks the
 # distribution column (the constraint keeps its name).
 COMPOSITE_KEYS = {"messages": ("id", "session_id"), "events": ("id", "session_id")}
-NOTIFY_TRIGGERS = ("messages_notify_insert", "messages_notify_requeue")
+NOTIFY_TRIGGERS = (
+    ("messages", "messages_notify_insert"),
+    ("messages", "messages_notify_requeue"),
+    ("webhook_deliveries", "webhook_deliveries_notify_insert"),
+    ("webhook_deliveries", "webhook_deliveries_notify_requeue"),
+)
 DEFAULT_SHARD_COUNT = 32
 
 
@@ -105,15 +112,15 @@ def _primary_key(connection: Connection, table: str) -> tuple[str, ...]:
     return tuple(columns)
 
 
-def _triggers(connection: Connection) -> set[str]:
-    return set(
-        connection.scalars(
-            text(
-                "SELECT tgname FROM pg_trigger "
-                "WHERE tgrelid = 'messages'::regclass AND NOT tgisinternal"
-            )
-        )
+def _triggers(connection: Connection) -> set[tuple[str, str]]:
+    rows = connection.execute(
+        text(
+            "SELECT tgrelid::regclass::text, tgname FROM pg_trigger "
+            "WHERE tgrelid::regclass::text = ANY(:tables) AND NOT tgisinternal"
+        ),
+        {"tables": sorted({table for table, _ in NOTIFY_TRIGGERS})},
     )
+    return {(table, name) for table, name in rows}
 
 
 def _event_columns() -> str:
@@ -184,11 +191,11 @@ def distribute(
         )
     connection.execute(text("SET LOCAL citus.enable_unsafe_triggers = on"))
     triggers = _triggers(connection)
-    for trigger in NOTIFY_TRIGGERS:
-        if trigger in triggers:
+    for table, trigger in NOTIFY_TRIGGERS:
+        if (table, trigger) in triggers:
             step(
                 f"drop trigger {trigger} (wake-ups come from the coordinator's transaction)",
-                f"DROP TRIGGER {trigger} ON messages",
+                f"DROP TRIGGER {trigger} ON {table}",
             )
     for table, key in COMPOSITE_KEYS.items():
         if table in done or _primary_key(connection, table) == key:

@@ -58,7 +58,7 @@ def _checked_timeout(timeout: Any) -> float:
 class ThreadListener:
     """A connection of one thread that LISTENs on the queue's channel."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, channel: str = CHANNEL) -> None:
         pooled = engine.raw_connection()
         connection = pooled.driver_connection
         if not isinstance(connection, psycopg.Connection):
@@ -72,7 +72,7 @@ class ThreadListener:
         pooled.detach()
         connection.rollback()
         connection.autocommit = True
-        connection.execute(f"LISTEN {CHANNEL}")
+        connection.execute(f"LISTEN {channel}")
         self.connection: psycopg.Connection[Any] = connection
 
     def wait(self, timeout: float) -> bool:
@@ -106,7 +106,7 @@ _listeners: weakref.WeakKeyDictionary[Engine, threading.local] = weakref.WeakKey
 _listeners_lock = threading.Lock()
 
 
-def wait_for_messages(engine: Engine, timeout: float) -> bool:
+def wait_for_messages(engine: Engine, timeout: float, *, channel: str = CHANNEL) -> bool:
     """Wait until a message may have become claimable; ``False`` after ``timeout`` seconds.
 
     Returns ``True`` on a notification on channel ``zaphub_messages``: a
@@ -126,6 +126,9 @@ def wait_for_messages(engine: Engine, timeout: float) -> bool:
     ``timeout`` is shorter), and the caller's next claim is the poll. An
     engine made with ``listen_url`` (``zaphub_db.create_engine``) listens
     on a connection to that URL instead, and so does not poll.
+
+    ``channel``: another queue's channel (the webhook deliveries' is
+    ``zaphub_webhooks``); each channel has a listener of its own.
     """
     _checked_timeout(timeout)
     listen_url = listen_url_of(engine)
@@ -135,14 +138,16 @@ def wait_for_messages(engine: Engine, timeout: float) -> bool:
         return result
     with _listeners_lock:
         local = _listeners.setdefault(engine, threading.local())
-    listener: ThreadListener | None = getattr(local, "listener", None)
+    held: dict[str, ThreadListener] = local.__dict__.setdefault("listeners", {})
+    listener = held.get(channel)
     if listener is None:
         with contextlib.suppress(
             psycopg.OperationalError, OperationalError, TransientError, DatabaseUnavailableError
         ):
             # No server to listen to: the caller's next query will say why.
-            local.listener = ThreadListener(
-                engine if listen_url is None else create_engine(listen_url, poolclass=NullPool)
+            held[channel] = ThreadListener(
+                engine if listen_url is None else create_engine(listen_url, poolclass=NullPool),
+                channel,
             )
         # Not listening until now, so a commit may have gone unheard: "maybe",
         # at once. The caller's claim finds out, and later waits miss nothing.
@@ -151,18 +156,18 @@ def wait_for_messages(engine: Engine, timeout: float) -> bool:
         return listener.wait(timeout)
     except psycopg.Error:
         listener.close()
-        local.listener = None
+        held.pop(channel, None)
         return True
 
 
-def stop_listening(engine: Engine) -> None:
-    """Close this thread's listening connection on ``engine``, if it has one."""
+def stop_listening(engine: Engine, *, channel: str = CHANNEL) -> None:
+    """Close this thread's listening connection on ``engine`` (for ``channel``), if any."""
     with _listeners_lock:
         local = _listeners.get(engine)
-    listener: ThreadListener | None = getattr(local, "listener", None) if local else None
+    held: dict[str, ThreadListener] = local.__dict__.get("listeners", {}) if local else {}
+    listener = held.pop(channel, None)
     if listener is not None:
         listener.close()
-        local.listener = None  # type: ignore[union-attr]
 
 
 # --- Tasks ------------------------------------------------------------------------
@@ -177,7 +182,7 @@ class AsyncListener:
         self.asyncpg = hasattr(connection, "add_listener")
 
     @classmethod
-    async def start(cls, engine: AsyncEngine) -> AsyncListener:
+    async def start(cls, engine: AsyncEngine, channel: str = CHANNEL) -> AsyncListener:
         pooled = await engine.raw_connection()
         connection = pooled.driver_connection
         assert connection is not None
@@ -185,11 +190,11 @@ class AsyncListener:
         pooled.detach()
         listener = cls(connection)
         if listener.asyncpg:
-            await connection.add_listener(CHANNEL, listener._notified)
+            await connection.add_listener(channel, listener._notified)
         else:
             await connection.rollback()
             await connection.set_autocommit(True)
-            await connection.execute(f"LISTEN {CHANNEL}")
+            await connection.execute(f"LISTEN {channel}")
         return listener
 
     def _notified(self, *_: Any) -> None:
@@ -219,19 +224,23 @@ class AsyncListener:
         await self.connection.close()
 
 
-_task_listener_maps: weakref.WeakKeyDictionary[asyncio.Task[Any], dict[int, AsyncListener]] = (
+# A task's listeners, by engine and channel.
+Listeners = dict[tuple[int, str], AsyncListener]
+_task_listener_maps: weakref.WeakKeyDictionary[asyncio.Task[Any], Listeners] = (
     weakref.WeakKeyDictionary()
 )
 
 
-def _task_listeners() -> dict[int, AsyncListener]:
+def _task_listeners() -> Listeners:
     task = asyncio.current_task()
     if task is None:
         raise RuntimeError("wait_for_messages must run inside an asyncio task")
     return _task_listener_maps.setdefault(task, {})
 
 
-async def async_wait_for_messages(engine: AsyncEngine, timeout: float) -> bool:
+async def async_wait_for_messages(
+    engine: AsyncEngine, timeout: float, *, channel: str = CHANNEL
+) -> bool:
     """The async twin of :func:`wait_for_messages` (``zaphub_db.aio.wait_for_messages``).
 
     The first call in a task starts listening on a connection of that task's
@@ -243,11 +252,11 @@ async def async_wait_for_messages(engine: AsyncEngine, timeout: float) -> bool:
     was made with a ``listen_url``.
     """
     _checked_timeout(timeout)
-    return await async_wait(engine, timeout, _task_listeners())
+    return await async_wait(engine, timeout, _task_listeners(), channel)
 
 
 async def async_wait(
-    engine: AsyncEngine, timeout: float, listeners: dict[int, AsyncListener]
+    engine: AsyncEngine, timeout: float, listeners: Listeners, channel: str = CHANNEL
 ) -> bool:
     """The wait itself, on the listener ``listeners`` keeps for ``engine``."""
     listen_url = listen_url_of(engine)
@@ -255,24 +264,26 @@ async def async_wait(
         seconds, result = pooler_wait_seconds(timeout)
         await asyncio.sleep(seconds)
         return result
-    listener = listeners.get(id(engine))
+    key = (id(engine), channel)
+    listener = listeners.get(key)
     if listener is None:
         with contextlib.suppress(
             OSError, OperationalError, DBAPIError, TransientError, DatabaseUnavailableError
         ):  # no server to listen to: the caller's next query will say why
-            listeners[id(engine)] = await AsyncListener.start(
+            listeners[key] = await AsyncListener.start(
                 engine
                 if listen_url is None
                 else _async_engine(
                     listen_url.set(drivername=engine.url.drivername), poolclass=NullPool
-                )
+                ),
+                channel,
             )
         # Not listening until now: a commit may have gone unheard (see the sync twin).
         return True
     try:
         return await listener.wait(timeout)
     except Exception:  # a broken listening connection: something may have been missed
-        listeners.pop(id(engine), None)
+        listeners.pop(key, None)
         with contextlib.suppress(Exception):  # it is broken already
             await listener.close()
         return True
@@ -284,9 +295,9 @@ def _async_engine(url: Any, **kwargs: Any) -> AsyncEngine:
     return create_async_engine(url, **kwargs)
 
 
-async def async_stop_listening(engine: AsyncEngine) -> None:
-    """Close this task's listening connection on ``engine``, if it has one."""
-    listener = _task_listeners().pop(id(engine), None)
+async def async_stop_listening(engine: AsyncEngine, *, channel: str = CHANNEL) -> None:
+    """Close this task's listening connection on ``engine`` (for ``channel``), if any."""
+    listener = _task_listeners().pop((id(engine), channel), None)
     if listener is not None:
         await listener.close()
 

@@ -16,6 +16,7 @@ and stops cleanly. Delivery is at least once (see
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import os
 import socket
@@ -24,7 +25,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
@@ -37,7 +38,7 @@ from zaphub_db import wakeups
 from zaphub_db.errors import asyncpg_connection_errors, connection_lost, translate_db_error
 from zaphub_db.models import Message
 from zaphub_db.repositories import queue
-from zaphub_db.wakeups import AsyncListener, async_wait
+from zaphub_db.wakeups import Listeners, async_wait
 from zaphub_db.worker_loop import (
     PermanentFailure,
     SendLoop,
@@ -76,11 +77,19 @@ def in_transaction(engine: Engine, work: Callable[[Session], T]) -> T:
         raise translated from exc
 
 
-class _ThreadPort:
+class ThreadPort:
     """The loop's access to a sync engine and a sync handler: each on threads of its own."""
 
-    def __init__(self, engine: Engine, handler: Handler, stop: threading.Event, sends: int) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        handler: Callable[[Any], object],
+        stop: threading.Event,
+        sends: int,
+        channel: str = wakeups.CHANNEL,
+    ) -> None:
         self.engine = engine
+        self.channel = channel
         self.handler = handler
         self.stop = stop
         self.database = ThreadPoolExecutor(DATABASE_THREADS, thread_name_prefix="zaphub-db")
@@ -95,10 +104,13 @@ class _ThreadPort:
     async def wait_for_messages(self, timeout: float) -> bool:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
-            self.listener, wakeups.wait_for_messages, self.engine, timeout
+            self.listener,
+            functools.partial(wakeups.wait_for_messages, channel=self.channel),
+            self.engine,
+            timeout,
         )
 
-    async def send(self, message: Message) -> object:
+    async def send(self, message: Any) -> object:
         return await asyncio.get_running_loop().run_in_executor(self.senders, self.handler, message)
 
     def stopped(self) -> bool:
@@ -106,7 +118,11 @@ class _ThreadPort:
 
     async def close(self) -> None:
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self.listener, wakeups.stop_listening, self.engine)
+        await loop.run_in_executor(
+            self.listener,
+            functools.partial(wakeups.stop_listening, channel=self.channel),
+            self.engine,
+        )
         for pool in (self.database, self.listener, self.senders):
             pool.shutdown(wait=False)
 
@@ -160,7 +176,7 @@ def run_worker(
     sends = check_arguments(handler, batch_size, poll_interval, max_concurrent_sends)
     stop = stop if stop is not None else threading.Event()
     loop = SendLoop(
-        _ThreadPort(engine, handler, stop, sends),
+        ThreadPort(engine, handler, stop, sends),
         name=worker if worker is not None else default_worker_name(),
         batch_size=batch_size,
         lease=lease,
@@ -203,20 +219,27 @@ async def async_in_transaction(engine: AsyncEngine, work: Callable[[Session], T]
 class TaskPort:
     """The loop's access to an async engine and a (possibly async) handler, on one event loop."""
 
-    def __init__(self, engine: AsyncEngine, handler: AsyncHandler, stop: asyncio.Event) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        handler: Callable[[Any], object],
+        stop: asyncio.Event,
+        channel: str = wakeups.CHANNEL,
+    ) -> None:
         self.engine = engine
+        self.channel = channel
         self.handler = handler
         self.stop = stop
         # The port's own listener: the loop waits from tasks of its own making.
-        self.listeners: dict[int, AsyncListener] = {}
+        self.listeners: Listeners = {}
 
     async def transact(self, work: Callable[[Session], T]) -> T:
         return await async_in_transaction(self.engine, work)
 
     async def wait_for_messages(self, timeout: float) -> bool:
-        return await async_wait(self.engine, timeout, self.listeners)
+        return await async_wait(self.engine, timeout, self.listeners, self.channel)
 
-    async def send(self, message: Message) -> object:
+    async def send(self, message: Any) -> object:
         result = self.handler(message)
         return await result if inspect.isawaitable(result) else result
 

@@ -1,10 +1,13 @@
-"""The send loop that both ``run_worker`` faces run: written once, on asyncio.
+"""The send loop that every worker runs: written once, on asyncio.
 
 ``zaphub_db.worker.run_worker`` (threads) and ``zaphub_db.aio.run_worker``
 (tasks) differ only in how they reach the database, wait for wake-ups and
 call the handler. That difference is a :class:`Port`; everything else (what
 is claimed when, how many sends run at once, when a message counts as
 settled, the heartbeat, the retries, the stop) is :class:`SendLoop`, here.
+The queue table it works is a :class:`QueueOps`: :class:`MessageQueue` for
+the send workers, ``zaphub_db.webhooks``' for the webhook workers, both on
+the one queue engine (:mod:`zaphub_db.repositories.queue_engine`).
 
 The life of a message in the loop:
 
@@ -43,8 +46,8 @@ from typing import Any, Protocol, TypeVar
 from sqlalchemy.orm import Session
 
 from zaphub_db.errors import TransientError, ValidationError, ZaphubDBError, quoted
-from zaphub_db.models import Message
 from zaphub_db.repositories import queue, validation
+from zaphub_db.wakeups import CHANNEL
 
 logger = logging.getLogger("zaphub_db.worker")
 
@@ -80,7 +83,7 @@ class WorkerSummary:
     stale: int = 0
     database_errors: int = 0
 
-    def count_failure(self, after: Message | None) -> None:
+    def count_failure(self, after: Any) -> None:
         """Count a recorded failure by where it left the message (``None``: not recorded)."""
         if after is None:
             return
@@ -88,6 +91,96 @@ class WorkerSummary:
             self.retried += 1
         elif after.status in ("failed", "dlq"):
             self.failed += 1
+
+
+class QueueOps(Protocol):
+    """What the loop does to the rows of one queue table (messages, webhook deliveries):
+    the repository's calls, and how a send's outcome becomes an ack or a failure."""
+
+    channel: str  # the wake-up channel of the table
+    noun: str  # "message", for the logs
+
+    def claim(self, db: Session, **options: Any) -> list[Any]:
+        """Claim rows (``limit``, ``session_id``, ``lease``, ``worker``, ``ordered``,
+        ``max_in_flight_per_session``)."""
+        ...
+
+    def recover(self, db: Session) -> int:
+        """Rows whose lease lapsed, back to the queue."""
+        ...
+
+    def extend_lease(self, db: Session, ids: list[uuid.UUID], lease: timedelta) -> int:
+        """The heartbeat."""
+        ...
+
+    def ack_of(self, item: Any, result: object) -> dict[str, Any]:
+        """The ack of ``item``, whose send returned ``result``."""
+        ...
+
+    def acknowledge(self, db: Session, acks: list[dict[str, Any]]) -> int:
+        """Write the acks (fenced by their attempts); how many moved."""
+        ...
+
+    def record_failure(
+        self, db: Session, item: Any, exc: BaseException, retry_in: timedelta | None
+    ) -> Any:
+        """Write the failure ``exc`` of ``item``'s send (fenced by its attempt); the row after."""
+        ...
+
+    def release(self, db: Session, items: list[Any]) -> int:
+        """Give back claimed rows never started."""
+        ...
+
+
+class MessageQueue:
+    """The messages table to the loop (``run_worker``)."""
+
+    channel = CHANNEL
+    noun = "message"
+
+    def claim(self, db: Session, **options: Any) -> list[Any]:
+        return queue.claim_queued_messages(db, **options)
+
+    def recover(self, db: Session) -> int:
+        return queue.recover_stalled_messages(db)
+
+    def extend_lease(self, db: Session, ids: list[uuid.UUID], lease: timedelta) -> int:
+        return queue.extend_lease(db, ids, lease=lease)
+
+    def ack_of(self, item: Any, result: object) -> dict[str, Any]:
+        ack: dict[str, Any] = {
+            "id": item.id,
+            "attempt": item.attempts,
+            "session_id": item.session_id,
+        }
+        if isinstance(result, str):
+            ack["wa_message_id"] = result
+        elif result is not None:
+            logger.warning(
+                "handler returned %r for message %s; expected a WhatsApp id or None",
+                result,
+                item.id,
+            )
+        return ack
+
+    def acknowledge(self, db: Session, acks: list[dict[str, Any]]) -> int:
+        return queue.mark_messages_sent(db, acks)
+
+    def record_failure(
+        self, db: Session, item: Any, exc: BaseException, retry_in: timedelta | None
+    ) -> Any:
+        return queue.mark_message_failed(
+            db,
+            item.id,
+            failure_text(exc),
+            retryable=not isinstance(exc, PermanentFailure),
+            retry_in=retry_in,
+            attempt=item.attempts,
+            session_id=item.session_id,
+        )
+
+    def release(self, db: Session, items: list[Any]) -> int:
+        return queue.release_messages(db, items)
 
 
 class Port(Protocol):
@@ -98,10 +191,10 @@ class Port(Protocol):
         ...
 
     async def wait_for_messages(self, timeout: float) -> bool:
-        """:func:`zaphub_db.wakeups.wait_for_messages`, from one listener."""
+        """:func:`zaphub_db.wakeups.wait_for_messages` on the port's channel, from one listener."""
         ...
 
-    async def send(self, message: Message) -> object:
+    async def send(self, message: Any) -> object:
         """Call the handler for ``message``; what it returned (the WhatsApp id, or None)."""
         ...
 
@@ -167,8 +260,10 @@ class SendLoop:
         retry_in: timedelta | None,
         sends: int,
         sessions: Iterable[uuid.UUID | str] | None = None,
+        ops: QueueOps | None = None,
     ) -> None:
         self.port = port
+        self.ops: QueueOps = ops if ops is not None else MessageQueue()
         self.name = name
         self.batch_size = batch_size
         self.lease = lease
@@ -192,7 +287,7 @@ class SendLoop:
         self.min_claim = max(1, min(batch_size, sends) // 2)
         self.summary = WorkerSummary()
         self.held: set[uuid.UUID] = set()  # claimed and not yet settled: under the heartbeat
-        self.ready: deque[Message] = deque()  # claimed, not yet started
+        self.ready: deque[Any] = deque()  # claimed, not yet started
         self.running: set[asyncio.Task[None]] = set()
         self.acks: list[dict[str, Any]] = []  # sent, waiting for their ack's commit
         self.ack_pending = asyncio.Event()
@@ -232,7 +327,7 @@ class SendLoop:
         last_recovery = float("-inf")
         while not self.port.stopped():
             if time.monotonic() - last_recovery >= self.poll_interval:
-                if await self._database(queue.recover_stalled_messages) is None:
+                if await self._database(self.ops.recover) is None:
                     continue
                 last_recovery = time.monotonic()
             # Cleared before the claim: a settlement from here on ends the wait below.
@@ -241,7 +336,7 @@ class SendLoop:
             # a send slot that frees up finds its next message already claimed.
             room = min(self.batch_size + self.sends - len(self.ready) - len(self.running),
                        self.batch_size)  # fmt: skip
-            claimed: list[Message] = []
+            claimed: list[Any] = []
             # Claim when half a batch has room (a claim per finished send would
             # cost a statement per message), or when nothing is in hand.
             if room >= self.min_claim or (room > 0 and not self.ready and not self.running):
@@ -258,15 +353,15 @@ class SendLoop:
                 continue  # a full claim: there may be more, and the sends are running
             await self._wait_for_work(idle=not self.running and not self.ready)
 
-    def _claim(self, db: Session, *, limit: int) -> list[Message]:
+    def _claim(self, db: Session, *, limit: int) -> list[Any]:
         """One claim: across every session, or from this worker's sessions in turn."""
         if self.sessions is None:
-            return queue.claim_queued_messages(db, limit=limit, **self.claim_options)
-        claimed: list[Message] = []
+            return self.ops.claim(db, limit=limit, **self.claim_options)
+        claimed: list[Any] = []
         start, self.turn = self.turn, (self.turn + 1) % len(self.sessions)
         for k in range(len(self.sessions)):
             session_id = self.sessions[(start + k) % len(self.sessions)]
-            claimed += queue.claim_queued_messages(
+            claimed += self.ops.claim(
                 db, limit=limit - len(claimed), session_id=session_id, **self.claim_options
             )
             if len(claimed) >= limit:
@@ -328,30 +423,17 @@ class SendLoop:
         self.running.discard(task)
         self._start_sends()
 
-    async def _send(self, message: Message) -> None:
+    async def _send(self, message: Any) -> None:
         try:
-            wa_message_id = await self.port.send(message)
-        except PermanentFailure as exc:
-            await self._record_failure(message, exc, retryable=False)
-            return
+            result = await self.port.send(message)
         except Exception as exc:
-            logger.warning("send of message %s failed: %s", message.id, failure_text(exc))
-            await self._record_failure(message, exc, retryable=True)
+            if not isinstance(exc, PermanentFailure):
+                logger.warning(
+                    "send of %s %s failed: %s", self.ops.noun, message.id, failure_text(exc)
+                )
+            await self._record_failure(message, exc)
             return
-        ack: dict[str, Any] = {
-            "id": message.id,
-            "attempt": message.attempts,
-            "session_id": message.session_id,
-        }
-        if isinstance(wa_message_id, str):
-            ack["wa_message_id"] = wa_message_id
-        elif wa_message_id is not None:
-            logger.warning(
-                "handler returned %r for message %s; expected a WhatsApp id or None",
-                wa_message_id,
-                message.id,
-            )
-        self.acks.append(ack)
+        self.acks.append(self.ops.ack_of(message, result))
         self.ack_pending.set()
 
     async def _acker(self) -> None:
@@ -368,28 +450,16 @@ class SendLoop:
             acks, self.acks = self.acks, []
             if not acks:
                 return
-            moved = await self._write(lambda db: queue.mark_messages_sent(db, acks), None)
+            moved = await self._write(lambda db: self.ops.acknowledge(db, acks), None)
             if moved is not None:
                 self.summary.sent += moved
                 self.summary.stale += len(acks) - moved
             # Settled, or left to the lease after WRITE_ATTEMPTS: not ours to extend either way.
             self._settle(ack["id"] for ack in acks)
 
-    async def _record_failure(
-        self, message: Message, exc: BaseException, *, retryable: bool
-    ) -> None:
-        error = failure_text(exc)
+    async def _record_failure(self, message: Any, exc: BaseException) -> None:
         after = await self._write(
-            lambda db: queue.mark_message_failed(
-                db,
-                message.id,
-                error,
-                retryable=retryable,
-                retry_in=self.retry_in,
-                attempt=message.attempts,
-                session_id=message.session_id,
-            ),
-            None,
+            lambda db: self.ops.record_failure(db, message, exc, self.retry_in), None
         )
         self.summary.count_failure(after)
         self._settle([message.id])
@@ -427,7 +497,7 @@ class SendLoop:
                 continue
             try:
                 await self.port.transact(
-                    functools.partial(queue.extend_lease, ids=ids, lease=lease)
+                    functools.partial(self.ops.extend_lease, ids=ids, lease=lease)
                 )
             except ZaphubDBError as exc:
                 logger.warning("lease heartbeat failed (retried next beat): %s", exc)
@@ -440,7 +510,7 @@ class SendLoop:
         unstarted = list(self.ready)
         self.ready.clear()
         if unstarted:
-            released = await self._write(lambda db: queue.release_messages(db, unstarted), 0)
+            released = await self._write(lambda db: self.ops.release(db, unstarted), 0)
             self.summary.released += released
             self._settle(m.id for m in unstarted)
 
@@ -460,8 +530,10 @@ def run_in_loop(coroutine: Coroutine[Any, Any, R]) -> R:
 
 __all__ = [
     "STOP_CHECK",
+    "MessageQueue",
     "PermanentFailure",
     "Port",
+    "QueueOps",
     "SendLoop",
     "WorkerSummary",
     "check_arguments",

@@ -9,11 +9,13 @@ from zaphub_db.models.choices import (
     MessageStatus,
     MessageType,
     SessionStatus,
+    WebhookStatus,
 )
 from zaphub_db.models.event import Event, GlobalEvent, global_events_table
 from zaphub_db.models.message import Message
 from zaphub_db.models.migration_history import MigrationHistory
 from zaphub_db.models.session import WhatsAppSession
+from zaphub_db.models.webhook import WebhookDelivery
 
 __all__ = [
     "AuthValue",
@@ -28,6 +30,8 @@ __all__ = [
     "MessageType",
     "MigrationHistory",
     "SessionStatus",
+    "WebhookDelivery",
+    "WebhookStatus",
     "WhatsAppSession",
     "global_events_table",
 ]

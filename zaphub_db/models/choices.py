@@ -41,6 +41,16 @@ class MessageStatus(StrEnum):
     DLQ = "dlq"
 
 
+class WebhookStatus(StrEnum):
+    """Where a webhook delivery is in its queue."""
+
+    QUEUED = "queued"
+    PROCESSING = "processing"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+    DLQ = "dlq"
+
+
 class MessageType(StrEnum):
     """Kind of WhatsApp message content."""
 

@@ -1,4 +1,4 @@
-"""Repository functions: the SQL of sessions, messages, events, the queue and auth state.
+"""Repository functions: the SQL of sessions, messages, events, the queues and auth state.
 
 Each function takes a SQLAlchemy ``Session`` first, flushes but never
 commits, and raises the errors of :mod:`zaphub_db.errors`.
@@ -63,6 +63,14 @@ from zaphub_db.repositories.sessions import (
     get_session_by_id,
     update_session,
 )
+from zaphub_db.repositories.webhooks import (
+    count_settled_webhooks,
+    delete_settled_webhooks,
+    enqueue_webhook,
+    list_webhooks,
+    redrive_webhooks,
+    webhook_stats,
+)
 
 __all__ = [
     "BulkResult",
@@ -75,12 +83,15 @@ __all__ = [
     "claim_queued_messages",
     "clear_auth_state",
     "count_old_events",
+    "count_settled_webhooks",
     "count_stale_auth_values",
     "create_event",
     "create_message",
     "create_session",
     "delete_old_events",
     "delete_session",
+    "delete_settled_webhooks",
+    "enqueue_webhook",
     "extend_lease",
     "get_all_sessions",
     "get_auth_values",
@@ -94,11 +105,13 @@ __all__ = [
     "get_recent_events",
     "get_session_by_id",
     "increment_message_attempts",
+    "list_webhooks",
     "mark_message_failed",
     "mark_messages_sent",
     "owned_sessions",
     "queue_stats",
     "recover_stalled_messages",
+    "redrive_webhooks",
     "release_messages",
     "release_session",
     "renew_session",
@@ -112,4 +125,5 @@ __all__ = [
     "update_message_statuses",
     "update_session",
     "wait_for_messages",
+    "webhook_stats",
 ]

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from zaphub_db.errors import NotFoundError, ValidationError
 from zaphub_db.models import MessageStatus
-from zaphub_db.repositories import layout, validation
+from zaphub_db.repositories import layout, validation, webhooks
 from zaphub_db.repositories.creation import (
     CREATION_DEFAULTS,
     creation_params_of,
@@ -108,7 +108,11 @@ class BulkResult:
 
 
 def bulk_create_messages(
-    db: Session, session_id: uuid.UUID | str, items: Iterable[Mapping[str, Any]]
+    db: Session,
+    session_id: uuid.UUID | str,
+    items: Iterable[Mapping[str, Any]],
+    *,
+    webhook: bool = False,
 ) -> BulkResult:
     """Create many messages of one session with :func:`create_message`'s rules.
 
@@ -120,15 +124,22 @@ def bulk_create_messages(
     as a duplicate; with other content, as a conflict (nothing is written for
     it). A key repeated within ``items`` is judged against its first use.
 
+    ``webhook=True`` (inbound messages only) also queues a ``message.received``
+    webhook for each message created, in the same transaction and order (one
+    more statement per batch); duplicates get none.
+
     Raises:
         ValidationError: an item is malformed (nothing is written).
         NotFoundError: the session does not exist.
     """
     session_uuid = validation.as_uuid(session_id, "session_id")
     rows = [_bulk_row(session_uuid, index, item) for index, item in enumerate(items)]
+    webhooks.check_webhook_flag(webhook, (row["direction"] for row in rows))
     result = BulkResult()
     for start in range(0, len(rows), BULK_BATCH_SIZE):
-        _bulk_batch(db, session_uuid, rows[start : start + BULK_BATCH_SIZE], result)
+        created = _bulk_batch(db, session_uuid, rows[start : start + BULK_BATCH_SIZE], result)
+        if webhook:
+            webhooks.enqueue_message_webhooks(db, session_uuid, created)
     logger.info(
         "messages bulk-created session_id=%s created=%d duplicates=%d conflicts=%d",
         session_uuid,
@@ -167,7 +178,8 @@ def _bulk_row(session_id: uuid.UUID, index: int, item: Mapping[str, Any]) -> dic
 
 def _bulk_batch(
     db: Session, session_id: uuid.UUID, rows: list[dict[str, Any]], result: BulkResult
-) -> None:
+) -> list[str]:
+    """Insert one batch, counting into ``result``; the keys it created, in their order."""
     first_use: dict[str, dict[str, Any]] = {}
     for row in rows:
         first_use.setdefault(row["message_id"], row)
@@ -183,6 +195,7 @@ def _bulk_batch(
         "max_attempts": [r["max_attempts"] for r in unique],
     }
     created = set(execute(db, _BULK_INSERT, params).scalars())
+    in_order = [row["message_id"] for row in unique if row["message_id"] in created]
     result.created += len(created)
     if any(first_use[key]["status"] == MessageStatus.QUEUED for key in created):
         layout.notify(db)
@@ -194,7 +207,7 @@ def _bulk_batch(
         if not (row["message_id"] in created and row is first_use[row["message_id"]])
     ]
     if not others:
-        return
+        return in_order
     existing = {
         row.message_id: row
         for row in execute(
@@ -211,3 +224,4 @@ def _bulk_batch(
             result.duplicates += 1
         else:
             result.conflicts.append(BulkConflict(row["message_id"], stored.id))
+    return in_order

@@ -43,8 +43,10 @@ from zaphub_db.repositories import (
     messages,
     ownership,
     queue,
+    queue_engine,
     receipts,
     sessions,
+    webhooks,
 )
 from zaphub_db.repositories.execution import ModelStatement
 from zaphub_db.repositories.layout import ByMessageId
@@ -59,6 +61,7 @@ MODULES: tuple[ModuleType, ...] = (
     enqueuer,
     ownership,
     auth_state,
+    webhooks,
 )
 """The modules whose statements the catalogue lists, in this order."""
 
@@ -118,6 +121,16 @@ def statements() -> dict[str, ClauseElement]:
         claim = queue.claim_statement(ordered=ordered, limited=limited, one_session=one_session)
         label = f"ordered={ordered}, limited={limited}, one_session={one_session}"
         found[f"queue.claim_statement({label})"] = claim.statement
+    # The queue engine's statements, built per table on first use.
+    for short, table in (("queue", queue.MESSAGES), ("webhooks", webhooks.WEBHOOKS)):
+        for name, value in queue_engine.statements(table).items():
+            for suffix, statement in _forms_of(value):
+                found[f"{short}.engine.{name}{suffix}"] = statement
+    for one_session in (False, True):
+        claim = queue_engine.claim_statement(
+            webhooks.WEBHOOKS, ordered=True, limited=False, one_session=one_session
+        )
+        found[f"webhooks.claim_statement(one_session={one_session})"] = claim.statement
     return found
 
 

@@ -23,7 +23,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
-from zaphub_db.errors import NotFoundError
+from zaphub_db.errors import NotFoundError, ValidationError, quoted
 from zaphub_db.models import (
     Event,
     EventCategory,
@@ -32,7 +32,7 @@ from zaphub_db.models import (
     WhatsAppSession,
     global_events_table,
 )
-from zaphub_db.repositories import layout, validation
+from zaphub_db.repositories import layout, validation, webhooks
 from zaphub_db.repositories.execution import (
     ModelStatement,
     all_instances,
@@ -121,12 +121,24 @@ def create_event(
     session_id: uuid.UUID | str | None = None,
     payload: dict[str, Any] | None = None,
     severity: str = "info",
+    webhook: bool = False,
 ) -> Event:
     """Record an event about a session, or a global one (``session_id=None``).
+
+    ``webhook=True`` also queues a webhook reporting it to the session's
+    ``webhook_url`` (``enqueue_webhook``, with ``event_id``), in the same
+    transaction: the event and its webhook are written together or not at
+    all. Its body is ``{"event", "event_id", "session_id", "category",
+    "severity", "payload", "created_at"}``; a session without a URL gets
+    none.
 
     Raises:
         NotFoundError: ``session_id`` names a session that does not exist.
     """
+    if not isinstance(webhook, bool):
+        raise ValidationError(f"webhook must be a bool, got {quoted(webhook)}")
+    if webhook and session_id is None:
+        raise ValidationError("webhook=True needs a session_id: a global event has no webhook_url")
     params = {
         "session_id": None if session_id is None else validation.as_uuid(session_id, "session_id"),
         "event_type": validation.text_value(event_type, "event_type", 100),
@@ -141,7 +153,28 @@ def create_event(
         event = first_instance(db, _INSERT, params)
     if event is None:
         raise NotFoundError(f"session {params['session_id']} does not exist")
+    if webhook and event.session_id is not None:
+        webhooks.enqueue_webhook(
+            db,
+            session_id=event.session_id,
+            event_type=event.event_type,
+            payload=event_webhook_body(event),
+            event_id=event.id,
+        )
     return event
+
+
+def event_webhook_body(event: Event) -> dict[str, Any]:
+    """The JSON body of the webhook that reports ``event``."""
+    return {
+        "event": event.event_type,
+        "event_id": str(event.id),
+        "session_id": str(event.session_id),
+        "category": event.event_category,
+        "severity": event.severity,
+        "payload": event.payload,
+        "created_at": event.created_at.isoformat(),
+    }
 
 
 def _filters(

@@ -28,17 +28,19 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from typing import Any, Literal
+from functools import cache
+from typing import Any, Generic, Literal, TypeVar
 
-from sqlalchemy import UUID, Connection, bindparam, text
+from sqlalchemy import UUID, Connection, TextClause, bindparam, text
 from sqlalchemy.orm import Session
 
-from zaphub_db.models import Message
+from zaphub_db.models import Base
 from zaphub_db.repositories import validation
 from zaphub_db.repositories.execution import ModelStatement, first_instance
 from zaphub_db.repositories.lifecycle import message_columns
 from zaphub_db.wakeups import CHANNEL
 
+M = TypeVar("M", bound=Base)
 _KEY = "zaphub_db.distributed"
 _NOTIFIED = "zaphub_db.notified"  # in Session.info: the transaction that notified
 # pg_dist_partition exists only where the citus extension does: asked in a
@@ -86,67 +88,74 @@ def _look(dbapi_connection: Any) -> bool:
         cursor.close()
 
 
-def notify(db: Session) -> None:
-    """Wake the queue's listeners at commit, on the distributed layout (a trigger does it
-    on a single node): one statement, sent once per transaction."""
+def notify(db: Session, channel: str = CHANNEL) -> None:
+    """Wake a queue's listeners (``channel``: the messages' by default) at commit, on the
+    distributed layout (a trigger does it on a single node): one statement, sent once per
+    transaction."""
     if not distributed(db):
         return
     # The innermost transaction: a NOTIFY in a savepoint that rolls back is gone.
     transaction = db.get_nested_transaction() or db.get_transaction()
-    if transaction is not None and db.info.get(_NOTIFIED) is transaction:
+    key = f"{_NOTIFIED}:{channel}"
+    if transaction is not None and db.info.get(key) is transaction:
         return  # PostgreSQL delivers a transaction's same notification once anyway
-    db.execute(_NOTIFY)
-    db.info[_NOTIFIED] = transaction
+    db.execute(_NOTIFY if channel == CHANNEL else text(f"SELECT pg_notify('{channel}', '')"))
+    db.info[key] = transaction
 
 
-_SESSION_OF_MESSAGE = text("SELECT session_id FROM messages WHERE id = :id").bindparams(
-    bindparam("id", type_=UUID(as_uuid=True))
-)
+@cache
+def _session_of(table: str) -> TextClause:
+    return text(f"SELECT session_id FROM {table} WHERE id = :id").bindparams(
+        bindparam("id", type_=UUID(as_uuid=True))
+    )
 
 
 def message_session(
-    db: Session, id: uuid.UUID, session_id: uuid.UUID | str | None
+    db: Session, id: uuid.UUID, session_id: uuid.UUID | str | None, table: str = "messages"
 ) -> uuid.UUID | Literal[False] | None:
-    """The session to route a statement about message ``id`` to.
+    """The session to route a statement about row ``id`` of ``table`` (a message) to.
 
     The ``session_id`` the caller gave (checked); else, on the distributed
     layout, the session that holds ``id`` (one more statement, a look-up on
     every shard: pass ``session_id`` to spare it); else ``None``: a single
-    node finds the row by its key alone. ``False``: there is no such message.
+    node finds the row by its key alone. ``False``: there is no such row.
     """
     if session_id is not None:
         return validation.as_uuid(session_id, "session_id")
     if not distributed(db):
         return None
-    found: uuid.UUID | None = db.execute(_SESSION_OF_MESSAGE, {"id": id}).scalar()
+    found: uuid.UUID | None = db.execute(_session_of(table), {"id": id}).scalar()
     return False if found is None else found
 
 
-# A statement about one message named by :locate_id, narrowed to its session.
-IN_SESSION = message_columns.session_id == bindparam("locate_session_id")
-
-
 @dataclass(frozen=True)
-class ByMessageId:
-    """A statement about the message ``:locate_id``, and the same narrowed to
-    ``:locate_session_id`` (one shard on the distributed layout)."""
+class ByMessageId(Generic[M]):
+    """A statement about the row ``:locate_id`` (a message, unless ``of`` is given other
+    columns), and the same narrowed to ``:locate_session_id`` (one shard on the
+    distributed layout)."""
 
-    any_session: ModelStatement[Message, Any]
-    in_session: ModelStatement[Message, Any]
+    any_session: ModelStatement[M, Any]
+    in_session: ModelStatement[M, Any]
+    table: str = "messages"
 
     @classmethod
-    def of(cls, statement: ModelStatement[Message, Any]) -> ByMessageId:
-        return cls(statement, statement.derived(statement.statement.where(IN_SESSION)))
+    def of(
+        cls, statement: ModelStatement[M, Any], columns: Any = message_columns
+    ) -> ByMessageId[M]:
+        narrowed = statement.derived(
+            statement.statement.where(columns.session_id == bindparam("locate_session_id"))
+        )
+        return cls(statement, narrowed, columns.id.table.name)
 
 
 def first_by_id(
     db: Session,
-    statement: ByMessageId,
+    statement: ByMessageId[M],
     params: dict[str, Any],
     session_id: uuid.UUID | str | None,
-) -> Message | None:
+) -> M | None:
     """Run ``statement`` for ``params["locate_id"]``, routed by :func:`message_session`."""
-    where = message_session(db, params["locate_id"], session_id)
+    where = message_session(db, params["locate_id"], session_id, statement.table)
     if where is False:
         return None
     if where is None:

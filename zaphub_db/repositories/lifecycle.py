@@ -7,7 +7,7 @@ a worker may claim. ``zaphub_db.repositories.messages`` and
 that a rule (say, what "claimable" means) is written once.
 """
 
-from typing import cast
+from typing import Any, cast
 
 from sqlalchemy import ColumnElement, String, Table, func, literal_column
 
@@ -38,14 +38,14 @@ UNSENT = (MessageStatus.QUEUED, MessageStatus.PROCESSING)
 DEAD = (MessageStatus.FAILED, MessageStatus.DLQ)
 
 
-def status_literal(status: MessageStatus) -> ColumnElement[str]:
-    """A status as an SQL literal, not a bound parameter.
+def status_literal(status: str) -> ColumnElement[str]:
+    """A status (of any queue table) as an SQL literal, not a bound parameter.
 
     The planner then sees it when it plans the statement, also a prepared
     one, and can use the partial indexes on ``status = 'queued'`` and
     ``status = 'processing'``; and IN lists need no per-call expansion.
     """
-    return literal_column(f"'{status.value}'", String)
+    return literal_column(f"'{status}'", String)  # a StrEnum formats as its value
 
 
 def allowed_sources(target: MessageStatus) -> tuple[MessageStatus, ...]:
@@ -62,9 +62,15 @@ def allowed_sources(target: MessageStatus) -> tuple[MessageStatus, ...]:
     return UNSENT + tuple(s for s in DEAD if s != target)
 
 
-# What a worker may take now: queued, attempts left, retry time reached.
-CLAIMABLE = (
-    (message_columns.status == status_literal(MessageStatus.QUEUED))
-    & (message_columns.attempts < message_columns.max_attempts)
-    & (message_columns.available_at.is_(None) | (message_columns.available_at <= func.now()))
-)
+def claimable(columns: Any) -> ColumnElement[bool]:
+    """What a worker may take now from a queue table (its ``columns``): queued, attempts
+    left, retry time reached."""
+    rule: ColumnElement[bool] = (
+        (columns.status == status_literal(MessageStatus.QUEUED))
+        & (columns.attempts < columns.max_attempts)
+        & (columns.available_at.is_(None) | (columns.available_at <= func.now()))
+    )
+    return rule
+
+
+CLAIMABLE = claimable(message_columns)

@@ -36,7 +36,7 @@ from zaphub_db.models import (
     MessageStatus,
     WhatsAppSession,
 )
-from zaphub_db.repositories import layout, validation
+from zaphub_db.repositories import layout, validation, webhooks
 
 # bulk_create_messages and update_message_statuses live in modules of their
 # own; they are re-exported here, where they were first written and imported.
@@ -281,9 +281,17 @@ def create_message(
     direction: str = "outbound",
     status: str = "queued",
     max_attempts: int = 5,
+    webhook: bool = False,
 ) -> Message:
-    """Create a message idempotently; see :func:`get_or_create_message`."""
-    message, _created = get_or_create_message(
+    """Create a message idempotently; see :func:`get_or_create_message`.
+
+    ``webhook=True`` (inbound messages only) also queues its ``message.received``
+    webhook to the session's ``webhook_url`` in the same transaction
+    (``zaphub_db.repositories.webhooks.enqueue_message_webhooks``), unless the
+    message already existed: a duplicate gets no second webhook.
+    """
+    webhooks.check_webhook_flag(webhook, [direction])
+    message, created = get_or_create_message(
         db,
         session_id=session_id,
         message_id=message_id,
@@ -294,6 +302,8 @@ def create_message(
         status=status,
         max_attempts=max_attempts,
     )
+    if webhook and created:
+        webhooks.enqueue_message_webhooks(db, message.session_id, [message.message_id])
     return message
 
 
