@@ -206,6 +206,11 @@ def test_foreign_keys_cascade_on_delete(conn: Connection) -> None:
             "messages",
             "FOREIGN KEY (session_id) REFERENCES sessions(id) ON DELETE CASCADE",
         ),
+        (
+            "webhook_deliveries_session_id_fkey",
+            "webhook_deliveries",
+            "FOREIGN KEY (session_id) REFERENCES sessions(id) ON DELETE CASCADE",
+        ),
     ]
 
 

@@ -290,6 +290,7 @@ def _loop(
     concurrency: int,
     lease: timedelta,
     poll_interval: float,
+    retry_in: timedelta | None,
     sessions: Iterable[uuid.UUID | str] | None,
 ) -> SendLoop:
     return SendLoop(
@@ -300,7 +301,7 @@ def _loop(
         ordered=True,
         max_in_flight_per_session=None,
         poll_interval=poll_interval,
-        retry_in=None,
+        retry_in=retry_in,
         sends=concurrency,
         sessions=sessions,
         ops=WebhookQueue(),
@@ -335,6 +336,7 @@ def run_webhook_worker(
     lease: timedelta = DEFAULT_LEASE,
     worker: str | None = None,
     poll_interval: float = 5.0,
+    retry_in: timedelta | None = None,
     sessions: Iterable[uuid.UUID | str] | None = None,
 ) -> WorkerSummary:
     """Deliver queued webhooks until ``stop`` is set; blocks, then a summary.
@@ -343,10 +345,13 @@ def run_webhook_worker(
     session id to one). Up to ``concurrency`` deliveries run at once, never
     two of one session; each POST may take ``timeout`` seconds. ``lease``:
     how long a claim lasts unless the heartbeat renews it (every third of
-    it), so a dead worker's deliveries come back after at most that long.
-    ``sessions``: serve only these sessions (their shards, on Citus). The
-    summary counts deliveries in ``sent``, retries in ``retried``, failures
-    and dead letters in ``failed``.
+    it), so a dead worker's deliveries come back after at most that long
+    (each worker recovers lapsed leases every ``poll_interval`` seconds).
+    ``retry_in``: the delay before a retry when the endpoint sends no
+    ``Retry-After`` (default: the queue's exponential backoff with jitter,
+    5 s doubling up to 15 min). ``sessions``: serve only these sessions
+    (their shards, on Citus). The summary counts deliveries in ``sent``,
+    retries in ``retried``, failures and dead letters in ``failed``.
     """
     _checked(concurrency, timeout, poll_interval)
     deliverer = Deliverer(secret, timeout=timeout, concurrency=concurrency)
@@ -357,6 +362,7 @@ def run_webhook_worker(
         concurrency=concurrency,
         lease=lease,
         poll_interval=poll_interval,
+        retry_in=retry_in,
         sessions=sessions,
     )
     return run_in_loop(_run(loop, deliverer))
@@ -372,6 +378,7 @@ async def async_run_webhook_worker(
     lease: timedelta = DEFAULT_LEASE,
     worker: str | None = None,
     poll_interval: float = 5.0,
+    retry_in: timedelta | None = None,
     sessions: Iterable[uuid.UUID | str] | None = None,
 ) -> WorkerSummary:
     """The async twin of :func:`run_webhook_worker` (``zaphub_db.aio.run_webhook_worker``)."""
@@ -388,6 +395,7 @@ async def async_run_webhook_worker(
         concurrency=concurrency,
         lease=lease,
         poll_interval=poll_interval,
+        retry_in=retry_in,
         sessions=sessions,
     )
     return await _run(loop, deliverer)

@@ -47,11 +47,14 @@ def test_enqueue_takes_the_session_url_and_is_idempotent_on_its_dedupe_key(db: S
         db, session_id=session_id, event_type="session.connected", payload={"a": 2},
         dedupe_key="k1",
     )  # fmt: skip
-    assert again is not None and again.id == first.id and again.payload == {"a": 1}
+    assert again is not None
+    assert again.id == first.id
+    assert again.payload == {"a": 1}
     other = webhooks.enqueue_webhook(
         db, session_id=session_id, event_type="x", payload={}, url="https://example.com/h"
     )
-    assert other is not None and other.url == "https://example.com/h"
+    assert other is not None
+    assert other.url == "https://example.com/h"
     assert len(deliveries(db, session_id)) == 2
 
 
@@ -177,7 +180,8 @@ def test_one_delivery_in_flight_per_session_in_creation_order(db: Session) -> No
          for d in claimed],
     )  # fmt: skip
     assert moved == 2
-    assert by_session[first].status == "delivered" and by_session[first].last_status_code == 204
+    assert by_session[first].status == "delivered"
+    assert by_session[first].last_status_code == 204
     assert [d.event_type for d in webhooks.claim_webhooks(db, limit=10)] == ["e1", "e1"]
 
 
@@ -200,7 +204,8 @@ def test_a_retry_holds_its_session_back_and_failed_or_dlq_do_not(db: Session) ->
     failed = webhooks.mark_webhook_failed(
         db, d0.id, "HTTP 410", session_id=session_id, attempt=2, retryable=False, status_code=410
     )
-    assert failed is not None and failed.status == "failed"
+    assert failed is not None
+    assert failed.status == "failed"
     [d1] = webhooks.claim_webhooks(db)
     assert d1.event_type == "e1"
 
@@ -220,7 +225,8 @@ def test_a_stale_worker_cannot_settle_the_current_claim(db: Session) -> None:
     stale = {"id": claim.id, "session_id": session_id, "attempt": 1, "status_code": 200}
     assert webhooks.mark_webhooks_delivered(db, [stale]) == 0
     unchanged = webhooks.mark_webhook_failed(db, claim.id, "late", session_id=session_id, attempt=1)
-    assert unchanged is not None and (unchanged.status, unchanged.attempts) == ("processing", 2)
+    assert unchanged is not None
+    assert (unchanged.status, unchanged.attempts) == ("processing", 2)
     assert webhooks.mark_webhooks_delivered(db, [{**stale, "attempt": 2}]) == 1
 
 
@@ -266,7 +272,8 @@ def test_stats_count_every_state_exactly(db: Session) -> None:
     every = webhooks.webhook_stats(db)
     assert isinstance(every, QueueStats)
     assert (every.queued, every.ready, every.processing) == (2, 1, 2)
-    assert every.oldest_ready_age is not None and every.oldest_ready_age >= timedelta(0)
+    assert every.oldest_ready_age is not None
+    assert every.oldest_ready_age >= timedelta(0)
 
 
 def test_delete_settled_keeps_the_recent_and_the_unsettled(db: Session) -> None:
