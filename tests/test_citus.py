@@ -33,7 +33,7 @@ from zaphub_db import migrations
 from zaphub_db.config import libpq_dsn
 from zaphub_db.crypto import KEYS_VARIABLE, Keyring, key_entry, new_key
 from zaphub_db.distribute import GLOBAL_EVENTS, distribute, distributed_tables
-from zaphub_db.models import Event, GlobalEvent, Message
+from zaphub_db.models import Event, GlobalEvent, Message, WebhookDelivery
 from zaphub_db.repositories import (
     auth_state,
     events,
@@ -42,6 +42,7 @@ from zaphub_db.repositories import (
     ownership,
     queue,
     sessions,
+    webhooks,
 )
 from zaphub_db.testing.databases import citus_workers, migrate, throwaway_database
 from zaphub_db.testing.statements import recording
@@ -116,6 +117,7 @@ def test_distribute_lays_out_the_tables_once_and_keeps_global_events(
                 "messages",
                 "events",
                 "auth_state",
+                "webhook_deliveries",
             }
             moved = connection.execute(text(f"SELECT event_type FROM {GLOBAL_EVENTS}")).all()
             assert [row.event_type for row in moved] == ["gateway.start"]
@@ -172,7 +174,7 @@ def test_the_command_line_on_the_distributed_layout(committed_engine: Engine) ->
         assert auth_state.count_stale_auth_values(db, rotated) == 0
 
 
-def test_a_database_distributed_before_0008_gets_auth_state_distributed_by_the_upgrade(
+def test_a_database_distributed_before_0008_gets_the_later_tables_distributed_by_the_upgrade(
     server_url: URL,
 ) -> None:
     with throwaway_database(server_url, cluster=True) as url:
@@ -187,12 +189,21 @@ def test_a_database_distributed_before_0008_gets_auth_state_distributed_by_the_u
             with engine.connect() as connection:
                 migrations.upgrade(connection, "head")
             with engine.connect() as connection:
-                assert "auth_state" in distributed_tables(connection)
+                assert {"auth_state", "webhook_deliveries"} <= distributed_tables(connection)
                 assert migrations.model_drift(connection) == []
+                # 0009 on the distributed layout: no NOTIFY triggers (the coordinator notifies).
+                triggers = connection.execute(
+                    text(
+                        "SELECT count(*) FROM pg_trigger WHERE NOT tgisinternal "
+                        "AND tgrelid = 'webhook_deliveries'::regclass"
+                    )
+                ).scalar_one()
+                assert triggers == 0
                 colocated = connection.execute(
                     text(
                         "SELECT count(DISTINCT colocationid) FROM pg_dist_partition "
-                        "WHERE logicalrelid IN ('sessions'::regclass, 'auth_state'::regclass)"
+                        "WHERE logicalrelid IN ('sessions'::regclass, 'auth_state'::regclass, "
+                        "'webhook_deliveries'::regclass)"
                     )
                 ).scalar_one()
                 assert colocated == 1
@@ -256,7 +267,9 @@ def _plans(engine: Engine, sent: list[tuple[str, Any]]) -> list[tuple[str, list[
 def test_every_per_session_call_runs_as_one_task(committed_engine: Engine) -> None:
     engine = committed_engine
     with Session(engine) as db:
-        session_id = sessions.create_session(db, label="tasks").id
+        session_id = sessions.create_session(
+            db, label="tasks", webhook_url="http://127.0.0.1:9/hooks"
+        ).id
         queued = messages.create_message(
             db, session_id=session_id, message_id="q", jid=chat(1), type="text", payload={}
         )
@@ -273,8 +286,15 @@ def test_every_per_session_call_runs_as_one_task(committed_engine: Engine) -> No
         auth_state.set_auth_values(db, RING, session_id, {"creds": {"": b"c"}})
         held = ownership.acquire_session(db, session_id, node="tasks")
         assert held is not None
+        for n in range(2):
+            webhooks.enqueue_webhook(db, session_id=session_id, event_type=f"w{n}", payload={})
         db.commit()
         queued_id, sent_id, dead_id = queued.id, sent.id, dead.id
+
+    def claimed_webhooks(db: Session) -> list[WebhookDelivery]:
+        return webhooks.claim_webhooks(db, session_id=session_id)
+
+    inbound = {"jid": chat(6), "type": "text", "payload": {}, "direction": "inbound"}
 
     def claimed(db: Session) -> list[Message]:
         return queue.claim_queued_messages(db, session_id=session_id, lease=timedelta(minutes=1))
@@ -358,6 +378,36 @@ def test_every_per_session_call_runs_as_one_task(committed_engine: Engine) -> No
         "acquire_session": lambda db: ownership.acquire_session(db, session_id, node="tasks"),
         "renew_session": lambda db: ownership.renew_session(db, held),
         "release_session": lambda db: ownership.release_session(db, held),
+        "enqueue_webhook": lambda db: webhooks.enqueue_webhook(
+            db, session_id=session_id, event_type="e", payload={"a": 1}, dedupe_key="k"
+        ),
+        "create_event (webhook)": lambda db: events.create_event(
+            db, event_type="t", session_id=session_id, webhook=True
+        ),
+        "create_message (inbound, webhook)": lambda db: messages.create_message(
+            db, session_id=session_id, message_id="in", webhook=True, **inbound
+        ),
+        "bulk_create_messages (inbound, webhook)": lambda db: messages.bulk_create_messages(
+            db, session_id, [{"message_id": f"ib{i}", **inbound} for i in range(3)], webhook=True
+        ),
+        "claim_webhooks (session_id)": claimed_webhooks,
+        "mark_webhooks_delivered": lambda db: webhooks.mark_webhooks_delivered(
+            db,
+            [
+                {"id": d.id, "session_id": session_id, "attempt": d.attempts, "status_code": 200}
+                for d in claimed_webhooks(db)
+            ],
+        ),
+        "mark_webhook_failed": lambda db: [
+            webhooks.mark_webhook_failed(db, d.id, "x", session_id=session_id, status_code=503)
+            for d in claimed_webhooks(db)
+        ],
+        "release_webhooks": lambda db: webhooks.release_webhooks(db, claimed_webhooks(db)),
+        "redrive_webhooks (session)": lambda db: webhooks.redrive_webhooks(
+            db, session_id=session_id
+        ),
+        "webhook_stats (session)": lambda db: webhooks.webhook_stats(db, session_id=session_id),
+        "list_webhooks (session)": lambda db: webhooks.list_webhooks(db, session_id=session_id),
         "delete_session": lambda db: sessions.delete_session(db, session_id),
     }
     for name, call in calls.items():

@@ -791,7 +791,19 @@ def stats(db: Session, q: QueueTable, *, session_id: uuid.UUID | str | None) -> 
     else:
         session_uuid = validation.as_uuid(session_id, "session_id")
         row = execute(db, _stats_statement(q, in_session=True), {"session_id": session_uuid}).one()
-    return QueueStats(*tuple(row))
+    queued, ready, delayed, processing, expired, failed, dlq, age = tuple(row)
+    return QueueStats(
+        queued,
+        ready,
+        delayed,
+        processing,
+        expired,
+        failed,
+        dlq,
+        # Never negative: on Citus a worker node's now() may be a little behind
+        # the coordinator's transaction that created the rows.
+        oldest_ready_age=None if age is None else max(age, timedelta(0)),
+    )
 
 
 def statements(q: QueueTable) -> dict[str, Any]:
