@@ -4,7 +4,19 @@ from __future__ import annotations
 
 import argparse
 
-from bench import aio, auth, bulk, bullmq, calls, cluster, pooler, queue, receipts, wakeups
+from bench import (
+    aio,
+    auth,
+    bulk,
+    bullmq,
+    calls,
+    cluster,
+    pooler,
+    queue,
+    receipts,
+    wakeups,
+    webhooks,
+)
 from bench.harness import benchmark_database, machine, say, server_version
 
 
@@ -15,12 +27,12 @@ def main() -> None:
         "--only",
         nargs="*",
         default=None,
-        help="calls, bulk, queue, receipts, aio, pooler, citus, bullmq, wakeups, auth",
+        help="calls, bulk, queue, receipts, aio, pooler, citus, bullmq, wakeups, auth, webhooks",
     )
     args = parser.parse_args()
     everything = [
         "calls", "bulk", "queue", "receipts", "aio", "pooler", "citus", "bullmq", "wakeups",
-        "auth",
+        "auth", "webhooks",
     ]  # fmt: skip
     wanted = set(args.only or everything)
     with benchmark_database() as (engine, dsn):
@@ -51,6 +63,11 @@ def main() -> None:
         if "auth" in wanted:
             say("## Auth state: get 100 keys, set 1,000 keys, against files and SQLite\n")
             say(auth.run(engine, dsn, quick=args.quick) + "\n")
+        if "webhooks" in wanted:
+            say("## Webhooks: what webhook=True adds to create_event\n")
+            say(webhooks.run_enqueue(engine, dsn, quick=args.quick) + "\n")
+            say("## Webhooks: deliveries per second to a local endpoint, beside bare httpx\n")
+            say(webhooks.run(engine, dsn, quick=args.quick) + "\n")
         if "wakeups" in wanted:
             say("## Wake-up latency: from the enqueuing commit to the waiting worker\n")
             say(wakeups.run(engine, dsn, quick=args.quick) + "\n")
