@@ -198,3 +198,44 @@ def test_the_auth_store_example(
         assert ownership.session_owners(db) == []  # released
         creds = auth_state.get_auth_values(db, Keyring({1: key}), session_id, "creds", [""])
     assert creds == {"": b'{"registered": true}'}
+
+
+def test_the_webhooks_example_and_its_receiver(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.webhook_receiver import start_receiver
+    from zaphub_db.repositories import webhooks
+
+    producer, receiver_code = section_code("### Webhooks: a transactional outbox")
+    receiver = start_receiver()
+    monkeypatch.setenv("ZAPHUB_WEBHOOK_SECRET", "readme-secret")
+    try:
+        with Session(engine) as db:
+            session_id = sessions.create_session(
+                db, label="readme hooks", webhook_url=f"{receiver.url}/ok"
+            ).id
+            db.commit()
+        namespace: dict[str, Any] = {"engine": engine, "session_id": session_id}
+        exec(producer, namespace)
+        try:
+            received = receiver.wait_for(2)
+        finally:
+            namespace["stop"].set()
+            namespace["worker"].join(30)
+        assert not namespace["worker"].is_alive()
+    finally:
+        receiver.close()
+    assert [r.headers["X-ZapHub-Event"] for r in received] == [
+        "session.connected",
+        "message.received",
+    ]
+    checks: dict[str, Any] = {}
+    exec(receiver_code, checks)
+    verified = checks["verified"]
+    for request in received:
+        assert verified(request.body, request.headers, b"readme-secret")
+        assert not verified(request.body + b" ", request.headers, b"readme-secret")
+        assert not verified(request.body, request.headers, b"another-secret")
+    with Session(engine) as db:
+        stats = webhooks.webhook_stats(db, session_id=session_id)
+    assert (stats.queued, stats.processing) == (0, 0)
