@@ -9,6 +9,8 @@ import hashlib
 import hmac
 import json
 import os
+import pty
+import re
 import signal
 import subprocess
 import sys
@@ -392,3 +394,74 @@ def test_cli_stats_and_cleanup(engine: Engine) -> None:
     )
     assert cleanup.stderr == ""
     assert [r.status for r in rows(engine, ids[3:])] == ["queued"]
+    # On a terminal, a progress line on stderr beside the summary on stdout.
+    with Session(engine) as db:
+        db.execute(
+            text(
+                "UPDATE webhook_deliveries SET status = 'dlq', "
+                "failed_at = now() - interval '3 days' WHERE id = :id"
+            ),
+            {"id": ids[3]},
+        )
+        db.commit()
+    controller, terminal = pty.openpty()
+    try:
+        shown_on_terminal = subprocess.run(
+            [sys.executable, "-m", "zaphub_db.cli", "webhooks", "cleanup", "--days", "2",
+             "--url", url],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=terminal, text=True, timeout=120,
+            check=False,
+        )  # fmt: skip
+        os.close(terminal)
+        shown = os.read(controller, 65536).decode()
+    finally:
+        os.close(controller)
+    assert shown_on_terminal.returncode == 0, shown
+    assert shown_on_terminal.stdout.startswith("deleted 1 webhook deliveries")
+    assert re.search(r"\rdeleted 1 of 1 deliveries \([\d,]+/s, 0 s left\) *\r?\n$", shown), shown
+
+
+def test_the_heartbeat_keeps_a_slow_endpoint_s_delivery_from_being_sent_twice(
+    engine: Engine, receiver: Receiver
+) -> None:
+    session_id = new_session(engine, f"{receiver.url}/slow/3000")
+    ids = enqueue(engine, session_id, 1)
+    # A 1 s lease and recovery every 0.3 s: without the heartbeat the delivery would be
+    # recovered and POSTed again while the first POST waits.
+    summary = run_until(
+        engine, lambda: settled(engine, ids), lease=timedelta(seconds=1), poll_interval=0.3
+    )
+    assert len(receiver.received) == 1
+    assert summary.sent == 1
+    [row] = rows(engine, ids)
+    assert (row.status, row.attempts) == ("delivered", 1)
+
+
+def test_a_stop_finishes_the_posts_in_hand_and_gives_back_the_rest(
+    engine: Engine, receiver: Receiver
+) -> None:
+    sessions_ = [new_session(engine, f"{receiver.url}/slow/1500") for _ in range(2)]
+    ids = [i for session_id in sessions_ for i in enqueue(engine, session_id, 2)]
+    stop = threading.Event()
+    result: list[WorkerSummary] = []
+    thread = threading.Thread(
+        target=lambda: result.append(
+            run_webhook_worker(engine, secret=SECRET, stop=stop, concurrency=1)
+        )
+    )
+    thread.start()
+    receiver_deadline = time.monotonic() + 30
+    while not receiver.received:
+        assert time.monotonic() < receiver_deadline
+        time.sleep(0.02)
+    stop.set()  # the first POST is in the air, the next one claimed beside it
+    thread.join(30)
+    assert not thread.is_alive()
+    [summary] = result
+    assert summary.sent == 1
+    assert len(receiver.wait_for(1)) == 1
+    after = rows(engine, ids)
+    assert sorted(d.status for d in after) == ["delivered", "queued", "queued", "queued"]
+    # What was claimed and never POSTed went back with its attempt taken back.
+    assert all(d.attempts == 0 for d in after if d.status == "queued")
+    assert summary.released == summary.claimed - 1
