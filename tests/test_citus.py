@@ -294,7 +294,12 @@ def test_every_per_session_call_runs_as_one_task(committed_engine: Engine) -> No
     def claimed_webhooks(db: Session) -> list[WebhookDelivery]:
         return webhooks.claim_webhooks(db, session_id=session_id)
 
-    inbound = {"jid": chat(6), "type": "text", "payload": {}, "direction": "inbound"}
+    inbound: dict[str, Any] = {
+        "jid": chat(6),
+        "type": "text",
+        "payload": {},
+        "direction": "inbound",
+    }
 
     def claimed(db: Session) -> list[Message]:
         return queue.claim_queued_messages(db, session_id=session_id, lease=timedelta(minutes=1))

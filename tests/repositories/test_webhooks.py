@@ -310,3 +310,13 @@ def test_deleting_a_session_deletes_its_deliveries(db: Session) -> None:
         text("SELECT count(*) FROM webhook_deliveries WHERE session_id = :s"), {"s": session_id}
     ).scalar_one()
     assert count == 0
+
+
+def test_the_factory_makes_a_claimable_delivery(db: Session) -> None:
+    from zaphub_db.testing.factories import SessionFactory, WebhookDeliveryFactory
+
+    session = SessionFactory.create()
+    delivery = WebhookDeliveryFactory.create(session=session)
+    assert delivery.url == session.webhook_url
+    [claimed] = webhooks.claim_webhooks(db, session_id=session.id)
+    assert claimed.id == delivery.id

@@ -8,6 +8,7 @@ JID shapes, allowed statuses, unique idempotency keys.
     message = MessageFactory(session=existing)   # in a given session
     value = AuthValueFactory(session=existing, category="creds", key_id="",
                              plaintext=b"...")   # sealed with factory_keyring()
+    delivery = WebhookDeliveryFactory(session=existing)  # queued, to its webhook_url
 """
 
 import functools
@@ -19,7 +20,14 @@ from factory.declarations import LazyAttribute, LazyFunction, SelfAttribute, Seq
 from sqlalchemy.orm import Session
 
 from zaphub_db.crypto import Keyring, associated_data, new_key
-from zaphub_db.models import AuthValue, Event, GlobalEvent, Message, WhatsAppSession
+from zaphub_db.models import (
+    AuthValue,
+    Event,
+    GlobalEvent,
+    Message,
+    WebhookDelivery,
+    WhatsAppSession,
+)
 from zaphub_db.repositories import layout
 
 _current: Session | None = None
@@ -103,6 +111,22 @@ class EventFactory(_Base):
         if kwargs.get("session_id") is None and layout.distributed(_bound_session()):
             model_class = GlobalEvent
         return super()._create(model_class, *args, **kwargs)
+
+
+class WebhookDeliveryFactory(_Base):
+    """A queued webhook delivery to its session's ``webhook_url``, in a new session unless
+    ``session`` is given."""
+
+    class Meta:
+        model = WebhookDelivery
+        exclude = ("session",)
+
+    session = SubFactory(SessionFactory)
+    session_id = SelfAttribute("session.id")
+    url = LazyAttribute(lambda o: o.session.webhook_url or "https://app.example.com/webhooks")
+    event_type = "message.received"
+    payload = Sequence(lambda n: {"event": "message.received", "n": n})
+    status = "queued"
 
 
 @functools.cache
