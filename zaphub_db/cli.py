@@ -24,6 +24,9 @@ from zaphub_db.errors import ConnectionLostError, ZaphubDBError, one_line, quote
 # that --version, --help and a refused argument answer at once.
 if TYPE_CHECKING:
     from sqlalchemy import Connection
+    from sqlalchemy.orm import Session
+
+    from zaphub_db.progress import ProgressLine
 
 # migrations.DEFAULT_LOCK_TIMEOUT, without importing Alembic to build the parser.
 DEFAULT_LOCK_TIMEOUT = 60.0
@@ -195,26 +198,40 @@ def cmd_cleanup_events(args: argparse.Namespace) -> int:
         from zaphub_db.progress import ProgressLine
         from zaphub_db.repositories.events import count_old_events
 
-        total = batches = 0
         with Session(bind=connection) as db:
             progress = ProgressLine("deleted", "events", count_old_events(db, args.days))
             db.commit()
-            while True:
-                # Each batch commits on its own: short transactions, short locks.
-                deleted = delete_old_events(db, args.days, batch_size=args.batch_size)
-                db.commit()
-                if deleted == 0:
-                    break
-                batches += 1
-                total += deleted
-                progress.update(total)
-                if deleted < args.batch_size:
-                    break
-            progress.finish(total)
+            total, batches = _in_batches(
+                db, lambda: delete_old_events(db, args.days, batch_size=args.batch_size),
+                args.batch_size, progress,
+            )  # fmt: skip
         _say(f"deleted {total} events older than {args.days} days in {batches} batch(es)")
         return 0
 
     return _connect(args, work)
+
+
+def _in_batches(
+    db: Session, delete_batch: Callable[[], int], batch_size: int, progress: ProgressLine
+) -> tuple[int, int]:
+    """Run ``delete_batch`` and commit until a batch comes out short; (rows, batches).
+
+    Each batch commits on its own: short transactions, short locks, and an
+    interrupted run keeps what it did.
+    """
+    total = batches = 0
+    while True:
+        deleted = delete_batch()
+        db.commit()
+        if deleted == 0:
+            break
+        batches += 1
+        total += deleted
+        progress.update(total)
+        if deleted < batch_size:
+            break
+    progress.finish(total)
+    return total, batches
 
 
 def _psql_binary() -> str | None:
@@ -361,25 +378,16 @@ def cmd_webhooks_cleanup(args: argparse.Namespace) -> int:
     older_than = timedelta(days=args.days)
 
     def work(connection: Connection) -> int:
-        total = batches = 0
         with Session(bind=connection) as db:
             count = webhooks.count_settled_webhooks(db, older_than)
             db.commit()
             progress = ProgressLine("deleted", "deliveries", count)
-            while True:
-                # Each batch commits on its own: short transactions, short locks.
-                deleted = webhooks.delete_settled_webhooks(
+            total, batches = _in_batches(
+                db, lambda: webhooks.delete_settled_webhooks(
                     db, older_than, batch_size=args.batch_size
-                )
-                db.commit()
-                if deleted == 0:
-                    break
-                batches += 1
-                total += deleted
-                progress.update(total)
-                if deleted < args.batch_size:
-                    break
-            progress.finish(total)
+                ),
+                args.batch_size, progress,
+            )  # fmt: skip
         _say(
             f"deleted {total} webhook deliveries settled more than {args.days} days ago "
             f"in {batches} batch(es)"

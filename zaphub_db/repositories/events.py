@@ -14,9 +14,7 @@ from sqlalchemy import (
     Table,
     bindparam,
     delete,
-    exists,
     func,
-    literal_column,
     or_,
     select,
 )
@@ -29,7 +27,6 @@ from zaphub_db.models import (
     EventCategory,
     EventSeverity,
     GlobalEvent,
-    WhatsAppSession,
     global_events_table,
 )
 from zaphub_db.repositories import layout, validation, webhooks
@@ -40,13 +37,13 @@ from zaphub_db.repositories.execution import (
     first_instance,
     model_statement,
     paginate,
+    session_exists_held,
 )
 
 logger = logging.getLogger(__name__)
 
 events_table = cast(Table, Event.__table__)
 event_columns = events_table.c
-_sessions = cast(Table, WhatsAppSession.__table__)
 _global_columns = global_events_table.c
 
 
@@ -59,17 +56,8 @@ def _insert_statement() -> ModelStatement[Event, Any]:
         "payload": validation.jsonb("payload"),
         "severity": bindparam("severity", type_=String),
     }
-    # As for messages: a missing session inserts nothing rather than raise a
-    # foreign key violation that would abort the caller's transaction.
-    session_ok = or_(
-        session_id.is_(None),
-        exists(
-            select(literal_column("1"))
-            .select_from(_sessions)
-            .where(_sessions.c.id == session_id)
-            .with_for_update(read=True, key_share=True)
-        ),
-    )
+    # A global event (no session) needs no guard.
+    session_ok = or_(session_id.is_(None), session_exists_held(session_id))
     statement = (
         pg_insert(events_table)
         .from_select(list(columns), select(*columns.values()).where(session_ok))

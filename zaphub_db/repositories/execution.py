@@ -20,12 +20,24 @@ from dataclasses import dataclass
 from functools import cache, cached_property
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy import Executable, Result, Select, Table, UpdateBase, bindparam, func, select
+from sqlalchemy import (
+    ColumnElement,
+    Executable,
+    Result,
+    Select,
+    Table,
+    UpdateBase,
+    bindparam,
+    exists,
+    func,
+    literal_column,
+    select,
+)
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, class_mapper
 
 from zaphub_db.errors import translate_db_error
-from zaphub_db.models import Base
+from zaphub_db.models import Base, WhatsAppSession
 from zaphub_db.repositories import validation
 
 M = TypeVar("M", bound=Base)
@@ -127,3 +139,21 @@ def all_instances(
 ) -> list[M]:
     """Every instance ``statement`` returns."""
     return list(execute(db, statement.orm, params).scalars().all())
+
+
+def session_exists_held(session_id: ColumnElement[Any]) -> ColumnElement[bool]:
+    """``EXISTS`` the session ``session_id``, its row held ``FOR KEY SHARE``.
+
+    The guard of an ``INSERT ... SELECT`` of a row that belongs to a
+    session: the lock holds the session against a concurrent delete, as the
+    foreign key check would, and a missing session inserts nothing instead
+    of raising a foreign key violation that would abort the caller's
+    transaction (the caller tells it from the empty ``RETURNING``).
+    """
+    sessions = WhatsAppSession.__table__
+    return exists(
+        select(literal_column("1"))
+        .select_from(sessions)
+        .where(sessions.c.id == session_id)
+        .with_for_update(read=True, key_share=True)
+    )

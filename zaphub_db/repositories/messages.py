@@ -9,19 +9,16 @@ duplicate ``create_message`` two.
 import logging
 import uuid
 from datetime import datetime
-from typing import Any, cast
+from typing import Any
 
 from sqlalchemy import (
     ColumnElement,
     Integer,
     String,
-    Table,
     Text,
     bindparam,
     case,
-    exists,
     func,
-    literal_column,
     select,
     update,
 )
@@ -34,7 +31,6 @@ from zaphub_db.models import (
     Message,
     MessageDirection,
     MessageStatus,
-    WhatsAppSession,
 )
 from zaphub_db.repositories import layout, validation, webhooks
 
@@ -52,6 +48,7 @@ from zaphub_db.repositories.execution import (
     first_instance,
     model_statement,
     paginate,
+    session_exists_held,
 )
 from zaphub_db.repositories.lifecycle import (
     CLAIMABLE,
@@ -65,8 +62,6 @@ from zaphub_db.repositories.receipts import RECEIPT_BATCH_SIZE as RECEIPT_BATCH_
 from zaphub_db.repositories.receipts import update_message_statuses as update_message_statuses
 
 logger = logging.getLogger(__name__)
-
-_sessions = cast(Table, WhatsAppSession.__table__)
 
 
 def _create_statement() -> ModelStatement[Message, Any]:
@@ -91,16 +86,7 @@ def _create_statement() -> ModelStatement[Message, Any]:
         "max_attempts": bindparam("max_attempts", type_=Integer),
         **stamps,
     }
-    # FOR KEY SHARE holds the session against a concurrent delete, as the
-    # foreign key check would; a missing session inserts nothing instead of
-    # raising a foreign key violation that would abort the caller's transaction.
-    session_exists = exists(
-        select(literal_column("1"))
-        .select_from(_sessions)
-        .where(_sessions.c.id == session_id)
-        .with_for_update(read=True, key_share=True)
-    )
-    source = select(*columns.values()).where(session_exists)
+    source = select(*columns.values()).where(session_exists_held(session_id))
     statement = (
         pg_insert(messages_table)
         .from_select(list(columns), source)

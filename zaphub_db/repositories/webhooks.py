@@ -32,9 +32,7 @@ from sqlalchemy import (
     bindparam,
     cast,
     delete,
-    exists,
     func,
-    literal_column,
     or_,
     select,
     text,
@@ -51,6 +49,7 @@ from zaphub_db.repositories.execution import (
     execute,
     first_instance,
     model_statement,
+    session_exists_held,
 )
 from zaphub_db.repositories.lifecycle import status_literal
 from zaphub_db.repositories.queue_engine import DEFAULT_LEASE, QueueStats, QueueTable
@@ -96,14 +95,7 @@ def _enqueue_statement() -> ModelStatement[WebhookDelivery, Any]:
         "event_id": bindparam("event_id", type_=webhook_columns.event_id.type),
         "dedupe_key": bindparam("dedupe_key", type_=String),
     }
-    # As for events: a missing session inserts nothing (the caller is told)
-    # rather than raise a foreign key violation that aborts its transaction.
-    session_ok = exists(
-        select(literal_column("1"))
-        .select_from(_sessions)
-        .where(_sessions.c.id == session_id)
-        .with_for_update(read=True, key_share=True)
-    )
+    session_ok = session_exists_held(session_id)
     statement = (
         pg_insert(webhooks_table)
         .from_select(list(columns), select(*columns.values()).where(session_ok, url.is_not(None)))
