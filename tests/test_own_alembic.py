@@ -96,5 +96,5 @@ def test_an_application_history_beside_ours(tmp_path: Path, empty_database: URL)
         ours = connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
         app = connection.execute(text("SELECT version_num FROM app_alembic_version")).scalar()
     engine.dispose()
-    assert (ours, app) == ("0009", "a1")
+    assert (ours, app) == ("0010", "a1")
     assert run_cli("verify", "--url", url, cwd=project).returncode == 0  # and ours still verify

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, cast
 from sqlalchemy import Engine, bindparam, select, text
 from sqlalchemy.orm import Session
 
+from zaphub_db import telemetry
 from zaphub_db.errors import NotFoundError, TransientError, ValidationError, ZaphubDBError
 from zaphub_db.models import Message, MessageStatus
 from zaphub_db.repositories import bulk, layout, validation
@@ -84,7 +85,7 @@ _INSERT_ORM = select(Message).from_statement(_INSERT)
 # The distributed layout writes a batch one session at a time (each INSERT on
 # its session's shard): Citus runs no correlated subquery beside unnest().
 _INSERT_ONE_SESSION_ORM = select(Message).from_statement(
-    text(bulk.insert_from_arrays(one_session=True, returning=_RETURNING))
+    text(bulk.insert_from_arrays(one_session=True, returning=_RETURNING, trace_per_row=True))
     .bindparams(bindparam("session_id", type_=Message.__table__.c.session_id.type))
     .columns(*Message.__table__.columns)
 )
@@ -98,6 +99,7 @@ _ARRAYS = {
     "payloads": "payload",
     "statuses": "status",
     "max_attempts": "max_attempts",
+    "trace_contexts": "trace_context",
 }
 
 
@@ -114,7 +116,7 @@ def message_params(**arguments: Any) -> dict[str, Any]:
         problems = [f"missing {', '.join(missing)}"] if missing else []
         problems += [f"unknown {', '.join(sorted(unknown))}"] if unknown else []
         raise ValidationError(f"create_message arguments: {'; '.join(problems)}")
-    return creation_params_of(arguments["session_id"], arguments)
+    return {**creation_params_of(arguments["session_id"], arguments), "trace_context": None}
 
 
 def create_messages_together(db: Session, rows: Sequence[Mapping[str, Any]]) -> list[Outcome]:
@@ -262,6 +264,13 @@ class Enqueuer:
     def get_or_create_message(self, **arguments: Any) -> tuple[Message, bool]:
         """``get_or_create_message(db, **arguments)``, committed; ``(message, created)``."""
         row = message_params(**arguments)
+        with telemetry.producing("messages", conversation_id=row["jid"]) as producer:
+            row["trace_context"] = producer.traceparent
+            message, created = self._wait_for(row)
+            producer.created(created, message_id=message.id if created else None)
+        return message, created
+
+    def _wait_for(self, row: dict[str, Any]) -> tuple[Message, bool]:
         future: Future[Outcome] = Future()
         with self._enqueue_lock:
             if self.closed:
@@ -367,11 +376,14 @@ class AsyncEnqueuer:
                 asyncio.create_task(self._write(), name=f"zaphub-enqueuer-{n}")
                 for n in range(self.writers)
             ]
-        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
-        self._calls.put_nowait((row, future))
-        outcome = await future
-        if isinstance(outcome, BaseException):
-            raise outcome
+        with telemetry.producing("messages", conversation_id=row["jid"]) as producer:
+            row["trace_context"] = producer.traceparent
+            future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+            self._calls.put_nowait((row, future))
+            outcome = await future
+            if isinstance(outcome, BaseException):
+                raise outcome
+            producer.created(outcome[1], message_id=outcome[0].id if outcome[1] else None)
         return outcome
 
     async def create_message(self, **arguments: Any) -> Message:

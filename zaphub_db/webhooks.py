@@ -260,6 +260,7 @@ class WebhookQueue:
 
     channel = webhooks.CHANNEL
     noun = "webhook delivery"
+    destination = "webhook_deliveries"
 
     def claim(self, db: Session, **options: Any) -> list[Any]:
         return webhooks.claim_webhooks(

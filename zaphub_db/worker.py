@@ -16,6 +16,7 @@ and stops cleanly. Delivery is at least once (see
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import inspect
 import os
@@ -99,7 +100,11 @@ class ThreadPort:
 
     async def transact(self, work: Callable[[Session], T]) -> T:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.database, in_transaction, self.engine, work)
+        # In the loop's context (the current span, say), as asyncio.to_thread would.
+        context = contextvars.copy_context()
+        return await loop.run_in_executor(
+            self.database, context.run, in_transaction, self.engine, work
+        )
 
     async def wait_for_messages(self, timeout: float) -> bool:
         loop = asyncio.get_running_loop()
@@ -111,7 +116,12 @@ class ThreadPort:
         )
 
     async def send(self, message: Any) -> object:
-        return await asyncio.get_running_loop().run_in_executor(self.senders, self.handler, message)
+        # The handler runs in the loop's context: its spans are children of the
+        # "process" span around this call.
+        context = contextvars.copy_context()
+        return await asyncio.get_running_loop().run_in_executor(
+            self.senders, context.run, self.handler, message
+        )
 
     def stopped(self) -> bool:
         return self.stop.is_set()

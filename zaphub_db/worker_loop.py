@@ -45,6 +45,7 @@ from typing import Any, Protocol, TypeVar
 
 from sqlalchemy.orm import Session
 
+from zaphub_db import telemetry
 from zaphub_db.errors import TransientError, ValidationError, ZaphubDBError, quoted
 from zaphub_db.repositories import queue, validation
 from zaphub_db.wakeups import CHANNEL
@@ -99,6 +100,7 @@ class QueueOps(Protocol):
 
     channel: str  # the wake-up channel of the table
     noun: str  # "message", for the logs
+    destination: str  # the table, as traces and metrics name it
 
     def claim(self, db: Session, **options: Any) -> list[Any]:
         """Claim rows (``limit``, ``session_id``, ``lease``, ``worker``, ``ordered``,
@@ -137,6 +139,7 @@ class MessageQueue:
 
     channel = CHANNEL
     noun = "message"
+    destination = "messages"
 
     def claim(self, db: Session, **options: Any) -> list[Any]:
         return queue.claim_queued_messages(db, **options)
@@ -425,7 +428,10 @@ class SendLoop:
 
     async def _send(self, message: Any) -> None:
         try:
-            result = await self.port.send(message)
+            with telemetry.processing(
+                self.ops.destination, message, conversation_id=getattr(message, "jid", None)
+            ):
+                result = await self.port.send(message)
         except Exception as exc:
             if not isinstance(exc, PermanentFailure):
                 logger.warning(
@@ -450,7 +456,8 @@ class SendLoop:
             acks, self.acks = self.acks, []
             if not acks:
                 return
-            moved = await self._write(lambda db: self.ops.acknowledge(db, acks), None)
+            with telemetry.settling(self.ops.destination, len(acks)):
+                moved = await self._write(lambda db: self.ops.acknowledge(db, acks), None)
             if moved is not None:
                 self.summary.sent += moved
                 self.summary.stale += len(acks) - moved
@@ -458,9 +465,10 @@ class SendLoop:
             self._settle(ack["id"] for ack in acks)
 
     async def _record_failure(self, message: Any, exc: BaseException) -> None:
-        after = await self._write(
-            lambda db: self.ops.record_failure(db, message, exc, self.retry_in), None
-        )
+        with telemetry.settling(self.ops.destination, 1, failure=type(exc).__qualname__):
+            after = await self._write(
+                lambda db: self.ops.record_failure(db, message, exc, self.retry_in), None
+            )
         self.summary.count_failure(after)
         self._settle([message.id])
 

@@ -145,6 +145,9 @@ class Message(Base):
     claimed_by: Mapped[str | None] = mapped_column(
         String(255), comment="Worker that made the last claim"
     )
+    trace_context: Mapped[str | None] = mapped_column(
+        String(55), comment="W3C traceparent of the span that enqueued the row (NULL: none)"
+    )
     seq: Mapped[int] = mapped_column(
         BigInteger,
         Identity(always=False),

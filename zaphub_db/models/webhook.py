@@ -121,6 +121,9 @@ class WebhookDelivery(Base):
     )
     delivered_at: Mapped[datetime | None] = mapped_column(comment="When the endpoint answered 2xx")
     failed_at: Mapped[datetime | None] = mapped_column(comment="When the last attempt failed")
+    trace_context: Mapped[str | None] = mapped_column(
+        String(55), comment="W3C traceparent of the span that enqueued the row (NULL: none)"
+    )
     seq: Mapped[int] = mapped_column(
         BigInteger,
         Identity(always=False),

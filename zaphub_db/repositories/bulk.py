@@ -12,6 +12,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
+from zaphub_db import telemetry
 from zaphub_db.errors import NotFoundError, ValidationError
 from zaphub_db.models import MessageStatus
 from zaphub_db.repositories import layout, validation, webhooks
@@ -34,7 +35,7 @@ BULK_BATCH_SIZE = 10_000
 # One statement inserts a whole batch: the columns travel as arrays and
 # unnest() turns them back into rows, in the caller's order (WITH ORDINALITY),
 # so that seq keeps creation order. RETURNING says which keys were new.
-def insert_from_arrays(*, one_session: bool, returning: str) -> str:
+def insert_from_arrays(*, one_session: bool, returning: str, trace_per_row: bool = False) -> str:
     """The INSERT of many messages whose columns travel as arrays, one per column.
 
     unnest() turns the arrays back into rows in the given order (WITH
@@ -60,20 +61,26 @@ def insert_from_arrays(*, one_session: bool, returning: str) -> str:
     session = ":session_id" if one_session else "t.session_id"
     session_array = "" if one_session else "CAST(:session_ids AS uuid[]), "
     session_name = "" if one_session else "session_id, "
+    # The producer's traceparent: one for a bulk call (:trace_context), one per
+    # row for the Enqueuer's batches of many calls (:trace_contexts).
+    per_row = trace_per_row or not one_session
+    trace = "t.trace_context" if per_row else "CAST(:trace_context AS varchar)"
+    trace_array = ", CAST(:trace_contexts AS varchar[])" if per_row else ""
+    trace_name = " trace_context," if per_row else ""
     return f"""
     INSERT INTO messages (session_id, message_id, direction, jid, type, payload, status,
-                          max_attempts, queued_at, processing_at, sent_at, delivered_at,
-                          read_at, failed_at)
+                          max_attempts, trace_context, queued_at, processing_at, sent_at,
+                          delivered_at, read_at, failed_at)
     SELECT {session}, t.message_id, t.direction, t.jid, t.type, t.payload, t.status,
-           t.max_attempts,
+           t.max_attempts, {trace},
            {stamps}
     FROM unnest({session_array}CAST(:message_ids AS varchar[]), CAST(:directions AS varchar[]),
                 CAST(:jids AS varchar[]), CAST(:types AS varchar[]),
                 CAST(:payloads AS jsonb[]), CAST(:statuses AS varchar[]),
-                CAST(:max_attempts AS integer[]))
+                CAST(:max_attempts AS integer[]){trace_array})
          WITH ORDINALITY
          AS t({session_name}message_id, direction, jid, type, payload, status, max_attempts,
-              position)
+             {trace_name} position)
     WHERE EXISTS (SELECT 1 FROM sessions WHERE id = {session} FOR KEY SHARE)
     ORDER BY t.position
     ON CONFLICT (session_id, message_id) DO NOTHING
@@ -136,10 +143,13 @@ def bulk_create_messages(
     rows = [_bulk_row(session_uuid, index, item) for index, item in enumerate(items)]
     webhooks.check_webhook_flag(webhook, (row["direction"] for row in rows))
     result = BulkResult()
-    for start in range(0, len(rows), BULK_BATCH_SIZE):
-        created = _bulk_batch(db, session_uuid, rows[start : start + BULK_BATCH_SIZE], result)
-        if webhook:
-            webhooks.enqueue_message_webhooks(db, session_uuid, created)
+    with telemetry.producing("messages", batch=len(rows)) as producer:
+        for start in range(0, len(rows), BULK_BATCH_SIZE):
+            batch = rows[start : start + BULK_BATCH_SIZE]
+            created = _bulk_batch(db, session_uuid, batch, result, producer.traceparent)
+            if webhook:
+                webhooks.enqueue_message_webhooks(db, session_uuid, created)
+        producer.created(result.created)
     logger.info(
         "messages bulk-created session_id=%s created=%d duplicates=%d conflicts=%d",
         session_uuid,
@@ -177,7 +187,11 @@ def _bulk_row(session_id: uuid.UUID, index: int, item: Mapping[str, Any]) -> dic
 
 
 def _bulk_batch(
-    db: Session, session_id: uuid.UUID, rows: list[dict[str, Any]], result: BulkResult
+    db: Session,
+    session_id: uuid.UUID,
+    rows: list[dict[str, Any]],
+    result: BulkResult,
+    trace_context: str | None,
 ) -> list[str]:
     """Insert one batch, counting into ``result``; the keys it created, in their order."""
     first_use: dict[str, dict[str, Any]] = {}
@@ -193,6 +207,7 @@ def _bulk_batch(
         "payloads": [r["payload"] for r in unique],
         "statuses": [r["status"] for r in unique],
         "max_attempts": [r["max_attempts"] for r in unique],
+        "trace_context": trace_context,
     }
     created = set(execute(db, _BULK_INSERT, params).scalars())
     in_order = [row["message_id"] for row in unique if row["message_id"] in created]

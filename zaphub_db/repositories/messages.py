@@ -26,6 +26,7 @@ from sqlalchemy.dialects.postgresql import JSONB, TIMESTAMP
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
+from zaphub_db import telemetry
 from zaphub_db.errors import NotFoundError
 from zaphub_db.models import (
     Message,
@@ -84,6 +85,7 @@ def _create_statement() -> ModelStatement[Message, Any]:
         "payload": validation.jsonb("payload"),
         "status": status,
         "max_attempts": bindparam("max_attempts", type_=Integer),
+        "trace_context": bindparam("trace_context", type_=String),
         **stamps,
     }
     source = select(*columns.values()).where(session_exists_held(session_id))
@@ -224,7 +226,10 @@ def get_or_create_message(
     params = creation_params(
         session_id, message_id, jid, type, payload, direction, status, max_attempts
     )
-    created = first_instance(db, _CREATE, params)
+    with telemetry.producing("messages", conversation_id=params["jid"]) as producer:
+        params["trace_context"] = producer.traceparent
+        created = first_instance(db, _CREATE, params)
+        producer.created(created is not None, message_id=None if created is None else created.id)
     if created is not None:
         logger.info(
             "message created session_id=%s message_id=%r id=%s",

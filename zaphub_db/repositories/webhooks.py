@@ -40,6 +40,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
+from zaphub_db import telemetry
 from zaphub_db.errors import NotFoundError, ValidationError, quoted
 from zaphub_db.models import WebhookDelivery, WebhookStatus, WhatsAppSession
 from zaphub_db.repositories import layout, queue_engine, validation
@@ -94,6 +95,7 @@ def _enqueue_statement() -> ModelStatement[WebhookDelivery, Any]:
         "payload": validation.jsonb("payload"),
         "event_id": bindparam("event_id", type_=webhook_columns.event_id.type),
         "dedupe_key": bindparam("dedupe_key", type_=String),
+        "trace_context": bindparam("trace_context", type_=String),
     }
     session_ok = session_exists_held(session_id)
     statement = (
@@ -141,7 +143,10 @@ def enqueue_webhook(
         NotFoundError: ``session_id`` names a session that does not exist.
     """
     params = _enqueue_params(session_id, event_type, payload, url, dedupe_key, event_id)
-    delivery = first_instance(db, _ENQUEUE, params)
+    with telemetry.producing("webhook_deliveries") as producer:
+        params["trace_context"] = producer.traceparent
+        delivery = first_instance(db, _ENQUEUE, params)
+        producer.created(delivery is not None, message_id=delivery and delivery.id)
     if delivery is not None:
         queue_notify(db)
         return delivery
@@ -192,7 +197,8 @@ MESSAGE_RECEIVED = "message.received"
 # from the rows themselves: one statement for one message or a whole batch.
 _ENQUEUE_MESSAGES = text(
     f"""
-    INSERT INTO webhook_deliveries (session_id, url, event_type, payload, dedupe_key)
+    INSERT INTO webhook_deliveries (session_id, url, event_type, payload, dedupe_key,
+                                    trace_context)
     SELECT m.session_id, s.webhook_url, '{MESSAGE_RECEIVED}',
            jsonb_build_object(
                'event', '{MESSAGE_RECEIVED}',
@@ -200,7 +206,7 @@ _ENQUEUE_MESSAGES = text(
                'message', jsonb_build_object(
                    'id', m.id, 'message_id', m.message_id, 'jid', m.jid, 'type', m.type,
                    'payload', m.payload, 'created_at', m.created_at)),
-           '{MESSAGE_RECEIVED}:' || m.message_id
+           '{MESSAGE_RECEIVED}:' || m.message_id, CAST(:trace_context AS varchar)
     FROM messages m JOIN sessions s ON s.id = m.session_id
     WHERE m.session_id = :session_id AND s.id = :session_id_again
       AND m.message_id = ANY(CAST(:message_ids AS varchar[]))
@@ -238,8 +244,15 @@ def enqueue_message_webhooks(db: Session, session_id: uuid.UUID, message_ids: It
     keys = list(message_ids)
     if not keys:
         return 0
-    params = {"session_id": session_id, "session_id_again": session_id, "message_ids": keys}
-    queued: int = execute(db, _ENQUEUE_MESSAGES, params).rowcount  # type: ignore[attr-defined]
+    with telemetry.producing("webhook_deliveries", batch=len(keys)) as producer:
+        params = {
+            "session_id": session_id,
+            "session_id_again": session_id,
+            "message_ids": keys,
+            "trace_context": producer.traceparent,
+        }
+        queued: int = execute(db, _ENQUEUE_MESSAGES, params).rowcount  # type: ignore[attr-defined]
+        producer.created(queued)
     if queued:
         queue_notify(db)
     return queued
