@@ -791,6 +791,37 @@ SELECT
     WHERE status IN ('queued', 'processing', 'failed', 'dlq')
      AND session_id = CAST(%(session_id)s AS uuid);
 
+-- queue_engine.all_stats(messages, webhook_deliveries)
+SELECT 'messages' AS queue, s.* FROM (
+    SELECT
+        count(*) FILTER (WHERE status = 'queued') AS queued,
+        count(*) FILTER (WHERE status = 'queued' AND attempts < max_attempts
+                         AND (available_at IS NULL OR available_at <= now())) AS ready,
+        count(*) FILTER (WHERE status = 'queued' AND available_at > now()) AS delayed,
+        count(*) FILTER (WHERE status = 'processing') AS processing,
+        count(*) FILTER (WHERE status = 'processing' AND lease_expires_at < now()) AS expired,
+        count(*) FILTER (WHERE status = 'failed') AS failed,
+        count(*) FILTER (WHERE status = 'dlq') AS dlq,
+        now() - min(created_at) FILTER (WHERE status = 'queued' AND attempts < max_attempts
+                         AND (available_at IS NULL OR available_at <= now())) AS oldest_ready_age
+    FROM messages
+    WHERE status IN ('queued', 'processing', 'failed', 'dlq')
+    ) AS s UNION ALL SELECT 'webhook_deliveries' AS queue, s.* FROM (
+    SELECT
+        count(*) FILTER (WHERE status = 'queued') AS queued,
+        count(*) FILTER (WHERE status = 'queued' AND attempts < max_attempts
+                         AND (available_at IS NULL OR available_at <= now())) AS ready,
+        count(*) FILTER (WHERE status = 'queued' AND available_at > now()) AS delayed,
+        count(*) FILTER (WHERE status = 'processing') AS processing,
+        count(*) FILTER (WHERE status = 'processing' AND lease_expires_at < now()) AS expired,
+        count(*) FILTER (WHERE status = 'failed') AS failed,
+        count(*) FILTER (WHERE status = 'dlq') AS dlq,
+        now() - min(created_at) FILTER (WHERE status = 'queued' AND attempts < max_attempts
+                         AND (available_at IS NULL OR available_at <= now())) AS oldest_ready_age
+    FROM webhook_deliveries
+    WHERE status IN ('queued', 'processing', 'failed', 'dlq')
+    ) AS s;
+
 -- webhooks.claim_statement(one_session=False)
 WITH batch AS MATERIALIZED
 (SELECT webhook_deliveries.id AS id

@@ -13,7 +13,7 @@ from tests.helpers import claim, enqueue
 from tests.processes import run_cli, url_arg
 from zaphub_db.engine import engine_url
 from zaphub_db.metrics import QueueCollector
-from zaphub_db.repositories import queue
+from zaphub_db.repositories import queue, webhooks
 from zaphub_db.testing.statements import recording
 
 
@@ -66,6 +66,14 @@ def test_the_collector_reports_depth_age_and_lapsed_leases_in_one_statement(
     queue_engine: Engine,
 ) -> None:
     make_queue(queue_engine)
+    with Session(queue_engine) as db:
+        session_id = db.execute(text("SELECT id FROM sessions LIMIT 1")).scalar_one()
+        for n in range(2):
+            webhooks.enqueue_webhook(
+                db, session_id=session_id, event_type=f"e{n}", payload={}, url="http://h/w"
+            )
+        db.execute(text("UPDATE webhook_deliveries SET status = 'dlq' WHERE event_type = 'e1'"))
+        db.commit()
     registry = CollectorRegistry()
     registry.register(QueueCollector(queue_engine))
     with recording(queue_engine) as sent:
@@ -76,6 +84,15 @@ def test_the_collector_reports_depth_age_and_lapsed_leases_in_one_statement(
     found = samples(scraped)
     assert {key: found[key] for key in EXPECTED} == EXPECTED
     assert 90 <= found[AGE] < 200
+    # The webhook queue in the same scrape (the same statement).
+    hooks = {
+        status: found[
+            ("zaphub_queue_messages", (("queue", "webhook_deliveries"), ("status", status)))
+        ]
+        for status in ("queued", "ready", "delayed", "processing", "failed", "dlq")
+    }
+    assert hooks == {"queued": 1, "ready": 1, "delayed": 0, "processing": 0, "failed": 0, "dlq": 1}
+    assert found[("zaphub_queue_expired_leases", (("queue", "webhook_deliveries"),))] == 0
 
 
 def test_an_empty_queue_reports_zeros(queue_engine: Engine) -> None:

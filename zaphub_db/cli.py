@@ -276,17 +276,19 @@ def cmd_queue_stats(args: argparse.Namespace) -> int:
     from zaphub_db.repositories import queue
 
     def work(connection: Connection) -> int:
-        with Session(bind=connection) as db:
-            stats = queue.queue_stats(db, session_id=args.session)
         if args.prometheus:
-            from zaphub_db.metrics import exposition
+            from zaphub_db.metrics import QUEUES, exposition
+            from zaphub_db.repositories import queue_engine
 
             if args.session is not None:
                 # One session's series beside the whole queue's would double the sums.
                 _say("error: --prometheus reports the whole queue: drop --session", sys.stderr)
                 return 1
-            sys.stdout.write(exposition(stats))
+            with Session(bind=connection) as db:
+                sys.stdout.write(exposition(queue_engine.all_stats(db, QUEUES)))
             return 0
+        with Session(bind=connection) as db:
+            stats = queue.queue_stats(db, session_id=args.session)
         _print_stats(stats, as_json=args.json)
         return 0
 

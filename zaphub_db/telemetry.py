@@ -224,9 +224,9 @@ def settling(destination: str, count: int, *, failure: str | None = None) -> Ite
 def observe_queues(engine: Engine, *, meter_provider: Any = None) -> None:
     """Report the depth of both queues of ``engine``'s database as observable gauges.
 
-    Each collection reads ``queue_stats`` and ``webhook_stats`` (one
-    statement each): ``zaphub_db.queue.depth`` by ``status`` (``ready``,
-    ``delayed``, ``processing``, ``failed``, ``dlq``),
+    Each collection reads both queues' stats in one statement:
+    ``zaphub_db.queue.depth`` by ``status`` (``ready``, ``delayed``,
+    ``processing``, ``failed``, ``dlq``),
     ``zaphub_db.queue.oldest_ready_age`` in seconds and
     ``zaphub_db.queue.expired_leases``, each with ``messaging.destination.name``.
     Needs the ``otel`` extra.
@@ -234,10 +234,10 @@ def observe_queues(engine: Engine, *, meter_provider: Any = None) -> None:
     from opentelemetry import metrics
     from sqlalchemy.orm import Session
 
-    from zaphub_db.repositories import queue, webhooks
+    from zaphub_db.metrics import QUEUES
+    from zaphub_db.repositories import queue_engine
 
     meter = (meter_provider or metrics.get_meter_provider()).get_meter(INSTRUMENTATION)
-    readers = {"messages": queue.queue_stats, "webhook_deliveries": webhooks.webhook_stats}
     latest: dict[str, Any] = {}
 
     def read() -> dict[str, Any]:
@@ -246,7 +246,7 @@ def observe_queues(engine: Engine, *, meter_provider: Any = None) -> None:
         now = time.monotonic()
         if latest.get("at", -1.0) < now - 1.0:
             with Session(engine) as db:
-                latest["stats"] = {name: reader(db) for name, reader in readers.items()}
+                latest["stats"] = queue_engine.all_stats(db, QUEUES)
             latest["at"] = now
         stats: dict[str, Any] = latest["stats"]
         return stats

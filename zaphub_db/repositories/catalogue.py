@@ -126,6 +126,10 @@ def statements() -> dict[str, ClauseElement]:
         for name, value in queue_engine.statements(table).items():
             for suffix, statement in _forms_of(value):
                 found[f"{short}.engine.{name}{suffix}"] = statement
+    both = (queue.MESSAGES, webhooks.WEBHOOKS)
+    found["queue_engine.all_stats(messages, webhook_deliveries)"] = queue_engine.statements_of_all(
+        both
+    )
     for one_session in (False, True):
         claim = queue_engine.claim_statement(
             webhooks.WEBHOOKS, ordered=True, limited=False, one_session=one_session

@@ -763,9 +763,8 @@ class QueueStats:
     oldest_ready_age: timedelta | None
 
 
-@cache
-def _stats_statement(q: QueueTable, *, in_session: bool) -> TextClause:
-    sql = f"""
+def _stats_sql(q: QueueTable) -> str:
+    return f"""
     SELECT
         count(*) FILTER (WHERE status = 'queued') AS queued,
         count(*) FILTER (WHERE status = 'queued' AND attempts < max_attempts
@@ -780,8 +779,22 @@ def _stats_statement(q: QueueTable, *, in_session: bool) -> TextClause:
     FROM {q.name}
     WHERE status IN ('queued', 'processing', 'failed', 'dlq')
     """
+
+
+@cache
+def _stats_statement(q: QueueTable, *, in_session: bool) -> TextClause:
+    sql = _stats_sql(q)
     # Its own statement (not "IS NULL OR ="), so that Citus routes it to one shard.
     return text(sql + " AND session_id = CAST(:session_id AS uuid)" if in_session else sql)
+
+
+@cache
+def _all_stats_statement(tables: tuple[QueueTable, ...]) -> TextClause:
+    return text(
+        " UNION ALL ".join(
+            f"SELECT '{q.name}' AS queue, s.* FROM ({_stats_sql(q)}) AS s" for q in tables
+        )
+    )
 
 
 def stats(db: Session, q: QueueTable, *, session_id: uuid.UUID | str | None) -> QueueStats:
@@ -791,7 +804,23 @@ def stats(db: Session, q: QueueTable, *, session_id: uuid.UUID | str | None) -> 
     else:
         session_uuid = validation.as_uuid(session_id, "session_id")
         row = execute(db, _stats_statement(q, in_session=True), {"session_id": session_uuid}).one()
-    queued, ready, delayed, processing, expired, failed, dlq, age = tuple(row)
+    return _stats_of(tuple(row))
+
+
+def all_stats(db: Session, tables: tuple[QueueTable, ...]) -> dict[str, QueueStats]:
+    """The stats of every queue in ``tables``, by table name, in one statement (for a
+    scrape: ``zaphub_db.metrics`` and ``zaphub_db.telemetry``)."""
+    rows = execute(db, _all_stats_statement(tables), {}).all()
+    return {row[0]: _stats_of(tuple(row)[1:]) for row in rows}
+
+
+def statements_of_all(tables: tuple[QueueTable, ...]) -> TextClause:
+    """The statement of :func:`all_stats` (for the statement catalogue)."""
+    return _all_stats_statement(tables)
+
+
+def _stats_of(row: tuple[Any, ...]) -> QueueStats:
+    queued, ready, delayed, processing, expired, failed, dlq, age = row
     return QueueStats(
         queued,
         ready,
@@ -841,6 +870,7 @@ __all__ = [
     "MAX_RETRY_IN",
     "QueueStats",
     "QueueTable",
+    "all_stats",
     "claim",
     "claim_statement",
     "claimable",
