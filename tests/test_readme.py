@@ -239,3 +239,35 @@ def test_the_webhooks_example_and_its_receiver(
     with Session(engine) as db:
         stats = webhooks.webhook_stats(db, session_id=session_id)
     assert (stats.queued, stats.processing) == (0, 0)
+
+
+def test_the_opentelemetry_setup_as_written(engine: Engine) -> None:
+    import subprocess
+    import sys
+
+    from tests.processes import url_arg
+
+    setup = section_code("### Watching it run")[0]
+    program = (
+        "import sys\nimport zaphub_db\nengine = zaphub_db.create_engine(sys.argv[1])\n"
+        + setup
+        + "\nfrom sqlalchemy.orm import Session\n"
+        "from zaphub_db.repositories import messages, sessions\n"
+        "with Session(engine) as db:\n"
+        "    s = sessions.create_session(db, label='otel readme').id\n"
+        "    m = messages.create_message(db, session_id=s, message_id='o', jid='j@s.whatsapp.net',"
+        " type='text', payload={})\n"
+        "    db.commit()\n"
+        "    print('stored', m.trace_context is not None)\n"
+        "traces.force_flush()\nreader.force_flush()\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", program, url_arg(engine.url)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "stored True" in result.stdout
+    assert '"name": "create messages"' in result.stdout
+    assert '"messaging.destination.name": "messages"' in result.stdout
+    assert '"name": "zaphub_db.queue.depth"' in result.stdout
+    assert '"name": "messaging.client.sent.messages"' in result.stdout
