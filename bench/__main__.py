@@ -14,6 +14,7 @@ from bench import (
     pooler,
     queue,
     receipts,
+    telemetry,
     wakeups,
     webhooks,
 )
@@ -27,12 +28,13 @@ def main() -> None:
         "--only",
         nargs="*",
         default=None,
-        help="calls, bulk, queue, receipts, aio, pooler, citus, bullmq, wakeups, auth, webhooks",
+        help="calls, bulk, queue, receipts, aio, pooler, citus, bullmq, wakeups, auth, webhooks, "
+        "telemetry",
     )
     args = parser.parse_args()
     everything = [
         "calls", "bulk", "queue", "receipts", "aio", "pooler", "citus", "bullmq", "wakeups",
-        "auth", "webhooks",
+        "auth", "webhooks", "telemetry",
     ]  # fmt: skip
     wanted = set(args.only or everything)
     with benchmark_database() as (engine, dsn):
@@ -82,6 +84,10 @@ def main() -> None:
             say(queue.run(engine, dsn, quick=args.quick) + "\n")
             say("## Enqueue with and without the wake-up notification\n")
             say(queue.run_enqueue(engine, dsn, quick=args.quick) + "\n")
+        # Last: its SDK run sets the process's tracer and meter providers for good.
+        if "telemetry" in wanted:
+            say("## What tracing costs: OpenTelemetry absent, API only, SDK recording\n")
+            say(telemetry.run(engine, dsn, quick=args.quick) + "\n")
 
 
 if __name__ == "__main__":

@@ -62,6 +62,7 @@ class _Api:
 
         self.trace = trace
         self.context = context
+        self.unconfigured = trace.ProxyTracerProvider
         self.propagator = TraceContextTextMapPropagator()
         self.tracer = trace.get_tracer(INSTRUMENTATION)
         meter = metrics.get_meter(INSTRUMENTATION)
@@ -90,6 +91,12 @@ def api() -> _Api | None:
     return _api or None
 
 
+def _tracing(otel: _Api) -> bool:
+    """Whether the application configured a tracer provider (the SDK, say): until it
+    does, spans are the API's no-ops, and skipping them spares their cost per call."""
+    return not isinstance(otel.trace.get_tracer_provider(), otel.unconfigured)
+
+
 def _attributes(operation: str, destination: str) -> dict[str, Any]:
     kind = "settle" if operation == "settle" else operation
     return {
@@ -111,9 +118,9 @@ class Producer:
     def created(self, count: int, *, message_id: object = None) -> None:
         """Say how many rows the call wrote (and the id of a single one)."""
         otel = api()
-        if otel is None or self.span is None:
+        if otel is None:
             return
-        if message_id is not None:
+        if message_id is not None and self.span is not None:
             self.span.set_attribute("messaging.message.id", str(message_id))
         if count:
             otel.sent.add(int(count), _attributes("create", self.destination))
@@ -133,6 +140,9 @@ def producing(
     otel = api()
     if otel is None:
         yield _NO_PRODUCER
+        return
+    if not _tracing(otel):
+        yield Producer(None, destination, None)  # counted, not traced
         return
     attributes = _attributes("create", destination)
     if conversation_id is not None:
@@ -167,6 +177,9 @@ def processing(destination: str, item: Any, *, conversation_id: str | None) -> I
         yield
         return
     attributes = _attributes("process", destination)
+    if not _tracing(otel):
+        yield from _measured(otel, attributes)
+        return
     links = []
     traceparent = getattr(item, "trace_context", None)
     if traceparent:
@@ -178,8 +191,6 @@ def processing(destination: str, item: Any, *, conversation_id: str | None) -> I
     span_attributes = {**attributes, "messaging.message.id": str(item.id)}
     if conversation_id is not None:
         span_attributes["messaging.message.conversation_id"] = conversation_id
-    started = time.perf_counter()
-    error: str | None = None
     # A root of its own: the worker's loop is no request of the producer's;
     # the link leads back to it.
     with otel.tracer.start_as_current_span(
@@ -192,15 +203,25 @@ def processing(destination: str, item: Any, *, conversation_id: str | None) -> I
         set_status_on_exception=True,
     ) as span:
         try:
-            yield
+            yield from _measured(otel, attributes)
         except BaseException as exc:
-            error = type(exc).__qualname__
-            span.set_attribute("error.type", error)
+            span.set_attribute("error.type", type(exc).__qualname__)
             raise
-        finally:
-            measured = {**attributes, **({"error.type": error} if error else {})}
-            otel.duration.record(time.perf_counter() - started, measured)
-            otel.consumed.add(1, measured)
+
+
+def _measured(otel: _Api, attributes: dict[str, Any]) -> Iterator[None]:
+    """The process metrics of a handler call, without a span."""
+    started = time.perf_counter()
+    error: str | None = None
+    try:
+        yield
+    except BaseException as exc:
+        error = type(exc).__qualname__
+        raise
+    finally:
+        measured = {**attributes, **({"error.type": error} if error else {})}
+        otel.duration.record(time.perf_counter() - started, measured)
+        otel.consumed.add(1, measured)
 
 
 @contextlib.contextmanager
@@ -208,7 +229,7 @@ def settling(destination: str, count: int, *, failure: str | None = None) -> Ite
     """A ``settle {destination}`` span (CLIENT) around the write of ``count`` acks or of a
     failure (``failure``: its ``error.type``)."""
     otel = api()
-    if otel is None:
+    if otel is None or not _tracing(otel):
         yield
         return
     attributes = _attributes("settle", destination)
