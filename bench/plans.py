@@ -28,6 +28,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from bench.harness import benchmark_database, machine, say, server_version, table
+from zaphub_db.progress import ProgressLine
 from zaphub_db.repositories import events, messages, queue, sessions
 from zaphub_db.testing.statements import recording
 
@@ -64,10 +65,22 @@ STAMP = {
 CHUNK = 20_000  # lines per COPY write: the server ingests one while Python writes the next
 
 
-def _copy(connection: psycopg.Connection[Any], statement: str, lines: Iterator[str]) -> None:
+def _copy(
+    connection: psycopg.Connection[Any],
+    statement: str,
+    lines: Iterator[str],
+    progress: ProgressLine | None = None,
+) -> None:
+    """COPY ``lines``, one chunk at a time; ``progress`` counts the rows sent."""
+    sent = 0
     with connection.cursor() as cursor, cursor.copy(statement) as copy:
-        while chunk := "".join(itertools.islice(lines, CHUNK)):
-            copy.write(chunk)
+        while chunk := list(itertools.islice(lines, CHUNK)):
+            copy.write("".join(chunk))
+            sent += len(chunk)
+            if progress is not None:
+                progress.update(sent)
+    if progress is not None:
+        progress.finish(sent)
 
 
 @contextmanager
@@ -181,12 +194,14 @@ def load(dsn: str, session_count: int, message_count: int, event_count: int) -> 
                 "attempts, created_at, queued_at, processing_at, sent_at, delivered_at, read_at, "
                 "failed_at, wa_message_id) FROM STDIN (FREEZE)",
                 message_lines(),
+                ProgressLine("loaded", "messages", message_count),
             )
             _copy(
                 connection,
                 "COPY events (session_id, event_type, event_category, payload, severity, "
                 "created_at) FROM STDIN (FREEZE)",
                 event_lines(),
+                ProgressLine("loaded", "events", event_count),
             )
             connection.commit()
     with psycopg.connect(dsn, autocommit=True) as connection:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import pty
+import re
 import subprocess
 import sys
 import threading
@@ -90,10 +92,21 @@ def test_distribute_lays_out_the_tables_once_and_keeps_global_events(
     finally:
         engine.dispose()
 
-    first = _cli("distribute", "--url", url)
-    assert first.returncode == 0, first.stderr
+    # On a terminal, a progress line on stderr between the steps on stdout.
+    controller, terminal = pty.openpty()
+    try:
+        first = subprocess.run(
+            [sys.executable, "-m", "zaphub_db.cli", "distribute", "--url", url],
+            stdout=subprocess.PIPE, stderr=terminal, text=True, timeout=300, check=False,
+        )  # fmt: skip
+        os.close(terminal)
+        shown = os.read(controller, 65536).decode()
+    finally:
+        os.close(controller)
+    assert first.returncode == 0, shown
     assert "distribute sessions by id" in first.stdout
     assert "distributed layout ready" in first.stdout
+    assert re.search(r"\rdistributed [\d,]+ of [\d,]+ rows \(estimated\) \(", shown), shown
     again = _cli("distribute", "--url", url)
     assert again.returncode == 0, again.stderr
     assert again.stdout.strip() == "nothing to do: the database has the distributed layout already"

@@ -79,11 +79,44 @@ def cmd_distribute(args: argparse.Namespace) -> int:
     from zaphub_db import distribute, migrations
 
     def work(connection: Connection) -> int:
+        from sqlalchemy import text
+
+        from zaphub_db.progress import ProgressLine
+
         started = time.perf_counter()
         # One transaction, under the migration lock: all of the layout or
         # none of it, and no migrate run in between.
         with connection.begin(), migrations.migration_lock(connection, args.lock_timeout):
-            result = distribute.distribute(connection, shard_count=args.shard_count, progress=_say)
+            # The rows each table holds (the planner's estimate: a count would
+            # read them all), for a progress line between the tables' copies.
+            sizes: dict[str, int] = dict(
+                connection.execute(
+                    text(
+                        "SELECT relname, greatest(reltuples, 0)::bigint FROM pg_class "
+                        "WHERE relname = ANY(:tables) AND relkind = 'r'"
+                    ),
+                    {"tables": [table for table, _ in distribute.DISTRIBUTION]},
+                ).all()
+            )
+            progress = ProgressLine("distributed", "rows (estimated)", sum(sizes.values()))
+            copying: list[str] = []  # the table being distributed, if any
+            done = 0
+
+            def step(line: str) -> None:
+                nonlocal done
+                if copying:  # its copy ended: the next step begins
+                    done += sizes.get(copying.pop(), 0)
+                progress.interrupt()
+                _say(line)
+                if line.startswith("distribute "):
+                    copying.append(line.split()[1])
+                    progress.update(done, force=True)
+
+            result = distribute.distribute(connection, shard_count=args.shard_count, progress=step)
+            if copying:
+                done += sizes.get(copying.pop(), 0)
+            if result.steps:
+                progress.finish(done)
         total_ms = round((time.perf_counter() - started) * 1000)
         if result.steps:
             _say(f"distributed layout ready: {len(result.steps)} step(s) in {total_ms} ms")

@@ -50,6 +50,14 @@ class ProgressLine:
             parts.append(f"{(self.total - done) / rate:,.0f} s left")
         return f"{self.verb} {done:,}{of} {self.noun} ({', '.join(parts)})"
 
+    def interrupt(self) -> None:
+        """End the line drawn so far, so that other output starts on a line of its own
+        (the next :meth:`update` draws a new line)."""
+        if self.shown and self._width:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._width = 0
+
     def finish(self, done: int) -> None:
         """Draw the final count and end the line (the summary follows on a line of its own)."""
         if not self.shown:
