@@ -31,7 +31,14 @@ LOWEST_SQLALCHEMY = SQLALCHEMY.split(">=")[1].split(",")[0]
 # What the suite itself needs beyond the testing extra: pip (one test builds
 # and installs the wheel), pytest-alembic's checks, and FastAPI with httpx for
 # the README's async example.
-TEST_TOOLS = ("pip", "pytest-alembic", "fastapi", "httpx", "opentelemetry-sdk")
+TEST_TOOLS = (
+    "pip",
+    "pytest-alembic",
+    "fastapi",
+    "httpx",
+    "opentelemetry-sdk",
+    "opentelemetry-instrumentation-sqlalchemy",
+)
 # The local server (started before the session, see .ci/run); override to test elsewhere.
 LOCAL_POSTGRES = os.environ.get(
     "ZAPHUB_LOCAL_TEST_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -185,7 +192,9 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def typecheck(session: nox.Session) -> None:
     """mypy --strict on the package, the tests and the benchmarks."""
-    session.install("-e", ".[embedded,testing,prometheus,webhooks,otel]", *TEST_TOOLS, "mypy", "nox")
+    session.install(
+        "-e", ".[embedded,testing,prometheus,webhooks,otel]", *TEST_TOOLS, "mypy", "nox"
+    )
     session.run("mypy", "--strict", "zaphub_db", "tests", "bench")
 
 

@@ -350,3 +350,33 @@ def test_without_an_sdk_no_context_is_stored(engine: Engine) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["None", "True"]
     assert uuid
+
+
+def test_sqlalchemy_s_instrumentation_nests_its_statements_in_our_spans(
+    spans: Recording,
+) -> None:
+    from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
+
+    from zaphub_db.testing.databases import migrated_database
+
+    with migrated_database() as engine:
+        # As the README says: its declared range stops short of SQLAlchemy 2.1.
+        SQLAlchemyInstrumentor().instrument(engine=engine, skip_dep_check=True)
+        try:
+            with Session(engine) as db:
+                session_id = sessions.create_session(db, label="instrumented").id
+                messages.create_message(
+                    db, session_id=session_id, message_id="i", jid="5534@s.whatsapp.net",
+                    type="text", payload={},
+                )  # fmt: skip
+                db.commit()
+        finally:
+            SQLAlchemyInstrumentor().uninstrument()
+    [create] = named(spans, "create messages")
+    statements = [
+        s for s in spans.get_finished_spans()
+        if s.parent is not None and s.parent.span_id == create.context.span_id
+    ]  # fmt: skip
+    # The INSERT the create span sent, as SQLAlchemy's instrumentation records it.
+    assert [s.name.split()[0] for s in statements] == ["INSERT"]
+    assert (statements[0].attributes or {}).get("db.system") == "postgresql"
