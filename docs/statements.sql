@@ -437,6 +437,35 @@ INSERT INTO webhook_deliveries (session_id, url, event_type, payload, dedupe_key
     ORDER BY m.created_at, m.seq
     ON CONFLICT (session_id, dedupe_key) DO NOTHING;
 
+-- webhooks._MESSAGE_WEBHOOK_ROWS
+SELECT jsonb_build_object(
+               'event', 'message.received',
+               'session_id', m.session_id,
+               'message', jsonb_build_object(
+                   'id', m.id, 'message_id', m.message_id, 'jid', m.jid, 'type', m.type,
+                   'payload', m.payload, 'created_at', m.created_at)) AS payload,
+           'message.received:' || m.message_id AS dedupe_key
+    FROM messages m
+    WHERE m.session_id = %(session_id)s::UUID AND m.message_id = ANY(CAST(%(message_ids)s AS varchar[]))
+      AND m.direction = 'inbound'
+    ORDER BY m.created_at, m.seq;
+
+-- webhooks._SESSION_URL
+SELECT sessions.webhook_url
+FROM sessions
+WHERE sessions.id = %(session_id)s::UUID;
+
+-- webhooks._ENQUEUE_ROWS
+INSERT INTO webhook_deliveries (session_id, url, event_type, payload, dedupe_key,
+                                    trace_context)
+    SELECT %(session_id)s::UUID, %(url)s, 'message.received', r.payload, r.dedupe_key,
+           CAST(%(trace_context)s AS varchar)
+    FROM unnest(CAST(%(payloads)s AS jsonb[]), CAST(%(dedupe_keys)s AS varchar[]))
+         WITH ORDINALITY AS r(payload, dedupe_key, position)
+    WHERE EXISTS (SELECT 1 FROM sessions WHERE id = %(session_id_again)s::UUID FOR KEY SHARE)
+    ORDER BY r.position
+    ON CONFLICT (session_id, dedupe_key) DO NOTHING;
+
 -- webhooks._DELIVERED
 UPDATE webhook_deliveries d SET
         status = 'delivered',

@@ -163,6 +163,21 @@ def test_bulk_inbound_messages_get_their_webhooks_in_order(db: Session) -> None:
     assert deliveries(db, silent) == []
 
 
+def test_event_and_message_webhooks_of_one_transaction_keep_their_order(db: Session) -> None:
+    session_id = new_session(db)
+    events.create_event(db, session_id=session_id, event_type="first", webhook=True)
+    messages.create_message(db, session_id=session_id, webhook=True, **_inbound("second"))
+    messages.bulk_create_messages(db, session_id, [_inbound("third")], webhook=True)
+    events.create_event(db, session_id=session_id, event_type="fourth", webhook=True)
+    order = [
+        d.event_type if d.event_type != "message.received" else d.payload["message"]["message_id"]
+        for d in sorted(deliveries(db, session_id), key=lambda d: (d.created_at, d.seq))
+    ]
+    assert order == ["first", "second", "third", "fourth"]
+    claimed = [webhooks.claim_webhooks(db, session_id=session_id)[0].event_type]
+    assert claimed == ["first"]
+
+
 def test_one_delivery_in_flight_per_session_in_creation_order(db: Session) -> None:
     first, second = new_session(db), new_session(db)
     for session_id in (first, second):

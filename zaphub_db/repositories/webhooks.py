@@ -16,6 +16,7 @@ Every function takes a SQLAlchemy ``Session`` first and never commits.
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
 from collections.abc import Iterable, Mapping
@@ -220,6 +221,68 @@ _ENQUEUE_MESSAGES = text(
 )
 
 
+# The distributed layout reads the rows, then inserts them from arrays, the
+# session's row in the statement (three statements, each on the session's
+# shard): Citus draws the identity values (seq) of the INSERT ... SELECT
+# above, across co-located tables, from another sequence range than those of
+# the other INSERTs of the queue (measured: seq 1 beside 2^48 + n in one
+# transaction), which would put these webhooks out of creation order beside
+# the session's other ones.
+_MESSAGE_WEBHOOK_ROWS = text(
+    f"""
+    SELECT jsonb_build_object(
+               'event', '{MESSAGE_RECEIVED}',
+               'session_id', m.session_id,
+               'message', jsonb_build_object(
+                   'id', m.id, 'message_id', m.message_id, 'jid', m.jid, 'type', m.type,
+                   'payload', m.payload, 'created_at', m.created_at)) AS payload,
+           '{MESSAGE_RECEIVED}:' || m.message_id AS dedupe_key
+    FROM messages m
+    WHERE m.session_id = :session_id AND m.message_id = ANY(CAST(:message_ids AS varchar[]))
+      AND m.direction = 'inbound'
+    ORDER BY m.created_at, m.seq
+    """
+).bindparams(bindparam("session_id", type_=webhook_columns.session_id.type))
+
+
+_SESSION_URL = select(_sessions.c.webhook_url).where(_sessions.c.id == bindparam("session_id"))
+_ENQUEUE_ROWS = text(
+    f"""
+    INSERT INTO webhook_deliveries (session_id, url, event_type, payload, dedupe_key,
+                                    trace_context)
+    SELECT :session_id, :url, '{MESSAGE_RECEIVED}', r.payload, r.dedupe_key,
+           CAST(:trace_context AS varchar)
+    FROM unnest(CAST(:payloads AS jsonb[]), CAST(:dedupe_keys AS varchar[]))
+         WITH ORDINALITY AS r(payload, dedupe_key, position)
+    WHERE EXISTS (SELECT 1 FROM sessions WHERE id = :session_id_again FOR KEY SHARE)
+    ORDER BY r.position
+    ON CONFLICT (session_id, dedupe_key) DO NOTHING
+    """
+).bindparams(
+    bindparam("session_id", type_=webhook_columns.session_id.type),
+    bindparam("session_id_again", type_=webhook_columns.session_id.type),
+)
+
+
+def _enqueue_message_webhooks_routed(db: Session, params: dict[str, Any]) -> int:
+    url = execute(db, _SESSION_URL, params).scalar()
+    rows = execute(db, _MESSAGE_WEBHOOK_ROWS, params).all() if url is not None else []
+    if not rows:
+        return 0
+    inserted = execute(
+        db,
+        _ENQUEUE_ROWS,
+        {
+            **params,
+            "url": url,
+            "payloads": [json.dumps(row.payload) for row in rows],
+            "dedupe_keys": [row.dedupe_key for row in rows],
+        },
+    )
+    queued: int = inserted.rowcount  # type: ignore[attr-defined]
+    return queued
+
+
 def check_webhook_flag(webhook: object, directions: Iterable[object]) -> None:
     """Check ``webhook=`` of a message creation whose messages go in ``directions``."""
     if not isinstance(webhook, bool):
@@ -237,7 +300,9 @@ def enqueue_message_webhooks(db: Session, session_id: uuid.UUID, message_ids: It
 
     The body: ``{"event": "message.received", "session_id": ..., "message": {"id",
     "message_id", "jid", "type", "payload", "created_at"}}``; the dedupe key
-    ``message.received:<message_id>``, so a message never gets two.
+    ``message.received:<message_id>``, so a message never gets two. (Three
+    statements on the distributed layout: the session's URL, the rows, the
+    INSERT, each on the session's shard.)
     ``create_message`` and ``bulk_create_messages`` call it with
     ``webhook=True`` for the messages they created.
     """
@@ -251,7 +316,10 @@ def enqueue_message_webhooks(db: Session, session_id: uuid.UUID, message_ids: It
             "message_ids": keys,
             "trace_context": producer.traceparent,
         }
-        queued: int = execute(db, _ENQUEUE_MESSAGES, params).rowcount  # type: ignore[attr-defined]
+        if layout.distributed(db):
+            queued = _enqueue_message_webhooks_routed(db, params)
+        else:
+            queued = execute(db, _ENQUEUE_MESSAGES, params).rowcount  # type: ignore[attr-defined]
         producer.created(queued)
     if queued:
         queue_notify(db)
