@@ -157,9 +157,7 @@ def upgrade() -> None:
             nullable=True,
             comment="When the endpoint answered 2xx",
         ),
-        sa.Column(
-            "failed_at", _TIMESTAMP, nullable=True, comment="When the last attempt failed"
-        ),
+        sa.Column("failed_at", _TIMESTAMP, nullable=True, comment="When the last attempt failed"),
         sa.Column(
             "seq",
             sa.BigInteger(),
@@ -173,12 +171,8 @@ def upgrade() -> None:
             name=op.f("webhook_deliveries_status_check"),
         ),
         sa.CheckConstraint("attempts >= 0", name=op.f("webhook_deliveries_attempts_check")),
-        sa.CheckConstraint(
-            "max_attempts > 0", name=op.f("webhook_deliveries_max_attempts_check")
-        ),
-        sa.CheckConstraint(
-            "event_type <> ''", name=op.f("webhook_deliveries_event_type_check")
-        ),
+        sa.CheckConstraint("max_attempts > 0", name=op.f("webhook_deliveries_max_attempts_check")),
+        sa.CheckConstraint("event_type <> ''", name=op.f("webhook_deliveries_event_type_check")),
         sa.CheckConstraint(
             "last_status_code IS NULL OR last_status_code BETWEEN 100 AND 599",
             name=op.f("webhook_deliveries_last_status_code_check"),
