@@ -138,6 +138,11 @@ SINGLE_NODE_ONLY = (
     "test_embedded.py", "test_migrations.py", "test_own_alembic.py", "test_pytest_alembic.py",
     "test_schema.py", "test_cli.py", "test_config.py", "test_imports.py", "test_statements.py",
     "test_crypto.py",
+    # The HTTP side of the webhook worker (retries, signatures, timeouts, a
+    # killed worker) and the spans do not depend on the layout; the webhook
+    # queue on the cluster is tested by tests/repositories/test_webhooks.py,
+    # the README's example and tests/test_citus.py.
+    "test_webhooks.py", "test_telemetry.py",
 )  # fmt: skip
 
 
