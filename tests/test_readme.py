@@ -262,7 +262,7 @@ def test_the_opentelemetry_setup_as_written(engine: Engine) -> None:
         "traces.force_flush()\nreader.force_flush()\n"
     )
     result = subprocess.run(
-        [sys.executable, "-c", program, url_arg(engine.url)],
+        [sys.executable, "-c", program, url_arg(engine_url(engine))],
         cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr

@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session
 
 from tests.processes import ROOT, url_arg
 from tests.webhook_receiver import start_receiver
+from zaphub_db.engine import engine_url
 from zaphub_db.models import Message, WebhookDelivery
 from zaphub_db.repositories import messages, queue, sessions, webhooks
 from zaphub_db.telemetry import observe_queues
@@ -322,7 +323,7 @@ print(message.status, message.trace_context, any(m.startswith("opentelemetry") f
 
 def test_without_the_extra_nothing_of_opentelemetry_is_imported(engine: Engine) -> None:
     result = subprocess.run(
-        [sys.executable, "-c", _WITHOUT_OTEL, url_arg(engine.url)],
+        [sys.executable, "-c", _WITHOUT_OTEL, url_arg(engine_url(engine))],
         cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )  # fmt: skip
@@ -344,7 +345,7 @@ def test_without_an_sdk_no_context_is_stored(engine: Engine) -> None:
         "    print(m.trace_context, 'opentelemetry.trace' in sys.modules)\n"
     )
     result = subprocess.run(
-        [sys.executable, "-c", program, url_arg(engine.url)],
+        [sys.executable, "-c", program, url_arg(engine_url(engine))],
         cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr

@@ -220,7 +220,7 @@ def test_a_hanging_endpoint_times_out_into_dlq_then_redrive_delivers(
     with Session(engine) as db:
         db.execute(update(WebhookDelivery).values(url=f"{receiver.url}/ok"))
         db.commit()
-    redrive = run_cli("webhooks", "redrive", "--url", url_arg(engine.url))
+    redrive = run_cli("webhooks", "redrive", "--url", url_arg(engine_url(engine)))
     assert redrive.returncode == 0, redrive.stderr
     assert redrive.stdout.strip() == "redrove 1 dlq webhook delivery(ies)"
     [row] = rows(engine, ids)
@@ -287,7 +287,9 @@ def test_a_worker_killed_mid_delivery_is_recovered_after_its_lease(
 ) -> None:
     session_id = new_session(engine, f"{receiver.url}/hang-once")
     ids = enqueue(engine, session_id, 2)
-    doomed = subprocess.Popen([sys.executable, "-c", _KILLED_WORKER, url_arg(engine.url)], cwd=ROOT)
+    doomed = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_WORKER, url_arg(engine_url(engine))], cwd=ROOT
+    )
     try:
         deadline = time.monotonic() + 60
         while not receiver.received:  # its first POST is in the air, never to be answered
@@ -376,7 +378,7 @@ def test_cli_stats_and_cleanup(engine: Engine) -> None:
         )
         db.commit()
         expected = webhooks.webhook_stats(db)
-    url = url_arg(engine.url)
+    url = url_arg(engine_url(engine))
     stats = run_cli("webhooks", "stats", "--url", url, "--json")
     assert stats.returncode == 0, stats.stderr
     numbers = json.loads(stats.stdout)
