@@ -37,7 +37,7 @@ import psycopg
 from sqlalchemy.orm import Session
 
 import zaphub_db
-from bench.harness import say, table
+from bench.harness import each_in_turn, in_threads, say, table
 from bench.queue import JID_COUNT, fill_queue
 from zaphub_db import aio
 from zaphub_db.enqueuer import Enqueuer
@@ -114,25 +114,9 @@ def ours_single(
             messages.create_message(db, **_message(session_id, i))
             db.commit()
 
-    seconds = _in_threads(_produce_each(count, enqueue), producers)
+    seconds = in_threads(each_in_turn(count, enqueue), producers)
     engine.dispose()
     return count, seconds
-
-
-def _produce_each(count: int, enqueue: Callable[[int], object]) -> Callable[[], None]:
-    """A producer thread's loop: take the next number and enqueue it, until ``count``."""
-    counter = iter(range(count))
-    lock = threading.Lock()
-
-    def produce() -> None:
-        while True:
-            with lock:
-                i = next(counter, None)
-            if i is None:
-                return
-            enqueue(i)
-
-    return produce
 
 
 def _message(session_id: uuid.UUID, i: int) -> dict[str, Any]:
@@ -153,8 +137,8 @@ def ours_coalesced(
     engine = zaphub_db.create_engine(url, **_engine_options(durability))
     with Enqueuer(engine) as enqueuer:
         enqueuer.create_message(**_message(session_id, -1))  # connected before the clock
-        seconds = _in_threads(
-            _produce_each(count, lambda i: enqueuer.create_message(**_message(session_id, i))),
+        seconds = in_threads(
+            each_in_turn(count, lambda i: enqueuer.create_message(**_message(session_id, i))),
             producers,
         )
     engine.dispose()
@@ -207,18 +191,7 @@ def raw_single(dsn: str, count: int, producers: int) -> tuple[int, float]:
                 )
                 connection.commit()
 
-    return count, _in_threads(produce, producers)
-
-
-def _in_threads(work: Callable[[], None], count: int) -> float:
-    """Run ``work`` on ``count`` threads at once; the seconds until all are done."""
-    threads = [threading.Thread(target=work) for _ in range(count)]
-    began = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return time.perf_counter() - began
+    return count, in_threads(produce, producers)
 
 
 def ours_bulk(url: str, dsn: str, count: int, size: int) -> tuple[int, float]:

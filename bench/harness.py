@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import statistics
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -95,3 +96,31 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     ]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(lines)
+
+
+def each_in_turn(count: int, work: Callable[[int], object]) -> Callable[[], None]:
+    """A thread's loop for :func:`in_threads`: take the next number and ``work`` it,
+    until ``count`` numbers are done (shared by every thread running it)."""
+    counter = iter(range(count))
+    lock = threading.Lock()
+
+    def run() -> None:
+        while True:
+            with lock:
+                i = next(counter, None)
+            if i is None:
+                return
+            work(i)
+
+    return run
+
+
+def in_threads(work: Callable[[], None], count: int) -> float:
+    """Run ``work`` on ``count`` threads at once; the seconds until all are done."""
+    threads = [threading.Thread(target=work) for _ in range(count)]
+    began = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return time.perf_counter() - began

@@ -19,7 +19,6 @@ import json
 import statistics
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -29,7 +28,7 @@ import psycopg
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from bench.harness import say, table
+from bench.harness import each_in_turn, in_threads, say, table
 from tests.helpers import free_port
 from zaphub_db.repositories import events
 
@@ -210,26 +209,13 @@ def _bare_httpx(url: str, count: int, in_flight: int) -> float:
     import httpx
 
     limits = httpx.Limits(max_connections=in_flight, max_keepalive_connections=in_flight)
-    left = iter(range(count))
-    lock = threading.Lock()
     with httpx.Client(limits=limits) as client:
 
-        def sender() -> None:
-            while True:
-                with lock:
-                    n = next(left, None)
-                if n is None:
-                    return
-                response = client.post(url, content=b'{"n": %d}' % n)
-                assert response.status_code == 204
+        def post(n: int) -> None:
+            response = client.post(url, content=b'{"n": %d}' % n)
+            assert response.status_code == 204
 
-        threads = [threading.Thread(target=sender) for _ in range(in_flight)]
-        started = time.perf_counter()
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        return count / (time.perf_counter() - started)
+        return count / in_threads(each_in_turn(count, post), in_flight)
 
 
 def run(engine: Engine, dsn: str, *, quick: bool) -> str:

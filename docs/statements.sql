@@ -420,44 +420,44 @@ FROM sessions
 WHERE sessions.id = %(session_id)s::UUID;
 
 -- webhooks._ENQUEUE_MESSAGES
-INSERT INTO webhook_deliveries (session_id, url, event_type, payload, dedupe_key,
-                                    trace_context)
-    SELECT m.session_id, s.webhook_url, 'message.received',
+INSERT INTO webhook_deliveries (session_id, url, event_type, payload, dedupe_key, trace_context)
+    SELECT w.session_id, w.url, 'message.received', w.payload, w.dedupe_key,
+           CAST(%(trace_context)s AS varchar)
+    FROM (
+    SELECT m.session_id, s.webhook_url AS url,
            jsonb_build_object(
                'event', 'message.received',
                'session_id', m.session_id,
                'message', jsonb_build_object(
                    'id', m.id, 'message_id', m.message_id, 'jid', m.jid, 'type', m.type,
-                   'payload', m.payload, 'created_at', m.created_at)),
-           'message.received:' || m.message_id, CAST(%(trace_context)s AS varchar)
+                   'payload', m.payload, 'created_at', m.created_at)) AS payload,
+           'message.received:' || m.message_id AS dedupe_key, m.created_at, m.seq
     FROM messages m JOIN sessions s ON s.id = m.session_id
     WHERE m.session_id = %(session_id)s::UUID AND s.id = %(session_id_again)s::UUID
       AND m.message_id = ANY(CAST(%(message_ids)s AS varchar[]))
       AND m.direction = 'inbound' AND s.webhook_url IS NOT NULL
-    ORDER BY m.created_at, m.seq
+    ) AS w
+    ORDER BY w.created_at, w.seq
     ON CONFLICT (session_id, dedupe_key) DO NOTHING;
 
 -- webhooks._MESSAGE_WEBHOOK_ROWS
-SELECT jsonb_build_object(
+SELECT w.url, w.payload, w.dedupe_key FROM (
+    SELECT m.session_id, s.webhook_url AS url,
+           jsonb_build_object(
                'event', 'message.received',
                'session_id', m.session_id,
                'message', jsonb_build_object(
                    'id', m.id, 'message_id', m.message_id, 'jid', m.jid, 'type', m.type,
                    'payload', m.payload, 'created_at', m.created_at)) AS payload,
-           'message.received:' || m.message_id AS dedupe_key
-    FROM messages m
-    WHERE m.session_id = %(session_id)s::UUID AND m.message_id = ANY(CAST(%(message_ids)s AS varchar[]))
-      AND m.direction = 'inbound'
-    ORDER BY m.created_at, m.seq;
-
--- webhooks._SESSION_URL
-SELECT sessions.webhook_url
-FROM sessions
-WHERE sessions.id = %(session_id)s::UUID;
+           'message.received:' || m.message_id AS dedupe_key, m.created_at, m.seq
+    FROM messages m JOIN sessions s ON s.id = m.session_id
+    WHERE m.session_id = %(session_id)s::UUID AND s.id = %(session_id_again)s::UUID
+      AND m.message_id = ANY(CAST(%(message_ids)s AS varchar[]))
+      AND m.direction = 'inbound' AND s.webhook_url IS NOT NULL
+    ) AS w ORDER BY w.created_at, w.seq;
 
 -- webhooks._ENQUEUE_ROWS
-INSERT INTO webhook_deliveries (session_id, url, event_type, payload, dedupe_key,
-                                    trace_context)
+INSERT INTO webhook_deliveries (session_id, url, event_type, payload, dedupe_key, trace_context)
     SELECT %(session_id)s::UUID, %(url)s, 'message.received', r.payload, r.dedupe_key,
            CAST(%(trace_context)s AS varchar)
     FROM unnest(CAST(%(payloads)s AS jsonb[]), CAST(%(dedupe_keys)s AS varchar[]))

@@ -31,3 +31,19 @@ def run_cli(
         timeout=120,
         check=False,
     )
+
+
+def run_python(
+    program: str, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``program`` (Python source) in a separate interpreter from the repository's
+    root, with ``args`` as its ``sys.argv[1:]``."""
+    return subprocess.run(
+        [sys.executable, "-c", program, *args],
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )

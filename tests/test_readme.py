@@ -242,10 +242,7 @@ def test_the_webhooks_example_and_its_receiver(
 
 
 def test_the_opentelemetry_setup_as_written(engine: Engine) -> None:
-    import subprocess
-    import sys
-
-    from tests.processes import url_arg
+    from tests.processes import run_python, url_arg
 
     setup = section_code("### Watching it run")[0]
     program = (
@@ -261,10 +258,7 @@ def test_the_opentelemetry_setup_as_written(engine: Engine) -> None:
         "    print('stored', m.trace_context is not None)\n"
         "traces.force_flush()\nreader.force_flush()\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", program, url_arg(engine_url(engine))],
-        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
+    result = run_python(program, url_arg(engine_url(engine)))
     assert result.returncode == 0, result.stderr
     assert "stored True" in result.stdout
     assert '"name": "create messages"' in result.stdout

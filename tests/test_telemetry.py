@@ -8,12 +8,8 @@ it to, so the rest of the suite pays for recording spans, not for keeping them.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import threading
 import time
-import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -28,7 +24,7 @@ from opentelemetry.trace import SpanKind
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from tests.processes import ROOT, url_arg
+from tests.processes import ROOT, run_python, url_arg
 from tests.webhook_receiver import start_receiver
 from zaphub_db.engine import engine_url
 from zaphub_db.models import Message, WebhookDelivery
@@ -322,11 +318,7 @@ print(message.status, message.trace_context, any(m.startswith("opentelemetry") f
 
 
 def test_without_the_extra_nothing_of_opentelemetry_is_imported(engine: Engine) -> None:
-    result = subprocess.run(
-        [sys.executable, "-c", _WITHOUT_OTEL, url_arg(engine_url(engine))],
-        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )  # fmt: skip
+    result = run_python(_WITHOUT_OTEL, url_arg(engine_url(engine)), env={"PYTHONPATH": str(ROOT)})
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["sent", "None", "False"]
 
@@ -344,13 +336,9 @@ def test_without_an_sdk_no_context_is_stored(engine: Engine) -> None:
         "    db.commit()\n"
         "    print(m.trace_context, 'opentelemetry.trace' in sys.modules)\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", program, url_arg(engine_url(engine))],
-        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
+    result = run_python(program, url_arg(engine_url(engine)))
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["None", "True"]
-    assert uuid
 
 
 def test_sqlalchemy_s_instrumentation_nests_its_statements_in_our_spans(

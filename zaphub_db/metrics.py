@@ -36,7 +36,6 @@ from zaphub_db.repositories.queue_engine import QueueStats
 if TYPE_CHECKING:
     from prometheus_client.core import Metric
 
-QUEUE = "messages"
 QUEUES = (queue.MESSAGES, webhooks.WEBHOOKS)
 """The queue tables a scrape reads (one statement for all)."""
 STATUSES = ("queued", "ready", "delayed", "processing", "failed", "dlq")

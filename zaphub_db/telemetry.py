@@ -98,11 +98,10 @@ def _tracing(otel: _Api) -> bool:
 
 
 def _attributes(operation: str, destination: str) -> dict[str, Any]:
-    kind = "settle" if operation == "settle" else operation
     return {
         "messaging.system": SYSTEM,
         "messaging.operation.name": operation,
-        "messaging.operation.type": kind,
+        "messaging.operation.type": operation,  # ours are the conventions' own types
         "messaging.destination.name": destination,
     }
 

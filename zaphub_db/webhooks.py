@@ -53,6 +53,7 @@ from zaphub_db.worker_loop import (
     WorkerSummary,
     failure_text,
     run_in_loop,
+    storable_text,
 )
 
 if TYPE_CHECKING:
@@ -295,7 +296,8 @@ class WebhookQueue:
         return webhooks.mark_webhook_failed(
             db,
             item.id,
-            failure_text(exc) if failure is None else str(failure)[:2000],
+            # An endpoint's answer (in the message) may hold a NUL: storable either way.
+            failure_text(exc) if failure is None else storable_text(str(failure)),
             session_id=item.session_id,
             attempt=item.attempts,
             retryable=True if failure is None else failure.retryable,

@@ -242,9 +242,14 @@ def _each(sessions: object) -> Iterable[object]:
 
 def failure_text(exc: BaseException) -> str:
     """A handler's exception as the text ``error_message`` keeps (storable, at most 2,000 chars)."""
-    described = f"{type(exc).__name__}: {exc}".replace("\x00", "\\x00")
-    # Lone surrogates cannot be encoded for the server.
-    return described.encode("utf-8", "replace").decode("utf-8")[:2000]
+    return storable_text(f"{type(exc).__name__}: {exc}")
+
+
+def storable_text(described: str) -> str:
+    """``described`` as a text column can store it: no NUL, no lone surrogate (neither
+    can be sent to the server), at most 2,000 characters."""
+    escaped = described.replace("\x00", "\\x00")
+    return escaped.encode("utf-8", "replace").decode("utf-8")[:2000]
 
 
 class SendLoop:
@@ -547,4 +552,5 @@ __all__ = [
     "check_arguments",
     "failure_text",
     "run_in_loop",
+    "storable_text",
 ]

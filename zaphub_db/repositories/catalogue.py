@@ -127,8 +127,8 @@ def statements() -> dict[str, ClauseElement]:
             for suffix, statement in _forms_of(value):
                 found[f"{short}.engine.{name}{suffix}"] = statement
     both = (queue.MESSAGES, webhooks.WEBHOOKS)
-    found["queue_engine.all_stats(messages, webhook_deliveries)"] = queue_engine.statements_of_all(
-        both
+    found["queue_engine.all_stats(messages, webhook_deliveries)"] = (
+        queue_engine.all_stats_statement(both)
     )
     for one_session in (False, True):
         claim = queue_engine.claim_statement(

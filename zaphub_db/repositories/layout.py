@@ -50,7 +50,11 @@ _MESSAGES_DISTRIBUTED = (
     "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_dist_partition "
     "WHERE logicalrelid = to_regclass('messages'))"
 )
-_NOTIFY = text(f"SELECT pg_notify('{CHANNEL}', '')")
+
+
+@cache
+def _notify_statement(channel: str) -> TextClause:
+    return text(f"SELECT pg_notify('{channel}', '')")
 
 
 def distributed(db: Session) -> bool:
@@ -99,7 +103,7 @@ def notify(db: Session, channel: str = CHANNEL) -> None:
     key = f"{_NOTIFIED}:{channel}"
     if transaction is not None and db.info.get(key) is transaction:
         return  # PostgreSQL delivers a transaction's same notification once anyway
-    db.execute(_NOTIFY if channel == CHANNEL else text(f"SELECT pg_notify('{channel}', '')"))
+    db.execute(_notify_statement(channel))
     db.info[key] = transaction
 
 

@@ -38,6 +38,7 @@ from zaphub_db.repositories import layout, queue_engine, validation
 from zaphub_db.repositories.execution import ModelStatement, execute
 from zaphub_db.repositories.lifecycle import allowed_sources, messages_table
 from zaphub_db.repositories.queue_engine import (  # the engine's settings, as the queue's
+    ACK_BATCH_SIZE,
     BACKOFF_BASE,
     BACKOFF_CAP,
     CLAIM_LIMIT_MAX,
@@ -56,8 +57,6 @@ from zaphub_db.wakeups import (  # re-exported: the queue's public names since 0
 )
 
 logger = logging.getLogger(__name__)
-
-ACK_BATCH_SIZE = 10_000
 
 MESSAGES = QueueTable(
     table=messages_table,

@@ -99,6 +99,7 @@ MAX_RETRY_IN = timedelta(days=30)
 MAX_LEASE = timedelta(days=30)
 DEFAULT_LEASE = timedelta(minutes=5)
 CLAIM_LIMIT_MAX = 10_000
+ACK_BATCH_SIZE = 10_000  # acks per statement, for every table
 # Claims that limit in-flight rows per session take this transaction-level
 # advisory lock first (see claim). "zaphub" + "q" in ASCII.
 IN_FLIGHT_LOCK_KEY = 0x7A617068756271
@@ -789,7 +790,8 @@ def _stats_statement(q: QueueTable, *, in_session: bool) -> TextClause:
 
 
 @cache
-def _all_stats_statement(tables: tuple[QueueTable, ...]) -> TextClause:
+def all_stats_statement(tables: tuple[QueueTable, ...]) -> TextClause:
+    """The one statement of :func:`all_stats` for ``tables``."""
     return text(
         " UNION ALL ".join(
             f"SELECT '{q.name}' AS queue, s.* FROM ({_stats_sql(q)}) AS s" for q in tables
@@ -810,13 +812,8 @@ def stats(db: Session, q: QueueTable, *, session_id: uuid.UUID | str | None) -> 
 def all_stats(db: Session, tables: tuple[QueueTable, ...]) -> dict[str, QueueStats]:
     """The stats of every queue in ``tables``, by table name, in one statement (for a
     scrape: ``zaphub_db.metrics`` and ``zaphub_db.telemetry``)."""
-    rows = execute(db, _all_stats_statement(tables), {}).all()
+    rows = execute(db, all_stats_statement(tables), {}).all()
     return {row[0]: _stats_of(tuple(row)[1:]) for row in rows}
-
-
-def statements_of_all(tables: tuple[QueueTable, ...]) -> TextClause:
-    """The statement of :func:`all_stats` (for the statement catalogue)."""
-    return _all_stats_statement(tables)
 
 
 def _stats_of(row: tuple[Any, ...]) -> QueueStats:
@@ -862,6 +859,7 @@ def statements(q: QueueTable) -> dict[str, Any]:
 
 
 __all__ = [
+    "ACK_BATCH_SIZE",
     "BACKOFF_BASE",
     "BACKOFF_CAP",
     "CLAIM_LIMIT_MAX",
@@ -871,6 +869,7 @@ __all__ = [
     "QueueStats",
     "QueueTable",
     "all_stats",
+    "all_stats_statement",
     "claim",
     "claim_statement",
     "claimable",

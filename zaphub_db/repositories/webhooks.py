@@ -54,13 +54,16 @@ from zaphub_db.repositories.execution import (
     session_exists_held,
 )
 from zaphub_db.repositories.lifecycle import status_literal
-from zaphub_db.repositories.queue_engine import DEFAULT_LEASE, QueueStats, QueueTable
+from zaphub_db.repositories.queue_engine import (
+    ACK_BATCH_SIZE,
+    DEFAULT_LEASE,
+    QueueStats,
+    QueueTable,
+)
 
 logger = logging.getLogger(__name__)
 
 CHANNEL = "zaphub_webhooks"
-ACK_BATCH_SIZE = 10_000
-CLEANUP_BATCH = 10_000
 
 webhooks_table = typed(Table, WebhookDelivery.__table__)
 webhook_columns = webhooks_table.c
@@ -149,7 +152,7 @@ def enqueue_webhook(
         delivery = first_instance(db, _ENQUEUE, params)
         producer.created(delivery is not None, message_id=delivery and delivery.id)
     if delivery is not None:
-        queue_notify(db)
+        WEBHOOKS.notify(db)
         return delivery
     if params["dedupe_key"] is not None:
         existing = first_instance(db, _BY_DEDUPE_KEY, params)
@@ -187,69 +190,54 @@ def _enqueue_params(
     }
 
 
-def queue_notify(db: Session) -> None:
-    """Wake the webhook workers at commit where no trigger does (the distributed layout)."""
-    WEBHOOKS.notify(db)
-
-
 MESSAGE_RECEIVED = "message.received"
-# The webhooks of inbound messages just created, one per message, in the
-# messages' creation order (seq then keeps it, and so delivery does), built
-# from the rows themselves: one statement for one message or a whole batch.
-_ENQUEUE_MESSAGES = text(
-    f"""
-    INSERT INTO webhook_deliveries (session_id, url, event_type, payload, dedupe_key,
-                                    trace_context)
-    SELECT m.session_id, s.webhook_url, '{MESSAGE_RECEIVED}',
+# The webhooks owed for inbound messages of :session_id (by their keys), one
+# per message, built from the rows themselves, with the session's URL (none
+# when it has no URL) and the messages' creation order (created_at, seq).
+_MESSAGE_WEBHOOKS = f"""
+    SELECT m.session_id, s.webhook_url AS url,
            jsonb_build_object(
                'event', '{MESSAGE_RECEIVED}',
                'session_id', m.session_id,
                'message', jsonb_build_object(
                    'id', m.id, 'message_id', m.message_id, 'jid', m.jid, 'type', m.type,
-                   'payload', m.payload, 'created_at', m.created_at)),
-           '{MESSAGE_RECEIVED}:' || m.message_id, CAST(:trace_context AS varchar)
+                   'payload', m.payload, 'created_at', m.created_at)) AS payload,
+           '{MESSAGE_RECEIVED}:' || m.message_id AS dedupe_key, m.created_at, m.seq
     FROM messages m JOIN sessions s ON s.id = m.session_id
     WHERE m.session_id = :session_id AND s.id = :session_id_again
       AND m.message_id = ANY(CAST(:message_ids AS varchar[]))
       AND m.direction = 'inbound' AND s.webhook_url IS NOT NULL
-    ORDER BY m.created_at, m.seq
-    ON CONFLICT (session_id, dedupe_key) DO NOTHING
     """
-).bindparams(
+_SESSION_PARAMS = (
     bindparam("session_id", type_=webhook_columns.session_id.type),
     bindparam("session_id_again", type_=webhook_columns.session_id.type),
 )
-
-
-# The distributed layout reads the rows, then inserts them from arrays, the
-# session's row in the statement (three statements, each on the session's
-# shard): Citus draws the identity values (seq) of the INSERT ... SELECT
-# above, across co-located tables, from another sequence range than those of
-# the other INSERTs of the queue (measured: seq 1 beside 2^48 + n in one
+_INSERT_COLUMNS = "session_id, url, event_type, payload, dedupe_key, trace_context"
+# One statement for one message or a whole batch; seq then keeps their order.
+_ENQUEUE_MESSAGES = text(
+    f"""
+    INSERT INTO webhook_deliveries ({_INSERT_COLUMNS})
+    SELECT w.session_id, w.url, '{MESSAGE_RECEIVED}', w.payload, w.dedupe_key,
+           CAST(:trace_context AS varchar)
+    FROM ({_MESSAGE_WEBHOOKS}) AS w
+    ORDER BY w.created_at, w.seq
+    ON CONFLICT (session_id, dedupe_key) DO NOTHING
+    """
+).bindparams(*_SESSION_PARAMS)
+# The distributed layout reads the same rows, then inserts them from arrays
+# with the session's row in the statement (two statements, each on the
+# session's shard): Citus draws the identity values (seq) of the INSERT ...
+# SELECT above, across co-located tables, from another sequence range than
+# those of the queue's other INSERTs (measured: seq 1 beside 2^48 + n in one
 # transaction), which would put these webhooks out of creation order beside
 # the session's other ones.
 _MESSAGE_WEBHOOK_ROWS = text(
-    f"""
-    SELECT jsonb_build_object(
-               'event', '{MESSAGE_RECEIVED}',
-               'session_id', m.session_id,
-               'message', jsonb_build_object(
-                   'id', m.id, 'message_id', m.message_id, 'jid', m.jid, 'type', m.type,
-                   'payload', m.payload, 'created_at', m.created_at)) AS payload,
-           '{MESSAGE_RECEIVED}:' || m.message_id AS dedupe_key
-    FROM messages m
-    WHERE m.session_id = :session_id AND m.message_id = ANY(CAST(:message_ids AS varchar[]))
-      AND m.direction = 'inbound'
-    ORDER BY m.created_at, m.seq
-    """
-).bindparams(bindparam("session_id", type_=webhook_columns.session_id.type))
-
-
-_SESSION_URL = select(_sessions.c.webhook_url).where(_sessions.c.id == bindparam("session_id"))
+    f"SELECT w.url, w.payload, w.dedupe_key FROM ({_MESSAGE_WEBHOOKS}) AS w "
+    "ORDER BY w.created_at, w.seq"
+).bindparams(*_SESSION_PARAMS)
 _ENQUEUE_ROWS = text(
     f"""
-    INSERT INTO webhook_deliveries (session_id, url, event_type, payload, dedupe_key,
-                                    trace_context)
+    INSERT INTO webhook_deliveries ({_INSERT_COLUMNS})
     SELECT :session_id, :url, '{MESSAGE_RECEIVED}', r.payload, r.dedupe_key,
            CAST(:trace_context AS varchar)
     FROM unnest(CAST(:payloads AS jsonb[]), CAST(:dedupe_keys AS varchar[]))
@@ -258,15 +246,11 @@ _ENQUEUE_ROWS = text(
     ORDER BY r.position
     ON CONFLICT (session_id, dedupe_key) DO NOTHING
     """
-).bindparams(
-    bindparam("session_id", type_=webhook_columns.session_id.type),
-    bindparam("session_id_again", type_=webhook_columns.session_id.type),
-)
+).bindparams(*_SESSION_PARAMS)
 
 
 def _enqueue_message_webhooks_routed(db: Session, params: dict[str, Any]) -> int:
-    url = execute(db, _SESSION_URL, params).scalar()
-    rows = execute(db, _MESSAGE_WEBHOOK_ROWS, params).all() if url is not None else []
+    rows = execute(db, _MESSAGE_WEBHOOK_ROWS, params).all()
     if not rows:
         return 0
     inserted = execute(
@@ -274,7 +258,7 @@ def _enqueue_message_webhooks_routed(db: Session, params: dict[str, Any]) -> int
         _ENQUEUE_ROWS,
         {
             **params,
-            "url": url,
+            "url": rows[0].url,
             "payloads": [json.dumps(row.payload) for row in rows],
             "dedupe_keys": [row.dedupe_key for row in rows],
         },
@@ -300,9 +284,9 @@ def enqueue_message_webhooks(db: Session, session_id: uuid.UUID, message_ids: It
 
     The body: ``{"event": "message.received", "session_id": ..., "message": {"id",
     "message_id", "jid", "type", "payload", "created_at"}}``; the dedupe key
-    ``message.received:<message_id>``, so a message never gets two. (Three
-    statements on the distributed layout: the session's URL, the rows, the
-    INSERT, each on the session's shard.)
+    ``message.received:<message_id>``, so a message never gets two. (Two
+    statements on the distributed layout, the rows and the INSERT, each on
+    the session's shard.)
     ``create_message`` and ``bulk_create_messages`` call it with
     ``webhook=True`` for the messages they created.
     """
@@ -322,7 +306,7 @@ def enqueue_message_webhooks(db: Session, session_id: uuid.UUID, message_ids: It
             queued = execute(db, _ENQUEUE_MESSAGES, params).rowcount  # type: ignore[attr-defined]
         producer.created(queued)
     if queued:
-        queue_notify(db)
+        WEBHOOKS.notify(db)
     return queued
 
 
