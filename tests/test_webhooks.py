@@ -190,6 +190,21 @@ def test_429_waits_for_retry_after(engine: Engine, receiver: Receiver) -> None:
     assert retry_after("soon") is None
 
 
+def test_an_answer_with_a_nul_byte_is_recorded(engine: Engine, receiver: Receiver) -> None:
+    session_id = new_session(engine, f"{receiver.url}/nul")
+    ids = enqueue(engine, session_id, 1)
+    with Session(engine) as db:
+        db.execute(update(WebhookDelivery).values(max_attempts=1))
+        db.commit()
+    summary = run_until(engine, lambda: settled(engine, ids))
+    assert summary.failed == 1
+    [row] = rows(engine, ids)
+    assert (row.status, row.attempts, row.last_status_code) == ("dlq", 1, 502)
+    assert row.last_error is not None
+    assert row.last_error.startswith("HTTP 502")
+    assert "bad\\x00gateway" in row.last_error  # escaped: PostgreSQL stores no NUL
+
+
 def test_410_fails_at_once_and_the_session_goes_on(engine: Engine, receiver: Receiver) -> None:
     session_id = new_session(engine, f"{receiver.url}/ok")
     [gone] = enqueue(engine, session_id, 1, url=f"{receiver.url}/gone")

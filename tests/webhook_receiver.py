@@ -7,6 +7,7 @@ What it answers depends on the path the delivery's URL names:
 - ``/fail/<n>``: 500 for the first ``n`` requests of a delivery, then 200;
 - ``/throttle/<seconds>``: 429 with ``Retry-After: <seconds>`` the first time, then 200;
 - ``/gone``: 410;
+- ``/nul``: 502 with a NUL byte in its body;
 - ``/hang``: answers nothing for 30 s (past any client timeout);
 - ``/hang-once``: hangs on a delivery's first request, 200 on the later ones.
 
@@ -110,11 +111,13 @@ def _handler(receiver: Receiver) -> type[BaseHTTPRequestHandler]:
                 with receiver.lock:
                     receiver.in_flight[session] -= 1
             record.status = status
+            body = b"bad\x00gateway" if self.path.startswith("/nul") else b""
             self.send_response(status)
             for name, value in headers.items():
                 self.send_header(name, value)
-            self.send_header("Content-Length", "0")
+            self.send_header("Content-Length", str(len(body)))
             self.end_headers()
+            self.wfile.write(body)
             record.ended = time.monotonic()
 
         def _answer(self, attempt: int) -> tuple[int, dict[str, str]]:
@@ -129,6 +132,8 @@ def _handler(receiver: Receiver) -> type[BaseHTTPRequestHandler]:
                 return (500, {}) if attempt <= int(argument) else (200, {})
             if kind == "throttle":
                 return (429, {"Retry-After": argument}) if attempt == 1 else (200, {})
+            if kind == "nul":  # a 502 whose body holds a NUL byte
+                return 502, {}
             if kind == "gone":
                 return 410, {}
             if kind == "hang" or (kind == "hang-once" and attempt == 1):
