@@ -47,3 +47,29 @@ def run_python(
         timeout=120,
         check=False,
     )
+
+
+def run_cli_on_terminal(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 300
+) -> tuple[subprocess.CompletedProcess[str], str]:
+    """Run ``zaphub-db`` with its stderr on a pseudo-terminal (stdout piped): the result,
+    and what the terminal showed (progress lines are drawn there only)."""
+    import pty
+
+    controller, terminal = pty.openpty()
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "zaphub_db.cli", *args],
+            cwd=ROOT,
+            env={**os.environ, **(env or {})},
+            stdout=subprocess.PIPE,
+            stderr=terminal,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        os.close(terminal)
+        shown = os.read(controller, 65536).decode()
+    finally:
+        os.close(controller)
+    return result, shown

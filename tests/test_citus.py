@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import pty
 import re
 import subprocess
 import sys
@@ -30,6 +29,7 @@ from sqlalchemy.orm import Session
 import zaphub_db
 from tests.clusters import CITUS_SETTINGS, citus_bindir, join
 from tests.helpers import chat
+from tests.processes import run_cli_on_terminal
 from tests.servers import throwaway_server
 from zaphub_db import migrations
 from zaphub_db.config import libpq_dsn
@@ -93,16 +93,7 @@ def test_distribute_lays_out_the_tables_once_and_keeps_global_events(
         engine.dispose()
 
     # On a terminal, a progress line on stderr between the steps on stdout.
-    controller, terminal = pty.openpty()
-    try:
-        first = subprocess.run(
-            [sys.executable, "-m", "zaphub_db.cli", "distribute", "--url", url],
-            stdout=subprocess.PIPE, stderr=terminal, text=True, timeout=300, check=False,
-        )  # fmt: skip
-        os.close(terminal)
-        shown = os.read(controller, 65536).decode()
-    finally:
-        os.close(controller)
+    first, shown = run_cli_on_terminal("distribute", "--url", url)
     assert first.returncode == 0, shown
     assert "distribute sessions by id" in first.stdout
     assert "distributed layout ready" in first.stdout

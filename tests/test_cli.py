@@ -13,7 +13,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import URL
 
 import zaphub_db
-from tests.processes import ROOT, run_cli, url_arg
+from tests.processes import ROOT, run_cli, run_cli_on_terminal, url_arg
 from zaphub_db.migrations import script_location
 
 REVISION_FILES = sorted(p.name for p in (script_location() / "versions").glob("0*.py"))
@@ -480,8 +480,6 @@ def test_rotate_keys_reencrypts_in_batches_and_sessions_owners_lists_holders(
     empty_database: URL,
 ) -> None:
     import json
-    import os
-    import pty
     from datetime import timedelta
 
     from sqlalchemy.orm import Session
@@ -511,18 +509,10 @@ def test_rotate_keys_reencrypts_in_batches_and_sessions_owners_lists_holders(
         assert "ZAPHUB_AUTH_KEYS is not set" in none_set.stderr
 
         # On a terminal, a progress line on stderr; the summary on stdout.
-        controller, terminal = pty.openpty()
-        try:
-            result = subprocess.run(
-                [sys.executable, "-m", "zaphub_db.cli", "auth", "rotate-keys", "--batch-size",
-                 "7", "--url", url],
-                cwd=ROOT, env={**os.environ, KEYS_VARIABLE: keys}, stdout=subprocess.PIPE,
-                stderr=terminal, text=True, timeout=120, check=False,
-            )  # fmt: skip
-            os.close(terminal)
-            shown = os.read(controller, 65536).decode()
-        finally:
-            os.close(controller)
+        result, shown = run_cli_on_terminal(
+            "auth", "rotate-keys", "--batch-size", "7", "--url", url, env={KEYS_VARIABLE: keys},
+            timeout=120,
+        )  # fmt: skip
         assert result.returncode == 0, shown
         assert re.match(
             r"^rotated 30 value\(s\) to key 2 in 5 batch\(es\) in [\d.]+ s "

@@ -9,7 +9,6 @@ import hashlib
 import hmac
 import json
 import os
-import pty
 import re
 import signal
 import subprocess
@@ -26,7 +25,7 @@ from sqlalchemy import Engine, select, text, update
 from sqlalchemy.orm import Session
 
 from tests.helpers import free_port
-from tests.processes import ROOT, run_cli, url_arg
+from tests.processes import ROOT, run_cli, run_cli_on_terminal, url_arg
 from tests.webhook_receiver import Receiver, start_receiver
 from zaphub_db import aio
 from zaphub_db.engine import engine_url
@@ -421,18 +420,9 @@ def test_cli_stats_and_cleanup(engine: Engine) -> None:
             {"id": ids[3]},
         )
         db.commit()
-    controller, terminal = pty.openpty()
-    try:
-        shown_on_terminal = subprocess.run(
-            [sys.executable, "-m", "zaphub_db.cli", "webhooks", "cleanup", "--days", "2",
-             "--url", url],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=terminal, text=True, timeout=120,
-            check=False,
-        )  # fmt: skip
-        os.close(terminal)
-        shown = os.read(controller, 65536).decode()
-    finally:
-        os.close(controller)
+    shown_on_terminal, shown = run_cli_on_terminal(
+        "webhooks", "cleanup", "--days", "2", "--url", url
+    )
     assert shown_on_terminal.returncode == 0, shown
     assert shown_on_terminal.stdout.startswith("deleted 1 webhook deliveries")
     assert re.search(r"\rdeleted 1 of 1 deliveries \([\d,]+/s, 0 s left\) *\r?\n$", shown), shown
