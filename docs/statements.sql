@@ -131,6 +131,11 @@ UPDATE messages SET status=CASE WHEN (messages.status IN ('queued', 'processing'
 -- messages._STATUS_BY_WA_ID[dlq]
 UPDATE messages SET status=CASE WHEN (messages.status IN ('queued', 'processing', 'failed')) THEN 'dlq' ELSE messages.status END, error_message=CASE WHEN (messages.status IN ('queued', 'processing', 'failed') OR messages.status = 'dlq') THEN coalesce(%(new_error_message)s::VARCHAR, messages.error_message) ELSE messages.error_message END, failed_at=CASE WHEN (messages.status IN ('queued', 'processing', 'failed')) THEN coalesce(%(at)s::TIMESTAMP WITH TIME ZONE, (SELECT now() AS now_1)) ELSE messages.failed_at END, wa_message_id=CASE WHEN (messages.status IN ('queued', 'processing', 'failed') OR messages.status = 'dlq') THEN coalesce(%(new_wa_message_id)s::VARCHAR, messages.wa_message_id) ELSE messages.wa_message_id END, wa_timestamp=CASE WHEN (messages.status IN ('queued', 'processing', 'failed') OR messages.status = 'dlq') THEN coalesce(%(new_wa_timestamp)s::BIGINT, messages.wa_timestamp) ELSE messages.wa_timestamp END, wa_response=CASE WHEN (messages.status IN ('queued', 'processing', 'failed') OR messages.status = 'dlq') THEN coalesce(CAST(%(new_wa_response)s::VARCHAR AS JSONB), messages.wa_response) ELSE messages.wa_response END WHERE messages.session_id = %(locate_session_id)s::UUID AND messages.wa_message_id = %(locate_wa_message_id)s::VARCHAR RETURNING messages.id, messages.session_id, messages.message_id, messages.direction, messages.jid, messages.type, messages.payload, messages.status, messages.attempts, messages.max_attempts, messages.error_message, messages.created_at, messages.queued_at, messages.processing_at, messages.sent_at, messages.delivered_at, messages.read_at, messages.failed_at, messages.wa_message_id, messages.wa_timestamp, messages.wa_response, messages.available_at, messages.lease_expires_at, messages.claimed_by, messages.trace_context, messages.seq;
 
+-- messages._COUNTS_BY_STATUS
+SELECT messages.session_id, messages.status, count(*) AS count_1
+FROM messages
+WHERE messages.session_id = any(%(session_ids)s::UUID[]) GROUP BY messages.session_id, messages.status;
+
 -- receipts._APPLY_RECEIPTS
 WITH receipt AS (
         SELECT r.wa_message_id, r.rank, r.has_sent, coalesce(r.sent_at, now()) AS sent_at,
@@ -286,6 +291,11 @@ WITH ack AS (
 
 -- queue._SESSIONS_OF
 SELECT id, session_id FROM messages WHERE id = ANY(CAST(%(ids)s AS uuid[]));
+
+-- queue._DEAD
+SELECT messages.id, messages.session_id, messages.message_id, messages.direction, messages.jid, messages.type, messages.payload, messages.status, messages.attempts, messages.max_attempts, messages.error_message, messages.created_at, messages.queued_at, messages.processing_at, messages.sent_at, messages.delivered_at, messages.read_at, messages.failed_at, messages.wa_message_id, messages.wa_timestamp, messages.wa_response, messages.available_at, messages.lease_expires_at, messages.claimed_by, messages.trace_context, messages.seq
+FROM messages
+WHERE messages.status = 'dlq';
 
 -- enqueuer._INSERT
 INSERT INTO messages (session_id, message_id, direction, jid, type, payload, status,
@@ -728,6 +738,22 @@ SELECT
     WHERE status IN ('queued', 'processing', 'failed', 'dlq')
      AND session_id = CAST(%(session_id)s AS uuid);
 
+-- queue.engine.stats_by_session
+SELECT 'messages' AS queue, session_id,
+        count(*) FILTER (WHERE status = 'queued') AS queued,
+        count(*) FILTER (WHERE status = 'queued' AND attempts < max_attempts
+                         AND (available_at IS NULL OR available_at <= now())) AS ready,
+        count(*) FILTER (WHERE status = 'queued' AND available_at > now()) AS delayed,
+        count(*) FILTER (WHERE status = 'processing') AS processing,
+        count(*) FILTER (WHERE status = 'processing' AND lease_expires_at < now()) AS expired,
+        count(*) FILTER (WHERE status = 'failed') AS failed,
+        count(*) FILTER (WHERE status = 'dlq') AS dlq,
+        now() - min(created_at) FILTER (WHERE status = 'queued' AND attempts < max_attempts
+                         AND (available_at IS NULL OR available_at <= now())) AS oldest_ready_age
+            FROM messages
+            WHERE status IN ('queued', 'processing', 'failed', 'dlq')
+            GROUP BY session_id;
+
 -- webhooks.engine.ready_sessions
 SELECT webhook_deliveries.session_id
 FROM webhook_deliveries
@@ -819,6 +845,22 @@ SELECT
     FROM webhook_deliveries
     WHERE status IN ('queued', 'processing', 'failed', 'dlq')
      AND session_id = CAST(%(session_id)s AS uuid);
+
+-- webhooks.engine.stats_by_session
+SELECT 'webhook_deliveries' AS queue, session_id,
+        count(*) FILTER (WHERE status = 'queued') AS queued,
+        count(*) FILTER (WHERE status = 'queued' AND attempts < max_attempts
+                         AND (available_at IS NULL OR available_at <= now())) AS ready,
+        count(*) FILTER (WHERE status = 'queued' AND available_at > now()) AS delayed,
+        count(*) FILTER (WHERE status = 'processing') AS processing,
+        count(*) FILTER (WHERE status = 'processing' AND lease_expires_at < now()) AS expired,
+        count(*) FILTER (WHERE status = 'failed') AS failed,
+        count(*) FILTER (WHERE status = 'dlq') AS dlq,
+        now() - min(created_at) FILTER (WHERE status = 'queued' AND attempts < max_attempts
+                         AND (available_at IS NULL OR available_at <= now())) AS oldest_ready_age
+            FROM webhook_deliveries
+            WHERE status IN ('queued', 'processing', 'failed', 'dlq')
+            GROUP BY session_id;
 
 -- queue_engine.all_stats(messages, webhook_deliveries)
 SELECT 'messages' AS queue, s.* FROM (

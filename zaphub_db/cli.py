@@ -559,6 +559,65 @@ def _positive(value: str) -> int:
     return _whole_number(value, 1)
 
 
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from zaphub_db import dashboard
+
+    token = args.token if args.token is not None else os.environ.get(dashboard.TOKEN_ENV) or None
+    # Before anything starts (the embedded server included): an exposed
+    # dashboard without a token never serves a page.
+    dashboard.check_exposure(args.host, token)
+    try:
+        import uvicorn
+        from sqlalchemy.orm import sessionmaker
+
+        from zaphub_db.dashboard.app import Settings, create_app
+    except ImportError as exc:
+        raise ZaphubDBError(
+            f"the dashboard needs the dashboard extra ({exc.name} is missing): "
+            "pip install 'zaphub-db[dashboard]'"
+        ) from None
+    from zaphub_db.config import display_url, resolve_url
+    from zaphub_db.engine import create_engine
+    from zaphub_db.routing import routing_sessionmaker
+
+    url = resolve_url(args.url)
+    # A small pool: one page load uses one connection, for a few statements.
+    options: dict[str, Any] = {
+        "pool_size": 2,
+        "max_overflow": 2,
+        "connect_args": {"application_name": "zaphub-db dashboard"},
+    }
+    engine = create_engine(url, **options)
+    replica = None if args.replica_url is None else create_engine(args.replica_url, **options)
+    sessions: Any = (
+        sessionmaker(engine, expire_on_commit=False)
+        if replica is None
+        else routing_sessionmaker(engine, replica, expire_on_commit=False)
+    )
+    shown = display_url(url) + (
+        "" if replica is None else f", reads from {display_url(args.replica_url)}"
+    )
+    app = create_app(
+        Settings(
+            sessions=sessions,
+            token=token,
+            loopback=dashboard.is_loopback(args.host),
+            refresh=args.refresh,
+            show_payloads=args.show_payloads,
+            database=shown,
+        )
+    )
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    _say(f"dashboard of {shown} on http://{host}:{args.port}/ (Ctrl-C stops it)", sys.stderr)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    finally:
+        engine.dispose()
+        if replica is not None:
+            replica.dispose()
+    return 0
+
+
 def _seconds(value: str) -> float:
     try:
         number = float(value)
@@ -598,6 +657,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_queue_commands(commands, url)
     _add_webhook_commands(commands, url)
     _add_auth_commands(commands, url)
+    _add_dashboard_command(commands, url)
     return parser
 
 
@@ -759,6 +819,53 @@ def _add_auth_commands(commands: Any, url: argparse.ArgumentParser) -> None:
     )
     owners.add_argument("--json", action="store_true", help="a JSON list")
     owners.set_defaults(handler=cmd_sessions_owners)
+
+
+def _add_dashboard_command(commands: Any, url: argparse.ArgumentParser) -> None:
+    from zaphub_db.dashboard import DEFAULT_HOST, DEFAULT_PORT, TOKEN_ENV
+
+    dashboard = commands.add_parser(
+        "dashboard",
+        parents=[url],
+        help="a web page of the sessions, queues, dead letters and events",
+    )
+    dashboard.add_argument(
+        "--host", default=DEFAULT_HOST, help=f"address to bind ({DEFAULT_HOST}: this machine only)"
+    )
+    dashboard.add_argument("--port", type=_port, default=DEFAULT_PORT, help=f"({DEFAULT_PORT})")
+    dashboard.add_argument(
+        "--token",
+        help=f"required of every request (default: {TOKEN_ENV}); needed to bind beyond loopback",
+    )
+    dashboard.add_argument(
+        "--replica-url", metavar="URL", help="read from this replica; actions go to --url"
+    )
+    dashboard.add_argument(
+        "--refresh",
+        type=_refresh_seconds,
+        default=5.0,
+        metavar="SECONDS",
+        help="how often the sessions, queue and events pages refresh (5)",
+    )
+    dashboard.add_argument(
+        "--show-payloads",
+        action="store_true",
+        help="show messages' and events' payloads in full (default: an 80-character preview)",
+    )
+    dashboard.set_defaults(handler=cmd_dashboard)
+
+
+def _port(value: str) -> int:
+    if not value.isdigit() or not 1 <= int(value) <= 65535:
+        raise argparse.ArgumentTypeError(f"not a port (1-65535): {quoted(value)}")
+    return int(value)
+
+
+def _refresh_seconds(value: str) -> float:
+    seconds = _seconds(value)
+    if not 1 <= seconds <= 3600:
+        raise argparse.ArgumentTypeError("must be from 1 to 3600 seconds")
+    return seconds
 
 
 def main(argv: Sequence[str] | None = None) -> int:

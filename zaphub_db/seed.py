@@ -39,8 +39,13 @@ SESSIONS: list[dict[str, Any]] = [
         "status": "qr_pending",
         "webhook_url": None,
         "config": {},
-        "qr_code": "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJ"
-        "AAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg==",
+        # What a WhatsApp client library hands over to be shown as a QR code
+        # (Baileys' "ref,noise key,identity key,adv secret"); an example, that
+        # pairs nothing. The dashboard draws it.
+        "qr_code": "2@5eedQrExampleRef0000000000000000000000000000000000,"
+        "c2VlZC1ub2lzZS1rZXktZXhhbXBsZS0wMDAwMDAwMDA=,"
+        "c2VlZC1pZGVudGl0eS1rZXktZXhhbXBsZS0wMDAwMDA=,"
+        "c2VlZC1hZHYtc2VjcmV0LWV4YW1wbGUtMDAwMDAwMDA=",
         "last_qr_at": SEEDED_AT,
     },
     {

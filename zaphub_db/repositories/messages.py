@@ -8,6 +8,7 @@ duplicate ``create_message`` two.
 
 import logging
 import uuid
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
@@ -22,7 +23,7 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.dialects.postgresql import JSONB, TIMESTAMP
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, TIMESTAMP, UUID
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
@@ -46,6 +47,7 @@ from zaphub_db.repositories.execution import (
     TRANSACTION_NOW,
     ModelStatement,
     all_instances,
+    execute,
     first_instance,
     model_statement,
     paginate,
@@ -360,6 +362,32 @@ def get_messages_by_session(
         offset,
     )
     return all_instances(db, _BY_SESSION.derived(statement), params)
+
+
+_COUNTS_BY_STATUS = (
+    select(message_columns.session_id, message_columns.status, func.count())
+    .where(message_columns.session_id == func.any(bindparam("session_ids", type_=ARRAY(UUID))))
+    .group_by(message_columns.session_id, message_columns.status)
+)
+
+
+def count_messages_by_status(
+    db: Session, session_ids: Iterable[uuid.UUID | str]
+) -> dict[uuid.UUID, dict[str, int]]:
+    """How many messages each of ``session_ids`` has in each status, in one statement.
+
+    Every session asked for is a key (an empty dict when it has no message);
+    a status with no message is absent. Counted from the index on
+    ``(session_id, status)``, so a page of sessions costs what their rows do,
+    not what the whole table does.
+    """
+    ids = [validation.as_uuid(session_id, "session_id") for session_id in session_ids]
+    counts: dict[uuid.UUID, dict[str, int]] = {session_id: {} for session_id in ids}
+    if ids:
+        for row in execute(db, _COUNTS_BY_STATUS, {"session_ids": ids}):
+            session_id, status, count = tuple(row)
+            counts[session_id][status] = count
+    return counts
 
 
 def _status_params(

@@ -29,14 +29,25 @@ from collections.abc import Iterable, Mapping
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import TextClause, text
+from sqlalchemy import TextClause, bindparam, select, text
 from sqlalchemy.orm import Session
 
 from zaphub_db.errors import ValidationError
 from zaphub_db.models import Message, MessageStatus
 from zaphub_db.repositories import layout, queue_engine, validation
-from zaphub_db.repositories.execution import ModelStatement, execute
-from zaphub_db.repositories.lifecycle import allowed_sources, messages_table
+from zaphub_db.repositories.execution import (
+    ModelStatement,
+    all_instances,
+    execute,
+    model_statement,
+    paginate,
+)
+from zaphub_db.repositories.lifecycle import (
+    allowed_sources,
+    message_columns,
+    messages_table,
+    status_literal,
+)
 from zaphub_db.repositories.queue_engine import (  # the engine's settings, as the queue's
     ACK_BATCH_SIZE,
     BACKOFF_BASE,
@@ -368,6 +379,31 @@ def requeue_dead_letters(db: Session, *, session_id: uuid.UUID | str | None = No
     return queue_engine.requeue_dead(db, MESSAGES, session_id=session_id)
 
 
+_DEAD = select(messages_table).where(message_columns.status == status_literal(MessageStatus.DLQ))
+_NEWEST_DEAD_FIRST = (message_columns.failed_at.desc().nulls_last(), message_columns.seq.desc())
+
+
+def get_dead_letters(
+    db: Session,
+    *,
+    session_id: uuid.UUID | str | None = None,
+    limit: int | None = 50,
+    offset: int = 0,
+) -> list[Message]:
+    """Messages in ``dlq`` (of one session, if given), the latest to fail first.
+
+    One statement. ``requeue_message`` puts one back, ``requeue_dead_letters``
+    all of them (of a session).
+    """
+    params: dict[str, Any] = {}
+    statement = _DEAD
+    if session_id is not None:
+        params["session_id"] = validation.as_uuid(session_id, "session_id")
+        statement = statement.where(message_columns.session_id == bindparam("session_id"))
+    statement = paginate(statement.order_by(*_NEWEST_DEAD_FIRST), params, limit, offset)
+    return all_instances(db, model_statement(Message, statement), params)
+
+
 def release_messages(db: Session, messages: Iterable[Message]) -> int:
     """Give back claimed messages that were never sent; how many went back to ``queued``.
 
@@ -410,6 +446,7 @@ __all__ = [
     "QueueStats",
     "claim_queued_messages",
     "extend_lease",
+    "get_dead_letters",
     "mark_message_failed",
     "mark_messages_sent",
     "queue_stats",

@@ -764,9 +764,7 @@ class QueueStats:
     oldest_ready_age: timedelta | None
 
 
-def _stats_sql(q: QueueTable) -> str:
-    return f"""
-    SELECT
+_STATS_COLUMNS = """
         count(*) FILTER (WHERE status = 'queued') AS queued,
         count(*) FILTER (WHERE status = 'queued' AND attempts < max_attempts
                          AND (available_at IS NULL OR available_at <= now())) AS ready,
@@ -776,7 +774,12 @@ def _stats_sql(q: QueueTable) -> str:
         count(*) FILTER (WHERE status = 'failed') AS failed,
         count(*) FILTER (WHERE status = 'dlq') AS dlq,
         now() - min(created_at) FILTER (WHERE status = 'queued' AND attempts < max_attempts
-                         AND (available_at IS NULL OR available_at <= now())) AS oldest_ready_age
+                         AND (available_at IS NULL OR available_at <= now())) AS oldest_ready_age"""
+
+
+def _stats_sql(q: QueueTable) -> str:
+    return f"""
+    SELECT {_STATS_COLUMNS}
     FROM {q.name}
     WHERE status IN ('queued', 'processing', 'failed', 'dlq')
     """
@@ -814,6 +817,33 @@ def all_stats(db: Session, tables: tuple[QueueTable, ...]) -> dict[str, QueueSta
     scrape: ``zaphub_db.metrics`` and ``zaphub_db.telemetry``)."""
     rows = execute(db, all_stats_statement(tables), {}).all()
     return {row[0]: _stats_of(tuple(row)[1:]) for row in rows}
+
+
+@cache
+def stats_by_session_statement(tables: tuple[QueueTable, ...]) -> TextClause:
+    """The one statement of :func:`stats_by_session` for ``tables``."""
+    return text(
+        " UNION ALL ".join(
+            f"""SELECT '{q.name}' AS queue, session_id, {_STATS_COLUMNS}
+            FROM {q.name}
+            WHERE status IN ('queued', 'processing', 'failed', 'dlq')
+            GROUP BY session_id"""
+            for q in tables
+        )
+    )
+
+
+def stats_by_session(
+    db: Session, tables: tuple[QueueTable, ...]
+) -> dict[str, dict[uuid.UUID, QueueStats]]:
+    """The stats of every queue in ``tables`` per session, by table name then session id,
+    in one statement (for the dashboard). A session with nothing queued, in flight,
+    failed or dead is absent; every queue in ``tables`` is a key, empty or not."""
+    found: dict[str, dict[uuid.UUID, QueueStats]] = {q.name: {} for q in tables}
+    for row in execute(db, stats_by_session_statement(tables), {}):
+        queue, session_id, *stats = tuple(row)
+        found[queue][session_id] = _stats_of(tuple(stats))
+    return found
 
 
 def _stats_of(row: tuple[Any, ...]) -> QueueStats:
@@ -855,6 +885,7 @@ def statements(q: QueueTable) -> dict[str, Any]:
         "release_in_session": _release_statement(q, in_session=True),
         "stats": _stats_statement(q, in_session=False),
         "stats_in_session": _stats_statement(q, in_session=True),
+        "stats_by_session": stats_by_session_statement((q,)),
     }
 
 
@@ -881,4 +912,6 @@ __all__ = [
     "requeue_one",
     "statements",
     "stats",
+    "stats_by_session",
+    "stats_by_session_statement",
 ]
