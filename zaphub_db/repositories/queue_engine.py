@@ -59,9 +59,11 @@ from sqlalchemy import (
     Table,
     Text,
     TextClause,
+    TextualSelect,
     bindparam,
     case,
     cast,
+    column,
     exists,
     func,
     literal_column,
@@ -819,9 +821,16 @@ def all_stats(db: Session, tables: tuple[QueueTable, ...]) -> dict[str, QueueSta
     return {row[0]: _stats_of(tuple(row)[1:]) for row in rows}
 
 
+_COUNT_COLUMNS = ("queued", "ready", "delayed", "processing", "expired", "failed", "dlq")
+
+
 @cache
-def stats_by_session_statement(tables: tuple[QueueTable, ...]) -> TextClause:
-    """The one statement of :func:`stats_by_session` for ``tables``."""
+def stats_by_session_statement(tables: tuple[QueueTable, ...]) -> TextualSelect:
+    """The one statement of :func:`stats_by_session` for ``tables``.
+
+    A SELECT to SQLAlchemy (its columns declared), so that a routing Session
+    sends it to the replica, as the dashboard's other reads.
+    """
     return text(
         " UNION ALL ".join(
             f"""SELECT '{q.name}' AS queue, session_id, {_STATS_COLUMNS}
@@ -830,6 +839,11 @@ def stats_by_session_statement(tables: tuple[QueueTable, ...]) -> TextClause:
             GROUP BY session_id"""
             for q in tables
         )
+    ).columns(
+        column("queue", String),
+        column("session_id", UUID(as_uuid=True)),
+        *(column(name, Integer) for name in _COUNT_COLUMNS),
+        column("oldest_ready_age", Interval),
     )
 
 
