@@ -122,8 +122,10 @@ def test_requeue_a_dead_letter_with_a_click(
     screenshot(page, "dead-letters")
     dead = gateway.dead[0]
     page.locator(f'tr[data-message="{dead}"] button', has_text="Requeue").click()
-    page.wait_for_url("**/dead-letters?notice=*")
+    page.wait_for_url("**/dead-letters")
     assert f"message {dead} is queued" in page.locator("[role=status]").inner_text()
+    page.reload()  # said once
+    assert page.locator("[role=status]").count() == 0
     assert page.locator(f'tr[data-message="{dead}"]').count() == 0
     with Session(queue_engine) as db:
         assert db.scalar(select(Message.status).where(Message.id == dead)) == "queued"
@@ -132,6 +134,17 @@ def test_requeue_a_dead_letter_with_a_click(
         ).one()
     assert audit.payload["message_id"] == str(dead)
     assert "Chrome" in audit.payload["actor"]["user_agent"]
+
+    # Choosing a session applies at once; then all of its dead letters go back.
+    page.locator("select[name=session]").select_option(str(gateway.connected))
+    page.wait_for_url(f"**/dead-letters?session={gateway.connected}")
+    page.locator("#requeue-session").click()
+    page.wait_for_url(f"**/dead-letters?session={gateway.connected}")
+    assert "requeued 1 dead message(s)" in page.locator("[role=status]").inner_text()
+    assert page.locator("#dead-messages tr[data-message]").count() == 0
+    with Session(queue_engine) as db:
+        statuses = db.scalars(select(Message.status).where(Message.id.in_(gateway.dead)))
+        assert set(statuses) == {"queued"}
 
 
 def test_the_queue_and_events_pages_refresh_on_their_own(

@@ -22,6 +22,7 @@ import secrets
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlencode
@@ -50,10 +51,24 @@ from zaphub_db.models import EventCategory, EventSeverity, SessionStatus
 
 TOKEN_COOKIE = "zaphub_dashboard_token"  # noqa: S105 (a cookie's name)
 CSRF_COOKIE = "zaphub_dashboard_csrf"
+# What an action did, shown once by the page it redirects to (a cookie, not
+# the address: a link cannot make the page say something it did not do).
+NOTICE_COOKIE = "zaphub_dashboard_notice"
 LOOPBACK_HOSTS = ["127.0.0.1", "localhost", "::1", "[::1]"]
 # A refreshed page asks for its content only (the <main> element), with this header.
 FRAGMENT_HEADER = "x-zaphub-fragment"
 _TEMPLATES = Jinja2Templates(directory=str(Path(__file__).with_name("templates")))
+_TEMPLATES.env.filters["when"] = lambda value: value.astimezone(UTC).strftime(
+    "%Y-%m-%d %H:%M:%S UTC"
+)
+# No frame may hold the pages (a click on a hidden Requeue button), no script
+# runs but the page's own, no image comes from elsewhere (the QR codes are
+# data: URLs), and forms post to the dashboard only.
+_POLICY = (
+    "default-src 'none'; img-src data:; style-src 'unsafe-inline'; "
+    "script-src 'nonce-{nonce}'; connect-src 'self'; form-action 'self'; "
+    "frame-ancestors 'none'; base-uri 'none'"
+)
 
 
 @dataclass(frozen=True)
@@ -128,7 +143,8 @@ def _render(
 ) -> Response:
     csrf, new = _csrf_of(request)
     fragment = request.headers.get(FRAGMENT_HEADER) == "1"
-    notice = request.query_params.get("notice")
+    notice = None if fragment else request.cookies.get(NOTICE_COOKIE)
+    nonce = secrets.token_urlsafe(16)
     response = _TEMPLATES.TemplateResponse(
         request,
         template,
@@ -141,12 +157,18 @@ def _render(
             "show_payloads": settings.show_payloads,
             "database": settings.database,
             "notice": notice,
+            "nonce": nonce,
             "preview": lambda value: pages.preview(value, full=settings.show_payloads),
             "short": lambda value: str(value)[:8],
             "path": request.url.path,
         },
     )
     response.headers["cache-control"] = "no-store"
+    response.headers["content-security-policy"] = _POLICY.format(nonce=nonce)
+    response.headers["x-content-type-options"] = "nosniff"
+    response.headers["referrer-policy"] = "no-referrer"
+    if notice is not None:
+        response.delete_cookie(NOTICE_COOKIE, path="/")
     if new:
         response.set_cookie(CSRF_COOKIE, csrf, httponly=True, samesite="strict", path="/")
     return response
@@ -290,10 +312,12 @@ def _action(work: Callable[[Session, pages.Viewer, dict[str, str]], str], back: 
                 return notice
 
         notice = await run_in_threadpool(run)
-        query = {"notice": notice}
+        target = back
         if form.get("return_session"):
-            query["session"] = form["return_session"]
-        return RedirectResponse(f"{back}?{urlencode(query)}", status_code=303)
+            target += "?" + urlencode({"session": form["return_session"]})
+        response = RedirectResponse(target, status_code=303)
+        response.set_cookie(NOTICE_COOKIE, notice, httponly=True, samesite="strict", path="/")
+        return response
 
     return handler
 

@@ -12,8 +12,8 @@ dead letters           3: the sessions (filter, labels), a page of dead messages
                        the dead webhook deliveries
 events                 2: the sessions (filter, labels), the newest events (3 on
                        Citus, where global events have a table of their own)
-an action              2 or 3: the change, its audit event (and its webhook-free
-                       look-up for a requeue of one message)
+an action              2: the change and its audit event (3 on Citus, where the
+                       wake-up of the workers is a statement of its own)
 =====================  ===========================================================
 """
 
@@ -125,6 +125,8 @@ def webhook_host(url: str | None) -> str | None:
         return None
     parts = urlsplit(url)
     host = parts.hostname or ""
+    if ":" in host:  # IPv6
+        host = f"[{host}]"
     if parts.port is not None:
         host = f"{host}:{parts.port}"
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
