@@ -267,6 +267,28 @@ def test_bad_input_gets_a_400_that_says_what_is_wrong(client: httpx.Client, quer
     assert re.search(r"category|severity|session|page", response.text)
 
 
+def test_a_form_missing_a_field_or_with_too_many_gets_a_400(
+    gateway: Gateway, client: httpx.Client
+) -> None:
+    csrf = csrf_of(client)
+    lacking = client.post("/dead-letters/requeue", data={"csrf": csrf})
+    assert lacking.status_code == 400
+    assert "message_id" in lacking.text
+    stuffed = client.post(
+        "/dead-letters/requeue", data={"csrf": csrf, **{f"f{i}": "x" for i in range(30)}}
+    )
+    assert stuffed.status_code == 400
+    unknown = client.post(
+        "/dead-letters/requeue",
+        data={
+            "csrf": csrf,
+            "message_id": str(gateway.connected),
+            "session_id": str(gateway.connected),
+        },
+    )
+    assert unknown.status_code == 404
+
+
 def test_an_unreachable_database_gets_a_503() -> None:
     engine = zaphub_db.create_engine(f"postgresql://postgres@127.0.0.1:{free_port()}/postgres")
     try:

@@ -95,3 +95,50 @@ def test_after_a_sigkill_the_next_user_to_exit_stops_the_server(data_dir: Path) 
     assert status.returncode == 0, status.stderr
     assert f"embedded data:    {data_dir}" in status.stdout
     assert gone_within(data_dir, 30)  # status forgot the dead user, and was the last
+
+
+def test_seed_then_dashboard_on_the_embedded_default(data_dir: Path) -> None:
+    """The README's dashboard command as written: the embedded default, seeded, served;
+    the seed's session waiting to be paired shows its QR code; a stop lets the server go."""
+    import httpx
+
+    from tests.helpers import free_port
+    from zaphub_db.dashboard.qr import qr_image
+    from zaphub_db.seed import QR_PENDING_ID, SESSIONS
+
+    for command in ("migrate", "seed"):
+        done = run_cli(command, env=environment(data_dir))
+        assert done.returncode == 0, done.stderr
+    port = free_port()
+    dashboard = subprocess.Popen(
+        [sys.executable, "-m", "zaphub_db.cli", "dashboard", "--port", str(port)],
+        env=environment(data_dir),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert dashboard.stderr is not None
+        said = ""
+        while "dashboard of" not in said:  # after "starting embedded PostgreSQL"
+            said = dashboard.stderr.readline()
+            assert said, "the dashboard stopped before it served"
+        assert f"on http://127.0.0.1:{port}/" in said
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                page = httpx.get(f"http://127.0.0.1:{port}/")
+                break
+            except httpx.ConnectError:
+                assert time.monotonic() < deadline, "the dashboard did not start"
+                time.sleep(0.1)
+        assert page.status_code == 200
+        (stored,) = [s["qr_code"] for s in SESSIONS if s["id"] == QR_PENDING_ID]
+        assert f'src="{qr_image(stored)}"' in page.text
+        assert f'data-qr-for="{QR_PENDING_ID}"' in page.text
+        for other in ("/queue", "/dead-letters", "/events"):
+            assert httpx.get(f"http://127.0.0.1:{port}{other}").status_code == 200
+    finally:
+        dashboard.send_signal(signal.SIGTERM)
+        # uvicorn stops serving, then the signal takes its course, as in any user.
+        assert dashboard.wait(timeout=60) == -signal.SIGTERM
+    assert gone_within(data_dir, 30)  # the dashboard was the server's last user

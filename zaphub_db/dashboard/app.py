@@ -274,7 +274,11 @@ async def events_view(settings: Settings, request: Request) -> Response:
 async def _form(request: Request) -> dict[str, str]:
     """The POSTed form (``application/x-www-form-urlencoded``), its CSRF token checked."""
     body = (await request.body()).decode("utf-8", errors="replace")
-    form = {key: values[0] for key, values in parse_qs(body, max_num_fields=20).items()}
+    try:
+        fields = parse_qs(body, max_num_fields=20)
+    except ValueError:
+        raise ValidationError("the form has more fields than any of the dashboard's") from None
+    form = {key: values[0] for key, values in fields.items()}
     known = request.cookies.get(CSRF_COOKIE)
     given = form.get("csrf", "")
     if not known or not hmac.compare_digest(known.encode(), given.encode()):
