@@ -66,16 +66,22 @@ def _server_env(server: str) -> Iterator[dict[str, str]]:
         }
 
 
-def _ensure_pgbouncer(session: nox.Session) -> None:
-    """Install Debian's pgbouncer if missing: the PgBouncer tests start a real one."""
-    if shutil.which("pgbouncer") or Path("/usr/sbin/pgbouncer").exists():
+def _ensure_debian_package(session: nox.Session, package: str, binary: str, needs: str) -> None:
+    """Install Debian's ``package`` when ``binary`` is missing, if run as root: ``needs``
+    says which tests start it."""
+    if shutil.which(Path(binary).name) or Path(binary).exists():
         return
     if os.geteuid() != 0:
-        session.error("the PgBouncer tests need pgbouncer: apt-get install pgbouncer")
-    session.log("installing pgbouncer (Debian package) for the PgBouncer tests")
+        session.error(f"{needs} need {package}: apt-get install {package}")
+    session.log(f"installing {package} (Debian package) for {needs}")
     environment = {"DEBIAN_FRONTEND": "noninteractive"}
     session.run("apt-get", "update", "-q", external=True, env=environment)
-    session.run("apt-get", "install", "-y", "-q", "pgbouncer", external=True, env=environment)
+    session.run("apt-get", "install", "-y", "-q", package, external=True, env=environment)
+
+
+def _ensure_pgbouncer(session: nox.Session) -> None:
+    """The PgBouncer tests start a real one."""
+    _ensure_debian_package(session, "pgbouncer", "/usr/sbin/pgbouncer", "the PgBouncer tests")
 
 
 @nox.session
@@ -107,16 +113,9 @@ BROWSER_TESTS = "test_dashboard_browser.py"
 
 
 def _ensure_chromium(session: nox.Session) -> None:
-    """Install Debian's Chromium if missing: the dashboard's browser tests drive it
-    (Playwright's own browser download is not needed)."""
-    if shutil.which("chromium") or Path("/usr/bin/chromium").exists():
-        return
-    if os.geteuid() != 0:
-        session.error("the dashboard's browser tests need Chromium: apt-get install chromium")
-    session.log("installing chromium (Debian package) for the dashboard's browser tests")
-    environment = {"DEBIAN_FRONTEND": "noninteractive"}
-    session.run("apt-get", "update", "-q", external=True, env=environment)
-    session.run("apt-get", "install", "-y", "-q", "chromium", external=True, env=environment)
+    """The dashboard's browser tests drive Debian's Chromium (Playwright's own browser
+    download is not needed)."""
+    _ensure_debian_package(session, "chromium", "/usr/bin/chromium", "the browser tests")
 
 
 @nox.session

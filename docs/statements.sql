@@ -13,6 +13,11 @@ WHERE sessions.id = %(id)s::UUID;
 SELECT sessions.id, sessions.label, sessions.status, sessions.webhook_url, sessions.config, sessions.qr_code, sessions.last_qr_at, sessions.created_at, sessions.updated_at, sessions.last_seen, sessions.connected_at, sessions.disconnected_at, sessions.error_message, sessions.retry_count, sessions.seq, sessions.owner_node, sessions.owner_token, sessions.owner_expires_at
 FROM sessions ORDER BY sessions.created_at DESC, sessions.seq DESC;
 
+-- sessions._LABELS
+SELECT sessions.id, sessions.label
+FROM sessions ORDER BY sessions.created_at DESC, sessions.seq DESC
+ LIMIT %(limit)s;
+
 -- sessions._DELETE
 DELETE FROM sessions WHERE sessions.id = %(id)s::UUID;
 
@@ -750,9 +755,9 @@ SELECT 'messages' AS queue, session_id,
         count(*) FILTER (WHERE status = 'dlq') AS dlq,
         now() - min(created_at) FILTER (WHERE status = 'queued' AND attempts < max_attempts
                          AND (available_at IS NULL OR available_at <= now())) AS oldest_ready_age
-            FROM messages
-            WHERE status IN ('queued', 'processing', 'failed', 'dlq')
-            GROUP BY session_id;
+    FROM messages
+    WHERE status IN ('queued', 'processing', 'failed', 'dlq')
+    GROUP BY session_id;
 
 -- webhooks.engine.ready_sessions
 SELECT webhook_deliveries.session_id
@@ -858,9 +863,9 @@ SELECT 'webhook_deliveries' AS queue, session_id,
         count(*) FILTER (WHERE status = 'dlq') AS dlq,
         now() - min(created_at) FILTER (WHERE status = 'queued' AND attempts < max_attempts
                          AND (available_at IS NULL OR available_at <= now())) AS oldest_ready_age
-            FROM webhook_deliveries
-            WHERE status IN ('queued', 'processing', 'failed', 'dlq')
-            GROUP BY session_id;
+    FROM webhook_deliveries
+    WHERE status IN ('queued', 'processing', 'failed', 'dlq')
+    GROUP BY session_id;
 
 -- queue_engine.all_stats(messages, webhook_deliveries)
 SELECT 'messages' AS queue, s.* FROM (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import threading
 import time
 import uuid
@@ -9,6 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import httpx
 import uvicorn
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
@@ -118,3 +120,15 @@ def serving(app: Starlette) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+def first_answer(url: str, process: subprocess.Popen[str]) -> httpx.Response:
+    """The first answer of a dashboard that ``process`` is starting to a GET of ``url``."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            return httpx.get(url)
+        except httpx.ConnectError:
+            assert process.poll() is None, "the dashboard stopped before it served"
+            assert time.monotonic() < deadline, "the dashboard did not start"
+            time.sleep(0.1)

@@ -17,7 +17,14 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
 import zaphub_db
-from tests.dashboards import PAIRING_TEXT, Gateway, make_dead, make_gateway, serving
+from tests.dashboards import (
+    PAIRING_TEXT,
+    Gateway,
+    first_answer,
+    make_dead,
+    make_gateway,
+    serving,
+)
 from tests.helpers import free_port
 from tests.processes import ROOT, run_cli, url_arg
 from zaphub_db.config import display_url
@@ -350,15 +357,7 @@ def test_the_command_serves_the_dashboard_and_asks_for_its_token(
     )  # fmt: skip
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                response = httpx.get(base + "/queue")
-                break
-            except httpx.ConnectError:
-                assert process.poll() is None, process.stderr.read() if process.stderr else ""
-                assert time.monotonic() < deadline, "the dashboard did not start"
-                time.sleep(0.1)
+        response = first_answer(base + "/queue", process)
         assert response.status_code == 401
         authorized = httpx.get(base + "/queue", headers={"authorization": "Bearer env-token"})
         assert authorized.status_code == 200

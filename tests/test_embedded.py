@@ -102,6 +102,7 @@ def test_seed_then_dashboard_on_the_embedded_default(data_dir: Path) -> None:
     the seed's session waiting to be paired shows its QR code; a stop lets the server go."""
     import httpx
 
+    from tests.dashboards import first_answer
     from tests.helpers import free_port
     from zaphub_db.dashboard.qr import qr_image
     from zaphub_db.seed import QR_PENDING_ID, SESSIONS
@@ -123,14 +124,7 @@ def test_seed_then_dashboard_on_the_embedded_default(data_dir: Path) -> None:
             said = dashboard.stderr.readline()
             assert said, "the dashboard stopped before it served"
         assert f"on http://127.0.0.1:{port}/" in said
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                page = httpx.get(f"http://127.0.0.1:{port}/")
-                break
-            except httpx.ConnectError:
-                assert time.monotonic() < deadline, "the dashboard did not start"
-                time.sleep(0.1)
+        page = first_answer(f"http://127.0.0.1:{port}/", dashboard)
         assert page.status_code == 200
         (stored,) = [s["qr_code"] for s in SESSIONS if s["id"] == QR_PENDING_ID]
         assert f'src="{qr_image(stored)}"' in page.text

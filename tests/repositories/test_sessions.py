@@ -239,3 +239,11 @@ def test_text_is_stored_verbatim(db: Session) -> None:
 
 def test_models_are_returned(db: Session) -> None:
     assert isinstance(repo.create_session(db, label="x"), WhatsAppSession)
+
+
+def test_get_session_labels_newest_first_within_the_limit(db: Session) -> None:
+    made = [repo.create_session(db, label=f"line {i}") for i in range(3)]
+    labels = repo.get_session_labels(db, limit=2)
+    assert list(labels.items()) == [(made[2].id, "line 2"), (made[1].id, "line 1")]
+    with pytest.raises(ValidationError, match="limit"):
+        repo.get_session_labels(db, limit=0)

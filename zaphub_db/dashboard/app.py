@@ -38,7 +38,6 @@ from starlette.responses import PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Route
 from starlette.templating import Jinja2Templates
 
-from zaphub_db.config import display_url
 from zaphub_db.dashboard import pages
 from zaphub_db.errors import (
     ConnectionLostError,
@@ -88,7 +87,7 @@ def _fingerprint(token: str) -> str:
     return "sha256:" + hashlib.sha256(token.encode()).hexdigest()[:12]
 
 
-def _shown_token(request: Request, token: str) -> str | None:
+def _shows_token(request: Request, token: str) -> bool:
     header = request.headers.get("authorization", "")
     scheme, _, given = header.partition(" ")
     for candidate in (
@@ -97,8 +96,8 @@ def _shown_token(request: Request, token: str) -> str | None:
         request.cookies.get(TOKEN_COOKIE),
     ):
         if candidate and hmac.compare_digest(candidate.encode(), token.encode()):
-            return candidate
-    return None
+            return True
+    return False
 
 
 class _TokenCheck(BaseHTTPMiddleware):
@@ -107,7 +106,7 @@ class _TokenCheck(BaseHTTPMiddleware):
         self.token = token
 
     async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
-        if _shown_token(request, self.token) is None:
+        if not _shows_token(request, self.token):
             return PlainTextResponse(
                 "401: this dashboard needs its token (Authorization: Bearer, or ?token=)",
                 status_code=401,
@@ -384,9 +383,4 @@ def create_app(settings: Settings) -> Starlette:
     return Starlette(routes=routes, middleware=middleware)
 
 
-def database_label(url: Any) -> str:
-    """The database a dashboard reads, as its footer shows it: never its password."""
-    return display_url(url)
-
-
-__all__ = ["CSRF_COOKIE", "TOKEN_COOKIE", "Settings", "create_app", "database_label"]
+__all__ = ["CSRF_COOKIE", "TOKEN_COOKIE", "Settings", "create_app"]

@@ -138,7 +138,7 @@ def _clock() -> datetime:
 
 
 def _labels(db: Session) -> dict[uuid.UUID, str]:
-    return {s.id: s.label for s in sessions.get_all_sessions(db, limit=LABELED_SESSIONS)}
+    return sessions.get_session_labels(db, limit=LABELED_SESSIONS)
 
 
 def sessions_page(db: Session, *, page: int, status: str | None) -> SessionsPage:
@@ -220,43 +220,37 @@ def events_page(
     return EventsPage(found, labels, session_id, category, severity)
 
 
+def _audit(db: Session, viewer: Viewer, action: str, session_id: uuid.UUID, **details: Any) -> None:
+    """Write who did ``action`` to a session, and with what result, to ``events``
+    (in the action's transaction: both are written or neither)."""
+    events.create_event(
+        db,
+        event_type=f"dashboard.{action}",
+        event_category="session",
+        session_id=session_id,
+        payload={"actor": viewer.as_payload(), **details},
+    )
+
+
 def requeue_message(
     db: Session, viewer: Viewer, *, message_id: uuid.UUID, session_id: uuid.UUID
 ) -> Message | None:
-    """Put one dead message back in the queue, and write who did it to ``events``."""
+    """Put one dead message back in the queue; audited."""
     message = queue.requeue_message(db, message_id, session_id=session_id)
     if message is not None:
-        events.create_event(
-            db,
-            event_type="dashboard.requeue_message",
-            event_category="session",
-            session_id=session_id,
-            payload={"actor": viewer.as_payload(), "message_id": str(message_id)},
-        )
+        _audit(db, viewer, "requeue_message", session_id, message_id=str(message_id))
     return message
 
 
 def requeue_dead_letters(db: Session, viewer: Viewer, *, session_id: uuid.UUID) -> int:
     """Put every dead message of a session back in the queue; audited."""
     requeued = queue.requeue_dead_letters(db, session_id=session_id)
-    events.create_event(
-        db,
-        event_type="dashboard.requeue_dead_letters",
-        event_category="session",
-        session_id=session_id,
-        payload={"actor": viewer.as_payload(), "requeued": requeued},
-    )
+    _audit(db, viewer, "requeue_dead_letters", session_id, requeued=requeued)
     return requeued
 
 
 def redrive_webhooks(db: Session, viewer: Viewer, *, session_id: uuid.UUID) -> int:
     """Put every dead webhook delivery of a session back in the queue; audited."""
     redriven = webhooks.redrive_webhooks(db, session_id=session_id, status="dlq")
-    events.create_event(
-        db,
-        event_type="dashboard.redrive_webhooks",
-        event_category="session",
-        session_id=session_id,
-        payload={"actor": viewer.as_payload(), "redriven": redriven},
-    )
+    _audit(db, viewer, "redrive_webhooks", session_id, redriven=redriven)
     return redriven

@@ -779,12 +779,13 @@ _STATS_COLUMNS = """
                          AND (available_at IS NULL OR available_at <= now())) AS oldest_ready_age"""
 
 
-def _stats_sql(q: QueueTable) -> str:
+def _stats_sql(q: QueueTable, *, by_session: bool = False) -> str:
+    leading = f"'{q.name}' AS queue, session_id," if by_session else ""
     return f"""
-    SELECT {_STATS_COLUMNS}
+    SELECT {leading} {_STATS_COLUMNS}
     FROM {q.name}
     WHERE status IN ('queued', 'processing', 'failed', 'dlq')
-    """
+    """ + ("GROUP BY session_id" if by_session else "")
 
 
 @cache
@@ -831,15 +832,7 @@ def stats_by_session_statement(tables: tuple[QueueTable, ...]) -> TextualSelect:
     A SELECT to SQLAlchemy (its columns declared), so that a routing Session
     sends it to the replica, as the dashboard's other reads.
     """
-    return text(
-        " UNION ALL ".join(
-            f"""SELECT '{q.name}' AS queue, session_id, {_STATS_COLUMNS}
-            FROM {q.name}
-            WHERE status IN ('queued', 'processing', 'failed', 'dlq')
-            GROUP BY session_id"""
-            for q in tables
-        )
-    ).columns(
+    return text(" UNION ALL ".join(_stats_sql(q, by_session=True) for q in tables)).columns(
         column("queue", String),
         column("session_id", UUID(as_uuid=True)),
         *(column(name, Integer) for name in _COUNT_COLUMNS),
