@@ -412,7 +412,7 @@ SELECT session_id, category, key_id, value, key_version FROM auth_state WHERE ke
 SELECT count(*) FROM auth_state WHERE key_version <> %(current)s;
 
 -- auth_state._RESEAL
-UPDATE auth_state AS a SET value = r.new_value, key_version = %(current)s::SMALLINT FROM unnest(CAST(%(categories)s AS varchar[]), CAST(%(key_ids)s AS varchar[]), CAST(%(old_values)s AS bytea[]), CAST(%(new_values)s AS bytea[])) AS r(category, key_id, old_value, new_value) WHERE a.session_id = %(session_id)s::UUID AND a.category = r.category AND a.key_id = r.key_id AND a.value = r.old_value;
+UPDATE auth_state AS a SET value = r.new_value, key_version = %(current)s::SMALLINT FROM (SELECT held.category, held.key_id, given.new_value FROM auth_state AS held JOIN unnest(CAST(%(categories)s AS varchar[]), CAST(%(key_ids)s AS varchar[]), CAST(%(old_values)s AS bytea[]), CAST(%(new_values)s AS bytea[])) AS given(category, key_id, old_value, new_value) ON held.category = given.category AND held.key_id = given.key_id AND held.value = given.old_value WHERE held.session_id = %(session_id)s::UUID FOR UPDATE OF held SKIP LOCKED) AS r WHERE a.session_id = %(session_id)s::UUID AND a.category = r.category AND a.key_id = r.key_id;
 
 -- webhooks._ENQUEUE
 INSERT INTO webhook_deliveries (session_id, url, event_type, payload, event_id, dedupe_key, trace_context) SELECT %(session_id)s::UUID AS anon_1, coalesce(%(url)s::VARCHAR, (SELECT sessions.webhook_url

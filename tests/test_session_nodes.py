@@ -26,7 +26,7 @@ import pytest
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
 
-from tests.processes import ROOT, url_arg
+from tests.processes import ROOT, run_cli, url_arg
 from zaphub_db.crypto import KEYS_VARIABLE, Keyring, key_entry, new_key
 from zaphub_db.engine import engine_url
 from zaphub_db.errors import (
@@ -439,3 +439,46 @@ def test_rotation_under_concurrent_writers_loses_nothing(queue_engine: Engine) -
                 db, only_current, session_id, "pre-key", map(str, range(50))
             )
             assert got == {k: latest[(session_id, k)] for k in map(str, range(50))}
+
+
+def test_rotation_skips_a_value_a_writer_holds_and_a_new_walk_takes_it(
+    queue_engine: Engine,
+) -> None:
+    old_key, current_key = new_key(), new_key()
+    both = Keyring({1: old_key, 2: current_key}, current=2)
+    (session_id,) = make_sessions(queue_engine, 1)
+    values = {str(k): b"v%d" % k for k in range(3)}
+    with Session(queue_engine) as db:
+        auth_state.set_auth_values(db, Keyring({1: old_key}), session_id, {"pre-key": values})
+        db.commit()
+    keys = f"{key_entry(2, current_key)},{key_entry(1, old_key)}"
+    url = url_arg(engine_url(queue_engine))
+    with queue_engine.connect() as writer:
+        # A writer in the middle of its transaction holds value "1".
+        writer.execute(
+            text("SELECT 1 FROM auth_state WHERE session_id = :s AND key_id = '1' FOR UPDATE"),
+            {"s": session_id},
+        )
+        with Session(queue_engine) as db:
+            # Waiting for the writer would hit this and raise LockTimeoutError.
+            db.execute(text("SET LOCAL lock_timeout = '2s'"))
+            batch = auth_state.rotate_auth_keys(db, both)
+            db.commit()
+        assert (batch.read, batch.rotated, batch.last) == (3, 2, None)
+        # The command walks again, then says what is left, without waiting either.
+        held = run_cli("auth", "rotate-keys", "--url", url, env={KEYS_VARIABLE: keys})
+        assert held.returncode == 1, held.stderr
+        assert held.stdout.startswith("rotated 0 value(s) to key 2 in 3 batch(es)"), held.stdout
+        assert "1 value(s) are still sealed with another key" in held.stderr
+        assert "held them through 3 walk(s)" in held.stderr
+        writer.rollback()
+    with Session(queue_engine) as db:
+        assert auth_state.count_stale_auth_values(db, both) == 1
+    done = run_cli("auth", "rotate-keys", "--url", url, env={KEYS_VARIABLE: keys})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("rotated 1 value(s) to key 2 in 1 batch(es)"), done.stdout
+    with Session(queue_engine) as db:
+        got = auth_state.get_auth_values(
+            db, Keyring({2: current_key}), session_id, "pre-key", list(values)
+        )
+    assert got == values

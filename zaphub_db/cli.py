@@ -451,6 +451,10 @@ def cmd_auth_generate_key(args: argparse.Namespace) -> int:
     return 0
 
 
+# Walks of `auth rotate-keys` before it reports what is still stale.
+ROTATION_PASSES = 3
+
+
 def cmd_auth_rotate_keys(args: argparse.Namespace) -> int:
     from sqlalchemy.orm import Session
 
@@ -463,37 +467,47 @@ def cmd_auth_rotate_keys(args: argparse.Namespace) -> int:
     def work(connection: Connection) -> int:
         started = time.perf_counter()
         with Session(bind=connection) as db:
-            total = auth_state.count_stale_auth_values(db, keyring)
-            db.commit()
-            progress = ProgressLine("rotated", "values", total)
-            read = rotated = batches = 0
-            after = None
-            while True:
-                # Each batch commits on its own: short transactions, short row locks.
-                batch = auth_state.rotate_auth_keys(
-                    db, keyring, batch_size=args.batch_size, after=after
-                )
-                db.commit()
-                if batch.read:
-                    batches += 1
-                read += batch.read
-                rotated += batch.rotated
-                progress.update(read)
-                if batch.last is None:
-                    break
-                after = batch.last
-            progress.finish(read)
             left = auth_state.count_stale_auth_values(db, keyring)
+            db.commit()
+            read = rotated = batches = passes = 0
+            # A walk skips the values a writer holds at that moment (it never
+            # waits for the gateway); one that writer then rolled back is
+            # still stale, so another walk, over what is left, takes it.
+            while left and passes < ROTATION_PASSES:
+                passes += 1
+                progress = ProgressLine("rotated", "values", left)
+                done = 0
+                after = None
+                while True:
+                    # Each batch commits on its own: short transactions, short row locks.
+                    batch = auth_state.rotate_auth_keys(
+                        db, keyring, batch_size=args.batch_size, after=after
+                    )
+                    db.commit()
+                    if batch.read:
+                        batches += 1
+                    done += batch.read
+                    rotated += batch.rotated
+                    progress.update(done)
+                    if batch.last is None:
+                        break
+                    after = batch.last
+                progress.finish(done)
+                read += done
+                left = auth_state.count_stale_auth_values(db, keyring)
+                db.commit()
         seconds = time.perf_counter() - started
         _say(
             f"rotated {rotated:,} value(s) to key {keyring.current} in {batches} batch(es) "
-            f"in {seconds:.1f} s ({read - rotated:,} were rewritten meanwhile with it)"
+            f"in {seconds:.1f} s ({read - rotated:,} were rewritten meanwhile with it, "
+            "or held by a writer)"
         )
         if left:
             _say(
-                f"{left:,} value(s) are still sealed with another key: some node writes with a "
-                f"keyring whose current key is not {keyring.current}; give every node the new "
-                "ZAPHUB_AUTH_KEYS, run this again, and keep the old keys until it reports none",
+                f"{left:,} value(s) are still sealed with another key: a writer held them "
+                f"through {passes} walk(s), or some node writes with a keyring whose current key "
+                f"is not {keyring.current}; give every node the new ZAPHUB_AUTH_KEYS, run this "
+                "again, and keep the old keys until it reports none",
                 sys.stderr,
             )
             return 1

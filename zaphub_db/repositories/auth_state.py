@@ -137,15 +137,23 @@ _STALE_AFTER = _typed(
 _COUNT_STALE = text("SELECT count(*) FROM auth_state WHERE key_version <> :current")
 # Re-sealed values of one session, each written only if it is still the
 # value that was read (a writer that changed it meanwhile sealed it with the
-# current key already): one statement on the session's shard.
+# current key already): one statement on the session's shard. A value a
+# writer holds locked is skipped, not waited for: a writer takes its rows in
+# its own order, so waiting could close a cycle (a deadlock that aborts one
+# of the two, possibly the gateway's write); the writer's commit seals the
+# value with its current key, and a rollback leaves it to the next walk.
 _RESEAL = _typed(
     text(
         "UPDATE auth_state AS a SET value = r.new_value, key_version = :current "
-        "FROM unnest(CAST(:categories AS varchar[]), CAST(:key_ids AS varchar[]), "
+        "FROM (SELECT held.category, held.key_id, given.new_value FROM auth_state AS held "
+        "JOIN unnest(CAST(:categories AS varchar[]), CAST(:key_ids AS varchar[]), "
         "CAST(:old_values AS bytea[]), CAST(:new_values AS bytea[])) "
-        "AS r(category, key_id, old_value, new_value) "
+        "AS given(category, key_id, old_value, new_value) "
+        "ON held.category = given.category AND held.key_id = given.key_id "
+        "AND held.value = given.old_value "
+        "WHERE held.session_id = :session_id FOR UPDATE OF held SKIP LOCKED) AS r "
         "WHERE a.session_id = :session_id AND a.category = r.category "
-        "AND a.key_id = r.key_id AND a.value = r.old_value"
+        "AND a.key_id = r.key_id"
     ),
     session_id=_UUID,
     current=SmallInteger(),
@@ -262,10 +270,16 @@ def _checked_changes(ring: Keyring, session_uuid: uuid.UUID, changes: Any) -> _C
             else:
                 plain.append((checked_category, checked_key, _bytes(value, category, key_id)))
     # Sealed only once every value passed its checks: a bad one costs no work.
-    for category, key_id, value in plain:
+    # In key order, so two writers of one session (a handover) take the rows'
+    # locks in the same order rather than each waiting for the other.
+    for category, key_id, value in sorted(plain, key=_row_key):
         sealed = ring.seal(value, associated_data(session_uuid, category, key_id))
         written.append((category, key_id, sealed))
-    return _Changes(written, deleted)
+    return _Changes(written, sorted(deleted))
+
+
+def _row_key(item: tuple[str, str, bytes]) -> tuple[str, str]:
+    return item[0], item[1]
 
 
 def _batches(items: list[Any]) -> Iterator[list[Any]]:
@@ -364,8 +378,9 @@ class RotationBatch:
     """One batch of :func:`rotate_auth_keys`.
 
     ``read``: values found sealed with another key; ``rotated``: those
-    re-sealed with the current one (the others were written meanwhile,
-    sealed with the current key already); ``last``: where the next batch
+    re-sealed with the current one (the others were written meanwhile, or
+    held by a writer at that moment: a writer seals with its current key);
+    ``last``: where the next batch
     starts, ``None`` when the walk reached the end.
     """
 
@@ -392,7 +407,10 @@ def rotate_auth_keys(
 
     Safe while the gateway runs: each value is rewritten only if it is
     still the one read, so a concurrent write (sealed with the current key)
-    is never overwritten. The walk is resumable: a new one skips what was
+    is never overwritten, and a value a writer holds is skipped rather than
+    waited for, so the walk never deadlocks with the gateway's writes (the
+    writer's commit seals it with its current key; after a rollback, a new
+    walk finds it). The walk is resumable: a new one skips what was
     rotated. One read, then one statement per session in the batch.
     Raises ``AuthStateCorruptError`` for a value that does not open.
     """
