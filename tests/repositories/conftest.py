@@ -6,10 +6,15 @@ sync ``Session`` (psycopg), and on the sync ``Session`` inside an
 ``AsyncSession.run_sync``, exactly as the ``zaphub_db.aio`` twins run. The
 rules are then checked through psycopg's async connection and asyncpg, with
 the same assertions.
+
+``ZAPHUB_TEST_FACES`` (comma-separated, default all three) narrows them: the
+Citus cell runs the sync face only, since the async faces send the same
+statements through another driver, which the other cells test.
 """
 
 import asyncio
 import inspect
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,9 +29,20 @@ from zaphub_db.engine import engine_url
 from zaphub_db.testing import factories
 
 _FACE = "zaphub_async_face"
+FACES = ("sync", "aio-psycopg", "aio-asyncpg")
+FACES_VARIABLE = "ZAPHUB_TEST_FACES"
 
 
-@pytest.fixture(params=["sync", "aio-psycopg", "aio-asyncpg"])
+def _faces() -> list[str]:
+    chosen = [face.strip() for face in os.environ.get(FACES_VARIABLE, "").split(",")]
+    chosen = [face for face in chosen if face]
+    unknown = sorted(set(chosen) - set(FACES))
+    if unknown:
+        raise pytest.UsageError(f"{FACES_VARIABLE}: unknown face(s) {unknown}; known: {FACES}")
+    return chosen or list(FACES)
+
+
+@pytest.fixture(params=_faces())
 def db(
     request: pytest.FixtureRequest, zaphub_session: Session, zaphub_engine: Engine
 ) -> Iterator[Session]:
